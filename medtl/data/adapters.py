@@ -1,0 +1,373 @@
+"""Dataset adapters: each turns one dataset's folder layout into :class:`Sample` s.
+
+An adapter is a function ``(root: Path, **options) -> AdapterResult`` registered by name in
+:data:`ADAPTERS`. It only finds files and reads labels, official splits and groups; hashing,
+the audit and splitting are shared (:mod:`medtl.data.prepare`). The private-scan adapters
+(``dicom``, ``nifti``) live in :mod:`medtl.data.scans`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medtl.data.manifest import Sample, check_relative_path
+from medtl.data.readers import IMAGE_SUFFIXES, npz_locator
+from medtl.errors import DataError
+from medtl.registry import Registry
+
+
+@dataclass
+class AdapterResult:
+    """What an adapter found: samples and class names in label-index order ([] if unlabelled)."""
+
+    samples: list[Sample]
+    classes: list[str]
+
+
+Adapter = Callable[..., AdapterResult]
+ADAPTERS: Registry[Adapter] = Registry("dataset adapter")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def find_dir(root: Path, name: str, dataset: str, where: str) -> Path:
+    """``root/name`` or ``root/*/name``: users point at the dataset folder or its parent."""
+    for candidate in (root / name, *sorted(root.glob(f"*/{name}"))):
+        if candidate.is_dir():
+            return candidate
+    if root.name == name and root.is_dir():
+        return root
+    raise DataError(
+        f"{root} does not look like {dataset}: no folder {name!r} found; point --data-root at "
+        f"the folder that holds {where}"
+    )
+
+
+def require_root(root: Path) -> Path:
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist; pass the folder that holds the dataset")
+    return root
+
+
+def present_classes(folder: Path, known: Iterable[str]) -> list[str]:
+    return [c for c in known if (folder / c).is_dir()]
+
+
+def natural_key(text: str) -> list[object]:
+    """Sort ``benign (2)`` before ``benign (10)``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+# -- BUSI ---------------------------------------------------------------------------------
+BUSI_CLASSES = ["benign", "malignant", "normal"]
+_BUSI_MASK = re.compile(r"^(?P<stem>.+?)_mask(?:_\d+)?$")
+
+
+@ADAPTERS.register("busi")
+def busi(root: Path) -> AdapterResult:
+    """BUSI: ``Dataset_BUSI_with_GT/{benign,malignant,normal}/benign (N).png``.
+
+    ``*_mask.png`` / ``*_mask_1.png`` are segmentation masks (one per lesion), never samples:
+    all are attached to their image, ``;``-separated. No official split.
+    """
+    base = find_dir(require_root(root), "Dataset_BUSI_with_GT", "BUSI", "Dataset_BUSI_with_GT/")
+    samples = []
+    for label in present_classes(base, BUSI_CLASSES):
+        files = image_files(base / label)
+        masks: dict[str, list[Path]] = {}
+        images = []
+        for f in files:
+            m = _BUSI_MASK.match(f.stem)
+            if m:
+                masks.setdefault(m["stem"], []).append(f)
+            else:
+                images.append(f)
+        for f in sorted(images, key=lambda p: natural_key(p.name)):
+            own = sorted(masks.get(f.stem, []), key=lambda p: natural_key(p.name))
+            mask = ";".join(rel(m, root) for m in own) or None
+            samples.append(Sample(rel(f, root), label, mask=mask))
+    return AdapterResult(samples, BUSI_CLASSES)
+
+
+# -- ISIC 2018 / HAM10000 -------------------------------------------------------------------
+ISIC_CLASSES = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+_ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
+
+
+@ADAPTERS.register("isic2018")
+def isic2018(root: Path) -> AdapterResult:
+    """ISIC 2018 Task 3: ``ISIC2018_Task3_<Part>_Input/*.jpg`` + one-hot ground-truth CSVs.
+
+    Training, Validation and Test parts are the official splits, used as found.
+    ``HAM10000_metadata.csv`` (when present anywhere under the root) maps each image to its
+    ``lesion_id``, so all images of one lesion form one group.
+    """
+    require_root(root)
+    lesions = _ham_lesions(root)
+    samples = []
+    for part, split in _ISIC_SPLITS.items():
+        inputs = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_Input"))), None)
+        truth = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_GroundTruth.csv"))), None)
+        if inputs is None and truth is None:
+            continue
+        if inputs is None or truth is None:
+            missing = f"ISIC2018_Task3_{part}_Input/" if inputs is None else f"ISIC2018_Task3_{part}_GroundTruth.csv"
+            raise DataError(f"{root}: ISIC 2018 {part} part is incomplete: {missing} not found")
+        for image_id, label in _read_onehot(truth):
+            f = inputs / f"{image_id}.jpg"
+            if not f.is_file():
+                raise DataError(
+                    f"{truth} lists {image_id} but {f} does not exist; restore the image or "
+                    "remove its row"
+                )
+            samples.append(Sample(rel(f, root), label, split=split, group=lesions.get(image_id)))
+    if not samples:
+        raise DataError(
+            f"{root} does not look like ISIC 2018 Task 3: no ISIC2018_Task3_Training_Input/ with "
+            "its ISIC2018_Task3_Training_GroundTruth.csv found"
+        )
+    return AdapterResult(samples, ISIC_CLASSES)
+
+
+def _read_onehot(truth: Path) -> list[tuple[str, str]]:
+    with open(truth, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ["image", *ISIC_CLASSES] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{truth} lacks column(s) {', '.join(missing)}")
+        out = []
+        for line, rec in enumerate(reader, start=2):
+            hot = [c for c in ISIC_CLASSES if float(rec[c]) >= 0.5]
+            if len(hot) != 1:
+                raise DataError(f"{truth} line {line}: {rec['image']} is not one-hot ({hot})")
+            out.append((rec["image"], hot[0]))
+    return out
+
+
+def _ham_lesions(root: Path) -> dict[str, str]:
+    meta = next(iter(sorted(root.rglob("HAM10000_metadata.csv"))), None)
+    if meta is None:
+        return {}
+    with open(meta, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not {"lesion_id", "image_id"} <= set(reader.fieldnames or []):
+            raise DataError(f"{meta} lacks the lesion_id / image_id columns")
+        return {r["image_id"]: r["lesion_id"] for r in reader}
+
+
+# -- Kvasir -------------------------------------------------------------------------------
+KVASIR_CLASSES = [
+    "dyed-lifted-polyps", "dyed-resection-margins", "esophagitis", "normal-cecum",
+    "normal-pylorus", "normal-z-line", "polyps", "ulcerative-colitis",
+]
+
+
+@ADAPTERS.register("kvasir")
+def kvasir(root: Path) -> AdapterResult:
+    """Kvasir v2 (``kvasir-dataset-v2/<class>/<name>.jpg``) or v1 (``kvasir-dataset/``)."""
+    require_root(root)
+    base = None
+    for name in ("kvasir-dataset-v2", "kvasir-dataset"):
+        try:
+            base = find_dir(root, name, "Kvasir", "")
+            break
+        except DataError:
+            continue
+    if base is None:
+        if present_classes(root, KVASIR_CLASSES):
+            base = root
+        else:
+            raise DataError(
+                f"{root} does not look like Kvasir: no kvasir-dataset-v2/ (or kvasir-dataset/) "
+                f"with class folders {', '.join(KVASIR_CLASSES)}"
+            )
+    samples = [
+        Sample(rel(f, root), label)
+        for label in present_classes(base, KVASIR_CLASSES)
+        for f in image_files(base / label)
+    ]
+    return AdapterResult(samples, KVASIR_CLASSES)
+
+
+# -- COVID-19 Radiography -------------------------------------------------------------------
+COVID_CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+
+
+@ADAPTERS.register("covid19_radiography")
+def covid19_radiography(root: Path) -> AdapterResult:
+    """COVID-19 Radiography Database, old (``<class>/<class>-N.png``) or new layout
+    (``<class>/images/*.png`` with ``<class>/masks/`` beside: masks attached, never samples).
+    Classes are those of COVID, Lung_Opacity, Normal, Viral Pneumonia that exist."""
+    base = find_dir(require_root(root), "COVID-19_Radiography_Dataset", "the COVID-19 Radiography Database",
+                    "COVID-19_Radiography_Dataset/")
+    classes = present_classes(base, COVID_CLASSES)
+    if not classes:
+        raise DataError(f"{base} holds none of the class folders {', '.join(COVID_CLASSES)}")
+    samples = []
+    for label in classes:
+        folder = base / label
+        images = folder / "images"
+        masks = folder / "masks"
+        for f in image_files(images if images.is_dir() else folder):
+            mask = masks / f.name
+            samples.append(Sample(rel(f, root), label, mask=rel(mask, root) if mask.is_file() else None))
+    return AdapterResult(samples, classes)
+
+
+# -- Brain Tumor MRI ------------------------------------------------------------------------
+BRAIN_CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+@ADAPTERS.register("brain_tumor_mri")
+def brain_tumor_mri(root: Path) -> AdapterResult:
+    """Brain Tumor MRI (Nickparvar): ``Training/<class>/`` and ``Testing/<class>/``.
+
+    The official Training / Testing split is kept; validation is carved from Training."""
+    require_root(root)
+    train = find_dir(root, "Training", "the Brain Tumor MRI dataset", "Training/ and Testing/")
+    test = train.parent / "Testing"
+    samples = []
+    for folder, split in ((train, "train"), (test, "test")):
+        if not folder.is_dir():
+            continue
+        for label in present_classes(folder, BRAIN_CLASSES):
+            samples += [Sample(rel(f, root), label, split=split) for f in image_files(folder / label)]
+    return AdapterResult(samples, BRAIN_CLASSES)
+
+
+# -- MedMNIST -------------------------------------------------------------------------------
+# Class names from MedMNIST v2's INFO table for the 2D single-label datasets.
+MEDMNIST_CLASSES = {
+    "breastmnist": ["malignant", "normal, benign"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma",
+                   "melanocytic nevi", "vascular lesions"],
+    "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes",
+                   "lymphocyte", "monocyte", "neutrophil", "platelet"],
+    "retinamnist": ["0", "1", "2", "3", "4"],
+}
+_MEDMNIST_SPLITS = {"train": "train", "val": "val", "test": "test"}
+
+
+@ADAPTERS.register("medmnist")
+def medmnist(root: Path, file: str | None = None) -> AdapterResult:
+    """A MedMNIST ``.npz`` (``{train,val,test}_images`` / ``_labels``): official splits kept.
+
+    ``root`` is the folder holding the ``.npz``; ``file`` names it when there are several.
+    Labels may be stored ``(N, 1)`` or ``(N,)``; multi-label files (ChestMNIST) are refused.
+    """
+    require_root(root)
+    if file is None:
+        found = sorted(root.glob("*.npz"))
+        if len(found) != 1:
+            raise DataError(f"{root} holds {len(found)} .npz files; name one with -O file=<name>.npz")
+        npz = found[0]
+    else:
+        npz = root / check_relative_path(file, "file")
+    if not npz.is_file():
+        raise DataError(f"{npz} does not exist; name an existing .npz with -O file=...")
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            labels = {s: data[f"{s}_labels"] for s in _MEDMNIST_SPLITS if f"{s}_labels" in data}
+            images = {s: data[f"{s}_images"].shape[0] for s in labels}
+    except Exception as exc:
+        raise DataError(f"{npz} is not a readable MedMNIST .npz ({exc})") from None
+    if not labels:
+        raise DataError(f"{npz} has no train_labels / val_labels / test_labels arrays")
+    flat = {}
+    for s, y in labels.items():
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"{npz}: {s}_labels has shape {y.shape}; multi-label MedMNIST is not supported")
+        if len(y) != images[s]:
+            raise DataError(f"{npz}: {s}_images has {images[s]} images but {s}_labels {len(y)} labels")
+        flat[s] = y.astype(int)
+    n_classes = int(max(y.max() for y in flat.values())) + 1
+    stem = npz.stem.lower()
+    known = next((v for k, v in MEDMNIST_CLASSES.items() if stem.startswith(k)), None)
+    classes = known if known and len(known) >= n_classes else [str(i) for i in range(n_classes)]
+    path = rel(npz, root)
+    samples = [
+        Sample(path, classes[int(label)], split=split, locator=npz_locator(f"{split}_images", i))
+        for split, y in flat.items()
+        for i, label in enumerate(y)
+    ]
+    return AdapterResult(samples, classes)
+
+
+# -- generic layouts ---------------------------------------------------------------------------
+_SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+
+
+@ADAPTERS.register("folder")
+def folder(root: Path) -> AdapterResult:
+    """Class-per-folder: ``<root>/<class>/*.png``, or ``<root>/{train,val,test}/<class>/``
+    (then the split folders are the official split). Classes are sorted by name."""
+    require_root(root)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
+    parts = [(p, _SPLIT_DIRS[p.name.lower()]) for p in split_dirs] if split_dirs else [(root, None)]
+    samples = []
+    classes: set[str] = set()
+    for base, split in parts:
+        for cls_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = image_files(cls_dir)
+            classes.add(cls_dir.name)
+            samples += [Sample(rel(f, root), cls_dir.name, split=split) for f in files]
+    if not classes:
+        raise DataError(f"{root} has no class folders; expected <root>/<class>/<image files>")
+    return AdapterResult(samples, sorted(classes))
+
+
+@ADAPTERS.register("csv")
+def csv_table(root: Path, file: str = "labels.csv", classes: str | None = None) -> AdapterResult:
+    """A CSV with columns ``path,label`` and optional ``split,group``; paths relative to root.
+
+    ``classes`` (comma-separated) fixes the class order; otherwise labels are sorted. A row with
+    an empty label is an unlabelled image (for pretraining).
+    """
+    require_root(root)
+    table = root / check_relative_path(file, "file")
+    if not table.is_file():
+        raise DataError(f"label table {table} does not exist; name it with -O file=<name>.csv")
+    with open(table, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not {"path", "label"} <= set(reader.fieldnames or []):
+            raise DataError(f"{table} needs the columns path,label (optional: split, group)")
+        rows = list(reader)
+    samples = []
+    for line, r in enumerate(rows, start=2):
+        split = (r.get("split") or "").strip().lower() or None
+        if split is not None and split not in _SPLIT_DIRS:
+            raise DataError(f"{table} line {line}: split {r['split']!r} is not train, val or test")
+        path = check_relative_path(r["path"].strip(), f"{table} line {line}: path")
+        samples.append(Sample(path, r["label"].strip() or None,
+                              split=_SPLIT_DIRS[split] if split else None,
+                              group=(r.get("group") or "").strip() or None))
+    found = sorted({s.label for s in samples if s.label})
+    order = [c.strip() for c in classes.split(",")] if classes else found
+    unknown = sorted(set(found) - set(order))
+    if unknown:
+        raise DataError(f"{table} has label(s) {unknown} not in classes={order}; fix the labels or the class list")
+    return AdapterResult(samples, order)

@@ -1,0 +1,179 @@
+"""``prepare``: adapter -> audit -> groups -> leakage-safe split -> manifest + audit JSON."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtl.data.adapters import ADAPTERS
+from medtl.data.audit import DEFAULT_NEAR_BITS, AuditReport, Inspection, Item, build_report, inspect_all
+from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, row_id
+from medtl.data.split import DEFAULT_RATIOS, carve_validation, check_ratios, group_split
+from medtl.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[Iterable[Inspection], int], Iterable[Inspection]]
+
+
+@dataclass
+class PrepareResult:
+    manifest: Manifest
+    audit: AuditReport
+    manifest_path: Path
+    audit_path: Path
+
+
+def audit_path_for(manifest_path: str | Path) -> Path:
+    path = Path(manifest_path)
+    return path.with_name(path.stem + ".audit.json")
+
+
+def run_adapter(name: str, root: Path, options: dict[str, Any]) -> tuple[list[Sample], list[str]]:
+    """Call the adapter ``name`` with ``options``, refusing options it does not take."""
+    adapter = ADAPTERS.get(name)
+    accepted = [p for p in inspect.signature(adapter).parameters if p != "root"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        allowed = ", ".join(accepted) or "none"
+        raise ConfigError(f"adapter {name!r} has no option(s) {', '.join(unknown)} (allowed: {allowed})")
+    result = adapter(root, **options)
+    if not result.samples:
+        raise DataError(f"adapter {name!r} found no images under {root}; check --data-root")
+    return result.samples, result.classes
+
+
+def prepare(
+    adapter: str,
+    root: str | Path,
+    out: str | Path,
+    options: dict[str, Any] | None = None,
+    ratios: dict[str, float] | None = None,
+    seed: int = 0,
+    near_bits: int = DEFAULT_NEAR_BITS,
+    workers: int = 4,
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """Build, audit, split and save a manifest for the dataset at ``root``.
+
+    Unusable images are left out of the manifest and listed in the audit. Exact and
+    near-duplicate clusters are merged with the adapter's groups (patients, lesions, volumes)
+    before splitting, so none of them straddles two splits. Official splits are kept; when a
+    dataset has train/test only, validation is carved from train by group.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist; pass the folder that holds the dataset")
+    ratios = check_ratios(ratios or DEFAULT_RATIOS)
+    options = dict(options or {})
+    if root.is_file():  # a single-file dataset (.npz, .csv): its folder is the data root
+        options = {"file": root.name, **options}
+        root = root.parent
+    samples, classes = run_adapter(adapter, root, options)
+    items = [Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples]
+    inspections = inspect_all(root, items, workers, progress)
+    report, clusters = build_report(items, inspections, classes, near_bits)
+    keep = [i for i, ins in enumerate(inspections) if not ins.error]
+    if not keep:
+        raise DataError(f"none of the {len(items)} images under {root} could be read; see the audit")
+    groups = merge_groups(samples, clusters)
+    splits, source = assign_splits(samples, groups, keep, ratios, seed)
+    rows = [
+        Row(
+            id=row_id(samples[i].path, samples[i].locator),
+            path=samples[i].path,
+            locator=samples[i].locator,
+            label=samples[i].label or "",
+            split=splits[i],
+            group=groups[i],
+            sha256=inspections[i].sha256,
+            width=inspections[i].width,
+            height=inspections[i].height,
+            mask=samples[i].mask or "",
+        )
+        for i in keep
+    ]
+    meta = ManifestMeta(adapter=adapter, classes=list(classes), split_seed=seed, split_ratios=ratios,
+                        split_source=source, adapter_options=options, near_duplicate_bits=near_bits)
+    manifest = Manifest(rows, meta)
+    for item, split in zip(items, splits, strict=True):
+        item.split = split
+    report, _ = build_report(items, inspections, classes, near_bits)  # with the final splits
+    out = Path(out)
+    manifest.save(out)
+    audit_file = audit_path_for(out)
+    report.save(audit_file)
+    return PrepareResult(manifest, report, out, audit_file)
+
+
+def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
+    """Union the adapter's groups with duplicate clusters; name each group by its smallest
+    member name (an adapter group, else the row id of a sample)."""
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        if s.group:
+            parent[find(i)] = find(first.setdefault(s.group, i))
+    for cluster in clusters:
+        for i in cluster[1:]:
+            parent[find(i)] = find(cluster[0])
+    names: dict[int, str] = {}
+    for i, s in enumerate(samples):
+        name = s.group or row_id(s.path, s.locator)
+        r = find(i)
+        names[r] = min(names.get(r, name), name)
+    return [names[find(i)] for i in range(len(samples))]
+
+
+def assign_splits(
+    samples: list[Sample], groups: list[str], keep: list[int], ratios: dict[str, float], seed: int
+) -> tuple[list[str], str]:
+    """Official splits where the dataset has them, else a seeded group-aware stratified split."""
+    official = [samples[i].split for i in keep]
+    labels = [samples[i].label or "" for i in keep]
+    kept_groups = [groups[i] for i in keep]
+    out = [""] * len(samples)
+    if all(official):
+        chosen = [s or "" for s in official]
+        source = "official"
+        if "val" not in chosen and ratios["val"] > 0:
+            chosen = carve_validation(labels, kept_groups, chosen, ratios["val"], seed)
+            source = "official+carved-val"
+    elif any(official):
+        raise DataError("some images have an official split and others none; give every image a split or none")
+    else:
+        chosen, source = group_split(labels, kept_groups, ratios, seed), "seeded"
+    for i, s in zip(keep, chosen, strict=True):
+        out[i] = s
+    return out, source
+
+
+def audit_manifest(
+    manifest_path: str | Path,
+    root: str | Path,
+    near_bits: int | None = None,
+    workers: int = 4,
+    progress: Progress | None = None,
+) -> AuditReport:
+    """Audit an existing manifest against the files under ``root``: broken or changed files,
+    duplicates (also across splits), label conflicts, masks, borders, sizes, empty classes."""
+    manifest = Manifest.load(manifest_path)
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist; pass --data-root with the dataset folder")
+    bits = near_bits if near_bits is not None else (manifest.meta.near_duplicate_bits or DEFAULT_NEAR_BITS)
+    items = [Item(r.key, r.path, r.locator, r.label, r.mask, r.split, r.sha256) for r in manifest.rows]
+    inspections = inspect_all(root, items, workers, progress)
+    report, _ = build_report(items, inspections, manifest.classes, bits)
+    return report

@@ -1,0 +1,171 @@
+"""Read one sample's pixels as ``float32 [C, H, W]`` in ``[0, 1]``.
+
+Ordinary image files go through MONAI's ``LoadImage`` with ``PILReader(reverse_indexing=False)``
+(rows stay rows). Containers that MONAI's readers cannot address by index (a row of a MedMNIST
+``.npz``, a slice of a NIfTI volume, a frame of a multi-frame DICOM) have small readers here
+and in :mod:`medtl.data.scans`. Every failure becomes a :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from medtl.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# Largest image medtl decodes: far above any scan in the target datasets, far below a
+# decompression bomb (PIL's own limit warns at 89M and fails at 179M pixels).
+MAX_PIXELS = 40_000_000
+
+
+def kind_of(path: str | Path) -> str:
+    """``image``, ``dicom``, ``nifti`` or ``npz``, by suffix (DICOM also by its magic bytes)."""
+    name = str(path).lower()
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(DICOM_SUFFIXES) or is_dicom(Path(path)):
+        return "dicom"
+    raise DataError(f"{path}: unknown image format; medtl reads {', '.join(IMAGE_SUFFIXES)}, "
+                    "DICOM, NIfTI and MedMNIST .npz")
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file has 'DICM' at byte 128."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_array(file: Path, locator: str = "") -> np.ndarray:
+    """Pixels of one sample as ``float32 [C, H, W]`` in ``[0, 1]`` (C is 1, 3 or 4)."""
+    kind = kind_of(file)
+    if not file.is_file():
+        raise DataError(f"{file} does not exist; restore it or prepare the manifest again")
+    if file.stat().st_size == 0:
+        raise DataError(f"{file} is empty (0 bytes); re-download it or remove it from the dataset")
+    if kind == "image":
+        return read_image(file)
+    if kind == "npz":
+        return read_npz(file, locator)
+    from medtl.data import scans  # pydicom / nibabel are imported only when needed
+
+    if kind == "dicom":
+        return scans.read_dicom(file, locator)
+    return scans.read_nifti(file, locator)
+
+
+def check_image_header(file: Path) -> tuple[int, int, str]:
+    """Open (without decoding) and return width, height and PIL format; refuse bombs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                width, height, fmt = img.width, img.height, img.format or "?"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(
+            f"{file} is too large to decode safely (a possible decompression bomb); "
+            "remove it or downsample it below 40 megapixels"
+        ) from None
+    except Exception as exc:
+        raise DataError(f"{file} is not a readable image ({exc}); re-export or remove it") from None
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            f"{file} is {width}x{height} pixels, above medtl's limit of {MAX_PIXELS:,} "
+            "(a possible decompression bomb); remove it or downsample it"
+        )
+    return width, height, fmt
+
+
+@functools.lru_cache(maxsize=1)
+def _pil_loader() -> Any:
+    """One MONAI ``LoadImage`` per process: building it probes every reader MONAI knows."""
+    from monai.data import PILReader
+    from monai.transforms import LoadImage
+
+    # MONAI announces that its GPU DICOM decoder is unavailable; on a CPU machine that is expected.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+        return LoadImage(
+            reader=PILReader(reverse_indexing=False), image_only=True, ensure_channel_first=True
+        )
+
+
+def read_image(file: Path) -> np.ndarray:
+    """PNG / JPEG / BMP / TIFF through MONAI's PILReader; 8- and 16-bit scaled to [0, 1]."""
+    check_image_header(file)
+    try:
+        img = _pil_loader()(str(file))
+    except Exception as exc:
+        reason = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"{file} cannot be decoded ({reason}); the file is corrupt or truncated: "
+            "re-download it or remove it"
+        ) from None
+    arr = np.asarray(img)
+    return to_unit_range(arr, file)
+
+
+def to_unit_range(arr: np.ndarray, file: Path | str) -> np.ndarray:
+    """Integer images by their dtype's range, float images by their min/max; NaN is refused."""
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{file} contains NaN or infinite values; fix or remove the image")
+    lo, hi = float(arr.min()), float(arr.max())
+    if 0.0 <= lo and hi <= 1.0:
+        return arr
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def npz_locator(images_key: str, index: int) -> str:
+    return f"{images_key}/{index}"
+
+
+def read_npz(file: Path, locator: str) -> np.ndarray:
+    """One image of a MedMNIST-style ``.npz``; ``locator`` is ``<images key>/<index>``."""
+    key, _, index = locator.rpartition("/")
+    if not key or not index.isdigit():
+        raise DataError(f"{file}: locator {locator!r} must be '<images key>/<index>'")
+    arrays = _open_npz(file)
+    if key not in arrays:
+        raise DataError(f"{file} has no array {key!r}; it holds {sorted(arrays)}")
+    images = arrays[key]
+    i = int(index)
+    if i >= len(images):
+        raise DataError(f"{file}: {key} has {len(images)} images, not {i + 1}")
+    img = images[i]
+    img = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)  # [H,W] or [H,W,C] -> [C,H,W]
+    return to_unit_range(img, file)
+
+
+def _open_npz(file: Path) -> dict[str, np.ndarray]:
+    """Arrays of an .npz, memoised per file version: one image must not re-read the file."""
+    stat = file.stat()
+    return _load_npz(file.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_npz(file: Path, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise DataError(f"{file} is not a readable .npz ({exc}); re-download it") from None

@@ -1,0 +1,3 @@
+"""Private scans: DICOM and NIfTI readers and adapters (being written)."""
+
+from __future__ import annotations

@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+A :class:`MedtlError` is a mistake the user can fix (a missing file, a bad label, an
+unreadable image). The CLI prints its message as one line and exits non-zero, without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MedtlError(Exception):
+    """An error caused by user input; its message names the file or key and the fix."""
+
+
+class DataError(MedtlError):
+    """A dataset folder, manifest or image that cannot be used as it is."""
+
+
+class ConfigError(MedtlError):
+    """A recipe or option with a bad key, type or value."""

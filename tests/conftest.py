@@ -1,0 +1,29 @@
+"""Shared fixtures: the real data folder beside the project, and tiny image writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared(sub: str) -> Path:
+    """``../shared/data/<sub>``, or skip the test with a reason when it is absent."""
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (CI provides ../shared/data)")
+    return path
+
+
+def write_png(path: Path, size: tuple[int, int] = (40, 32), seed: int = 0, mode: str = "L") -> Path:
+    """A small random image (width, height) at ``path``; parents are created."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"L": (), "RGB": (3,), "RGBA": (4,)}[mode]
+    arr = rng.integers(0, 256, size=(size[1], size[0], *channels), dtype=np.uint8)
+    Image.fromarray(arr, mode=mode).save(path)
+    return path
