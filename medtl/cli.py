@@ -40,7 +40,9 @@ def parse_ratios(text: str) -> dict[str, float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--split-ratios {text!r} must be three numbers, e.g. 0.7,0.15,0.15") from None
+        raise ConfigError(
+            f"--split-ratios {text!r} must be three numbers, e.g. 0.7,0.15,0.15"
+        ) from None
     if len(values) != 3:
         raise ConfigError(f"--split-ratios {text!r} must give train,val,test, e.g. 0.7,0.15,0.15")
     return dict(zip(("train", "val", "test"), values, strict=True))
@@ -51,7 +53,9 @@ def progress_bar(desc: str, quiet: bool) -> Any:
     from tqdm import tqdm
 
     def wrap(items: Iterable[T], total: int) -> Iterable[T]:
-        return tqdm(items, total=total, desc=desc, unit="img", disable=quiet or not sys.stderr.isatty())
+        return tqdm(
+            items, total=total, desc=desc, unit="img", disable=quiet or not sys.stderr.isatty()
+        )
 
     return wrap
 
@@ -73,8 +77,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     m = result.manifest
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in m.counts().items())
-    print(f"manifest {result.manifest_path}: {len(m.rows)} images, {len(m.classes)} classes "
-          f"({', '.join(m.classes) or 'unlabelled'}); split ({m.meta.split_source}): {counts}")
+    print(
+        f"manifest {result.manifest_path}: {len(m.rows)} images, {len(m.classes)} classes "
+        f"({', '.join(m.classes) or 'unlabelled'}); split ({m.meta.split_source}): {counts}"
+    )
     print(result.audit.summary())
     print(f"audit written to {result.audit_path}")
     return _strict_exit(args.strict, result.audit)
@@ -83,8 +89,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from medtl.data.prepare import audit_manifest, audit_path_for
 
-    report = audit_manifest(args.manifest, Path(args.data_root), args.near_dup_bits, args.workers,
-                            progress_bar("auditing", args.quiet))
+    report = audit_manifest(
+        args.manifest,
+        Path(args.data_root),
+        args.near_dup_bits,
+        args.workers,
+        progress_bar("auditing", args.quiet),
+    )
     out = Path(args.output) if args.output else audit_path_for(args.manifest)
     report.save(out)
     print(report.summary())
@@ -94,28 +105,39 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _strict_exit(strict: bool, report: Any) -> int:
     if strict and report.problems:
-        print(f"medtl: error: --strict: the audit found {len(report.problems)} problem(s); "
-              "fix them or run without --strict", file=sys.stderr)
+        print(
+            f"medtl: error: --strict: the audit found {len(report.problems)} problem(s); "
+            "fix them or run without --strict",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Read every image of one split through the training pipeline (a dry run of the data)."""
-    from medtl.data.dataset import DataConfig, build_loader
+    from medtl.data.dataset import DataConfig, build_dataset, build_loader
     from medtl.data.manifest import Manifest
 
     manifest = Manifest.load(args.manifest)
-    cfg = DataConfig(image_size=args.image_size, channels=args.channels, cache=args.cache,
-                     cache_dir=args.cache_dir, batch_size=args.batch_size)
-    loader = build_loader(manifest, args.split, Path(args.data_root), cfg, train=False)
+    cfg = DataConfig(
+        image_size=args.image_size,
+        channels=args.channels,
+        cache=args.cache,
+        cache_dir=args.cache_dir,
+        batch_size=args.batch_size,
+    )
+    dataset = build_dataset(manifest, args.split, Path(args.data_root), cfg)
+    loader = build_loader(dataset, cfg)
     start, n, shape = time.perf_counter(), 0, None
     for batch in progress_bar(f"loading {args.split}", args.quiet)(loader, len(loader)):
         n += len(batch["label"])
         shape = tuple(batch["image"].shape[1:])
     seconds = time.perf_counter() - start
-    print(f"loaded {n} images of split {args.split!r} as {shape} tensors in {seconds:.1f}s "
-          f"({n / max(seconds, 1e-9):.0f} images/s)")
+    print(
+        f"loaded {n} images of split {args.split!r} as {shape} tensors in {seconds:.1f}s "
+        f"({n / max(seconds, 1e-9):.0f} images/s)"
+    )
     return 0
 
 
@@ -141,7 +163,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="medtl", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--version", action="version", version=f"medtl {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,27 +173,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build a manifest (and its audit) for a dataset folder")
     p.add_argument("dataset", help="adapter name (see 'medtl list adapters')")
     p.add_argument("root", help="data root: the dataset folder (never written into the manifest)")
-    p.add_argument("-o", "--output", required=True, help="manifest CSV path, e.g. data_manifests/busi.csv")
-    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="adapter option, e.g. -O axis=0 for nifti (repeatable)")
+    p.add_argument(
+        "-o", "--output", required=True, help="manifest CSV path, e.g. data_manifests/busi.csv"
+    )
+    p.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="adapter option, e.g. -O axis=0 for nifti (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--split-ratios", default="0.7,0.15,0.15", help="train,val,test (default 0.7,0.15,0.15)")
-    p.add_argument("--near-dup-bits", type=int, default=10,
-                   help="near-duplicate threshold in bits of a 256-bit difference hash (default 10)")
+    p.add_argument(
+        "--split-ratios", default="0.7,0.15,0.15", help="train,val,test (default 0.7,0.15,0.15)"
+    )
+    p.add_argument(
+        "--near-dup-bits",
+        type=int,
+        default=10,
+        help="near-duplicate threshold in bits of a 256-bit difference hash (default 10)",
+    )
     p.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("audit", help="audit a manifest against its data: broken files, duplicates, conflicts")
+    p = sub.add_parser(
+        "audit", help="audit a manifest against its data: broken files, duplicates, conflicts"
+    )
     p.add_argument("manifest", help="manifest CSV")
     p.add_argument("--data-root", required=True, help="folder the manifest's paths are relative to")
     p.add_argument("-o", "--output", help="audit JSON (default: <manifest>.audit.json)")
-    p.add_argument("--near-dup-bits", type=int, default=None, help="default: the manifest's setting")
+    p.add_argument(
+        "--near-dup-bits", type=int, default=None, help="default: the manifest's setting"
+    )
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("load", help="read a split through the loading pipeline and report throughput")
+    p = sub.add_parser(
+        "load", help="read a split through the loading pipeline and report throughput"
+    )
     p.add_argument("manifest")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
@@ -195,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except MedtlError as exc:

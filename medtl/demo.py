@@ -40,7 +40,9 @@ def phantom_image(malignant: bool, size: int, rng: np.random.Generator) -> np.nd
     theta = np.arctan2(dy, dx)
     if malignant:  # taller than wide, spiculated margin
         ry, rx = r * rng.uniform(1.1, 1.5), r
-        spikes = sum(rng.uniform(0.08, 0.2) * np.cos(k * theta + rng.uniform(0, 6)) for k in (5, 9, 13))
+        spikes = sum(
+            rng.uniform(0.08, 0.2) * np.cos(k * theta + rng.uniform(0, 6)) for k in (5, 9, 13)
+        )
         radius = 1 + spikes
     else:  # wider than tall, smooth margin
         ry, rx = r * rng.uniform(0.55, 0.8), r
@@ -55,7 +57,9 @@ def phantom_image(malignant: bool, size: int, rng: np.random.Generator) -> np.nd
     return (img * 255).astype(np.uint8)
 
 
-def make_phantom(out: Path, n: int = 240, size: int = 96, seed: int = 0, duplicates: int = 4) -> Path:
+def make_phantom(
+    out: Path, n: int = 240, size: int = 96, seed: int = 0, duplicates: int = 4
+) -> Path:
     """Write ``n`` phantom PNGs (half per class) under ``out/<class>/``; return ``out``.
 
     ``duplicates`` images are written twice more: once as an exact copy and once with a
@@ -86,7 +90,7 @@ def run_demo(out: Path, n: int = 240, size: int = 96, seed: int = 0, quiet: bool
     Writes ``out/data/phantom/``, ``out/data/manifest.csv`` (+ ``.json``, ``.audit.json``) and
     ``out/summary.json``; returns the summary path.
     """
-    from medtl.data.dataset import DataConfig, build_loader
+    from medtl.data.dataset import DataConfig, build_dataset, build_loader
     from medtl.data.prepare import prepare
 
     data = make_phantom(out / "data" / "phantom", n=n, size=size, seed=seed)
@@ -98,7 +102,9 @@ def run_demo(out: Path, n: int = 240, size: int = 96, seed: int = 0, quiet: bool
     loaded: dict[str, Any] = {}
     for split in ("train", "val", "test"):
         start = time.perf_counter()
-        loader = build_loader(m, split, data, cfg, train=split == "train", seed=seed)
+        train = split == "train"
+        dataset = build_dataset(m, split, data, cfg, train=train, seed=seed)
+        loader = build_loader(dataset, cfg, train=train, seed=seed)
         count = sum(len(b["label"]) for b in loader)
         loaded[split] = {"images": count, "seconds": round(time.perf_counter() - start, 3)}
     summary = {

@@ -42,7 +42,8 @@ def rel(path: Path, root: Path) -> str:
 def image_files(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
 
@@ -128,7 +129,11 @@ def isic2018(root: Path) -> AdapterResult:
         if inputs is None and truth is None:
             continue
         if inputs is None or truth is None:
-            missing = f"ISIC2018_Task3_{part}_Input/" if inputs is None else f"ISIC2018_Task3_{part}_GroundTruth.csv"
+            missing = (
+                f"ISIC2018_Task3_{part}_Input/"
+                if inputs is None
+                else f"ISIC2018_Task3_{part}_GroundTruth.csv"
+            )
             raise DataError(f"{root}: ISIC 2018 {part} part is incomplete: {missing} not found")
         for image_id, label in _read_onehot(truth):
             f = inputs / f"{image_id}.jpg"
@@ -174,8 +179,14 @@ def _ham_lesions(root: Path) -> dict[str, str]:
 
 # -- Kvasir -------------------------------------------------------------------------------
 KVASIR_CLASSES = [
-    "dyed-lifted-polyps", "dyed-resection-margins", "esophagitis", "normal-cecum",
-    "normal-pylorus", "normal-z-line", "polyps", "ulcerative-colitis",
+    "dyed-lifted-polyps",
+    "dyed-resection-margins",
+    "esophagitis",
+    "normal-cecum",
+    "normal-pylorus",
+    "normal-z-line",
+    "polyps",
+    "ulcerative-colitis",
 ]
 
 
@@ -215,8 +226,12 @@ def covid19_radiography(root: Path) -> AdapterResult:
     """COVID-19 Radiography Database, old (``<class>/<class>-N.png``) or new layout
     (``<class>/images/*.png`` with ``<class>/masks/`` beside: masks attached, never samples).
     Classes are those of COVID, Lung_Opacity, Normal, Viral Pneumonia that exist."""
-    base = find_dir(require_root(root), "COVID-19_Radiography_Dataset", "the COVID-19 Radiography Database",
-                    "COVID-19_Radiography_Dataset/")
+    base = find_dir(
+        require_root(root),
+        "COVID-19_Radiography_Dataset",
+        "the COVID-19 Radiography Database",
+        "COVID-19_Radiography_Dataset/",
+    )
     classes = present_classes(base, COVID_CLASSES)
     if not classes:
         raise DataError(f"{base} holds none of the class folders {', '.join(COVID_CLASSES)}")
@@ -227,7 +242,9 @@ def covid19_radiography(root: Path) -> AdapterResult:
         masks = folder / "masks"
         for f in image_files(images if images.is_dir() else folder):
             mask = masks / f.name
-            samples.append(Sample(rel(f, root), label, mask=rel(mask, root) if mask.is_file() else None))
+            samples.append(
+                Sample(rel(f, root), label, mask=rel(mask, root) if mask.is_file() else None)
+            )
     return AdapterResult(samples, classes)
 
 
@@ -248,7 +265,9 @@ def brain_tumor_mri(root: Path) -> AdapterResult:
         if not folder.is_dir():
             continue
         for label in present_classes(folder, BRAIN_CLASSES):
-            samples += [Sample(rel(f, root), label, split=split) for f in image_files(folder / label)]
+            samples += [
+                Sample(rel(f, root), label, split=split) for f in image_files(folder / label)
+            ]
     return AdapterResult(samples, BRAIN_CLASSES)
 
 
@@ -257,12 +276,26 @@ def brain_tumor_mri(root: Path) -> AdapterResult:
 MEDMNIST_CLASSES = {
     "breastmnist": ["malignant", "normal, benign"],
     "pneumoniamnist": ["normal", "pneumonia"],
-    "dermamnist": ["actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-                   "benign keratosis-like lesions", "dermatofibroma", "melanoma",
-                   "melanocytic nevi", "vascular lesions"],
+    "dermamnist": [
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ],
     "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
-    "bloodmnist": ["basophil", "eosinophil", "erythroblast", "immature granulocytes",
-                   "lymphocyte", "monocyte", "neutrophil", "platelet"],
+    "bloodmnist": [
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ],
     "retinamnist": ["0", "1", "2", "3", "4"],
 }
 _MEDMNIST_SPLITS = {"train": "train", "val": "val", "test": "test"}
@@ -279,7 +312,9 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
     if file is None:
         found = sorted(root.glob("*.npz"))
         if len(found) != 1:
-            raise DataError(f"{root} holds {len(found)} .npz files; name one with -O file=<name>.npz")
+            raise DataError(
+                f"{root} holds {len(found)} .npz files; name one with -O file=<name>.npz"
+            )
         npz = found[0]
     else:
         npz = root / check_relative_path(file, "file")
@@ -298,9 +333,13 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         if y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         if y.ndim != 1:
-            raise DataError(f"{npz}: {s}_labels has shape {y.shape}; multi-label MedMNIST is not supported")
+            raise DataError(
+                f"{npz}: {s}_labels has shape {y.shape}; multi-label MedMNIST is not supported"
+            )
         if len(y) != images[s]:
-            raise DataError(f"{npz}: {s}_images has {images[s]} images but {s}_labels {len(y)} labels")
+            raise DataError(
+                f"{npz}: {s}_images has {images[s]} images but {s}_labels {len(y)} labels"
+            )
         flat[s] = y.astype(int)
     n_classes = int(max(y.max() for y in flat.values())) + 1
     stem = npz.stem.lower()
@@ -316,8 +355,15 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
 
 
 # -- generic layouts ---------------------------------------------------------------------------
-_SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}
+_SPLIT_DIRS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @ADAPTERS.register("folder")
@@ -331,7 +377,9 @@ def folder(root: Path) -> AdapterResult:
     samples = []
     classes: set[str] = set()
     for base, split in parts:
-        for cls_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for cls_dir in sorted(
+            p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
             files = image_files(cls_dir)
             classes.add(cls_dir.name)
             samples += [Sample(rel(f, root), cls_dir.name, split=split) for f in files]
@@ -362,12 +410,19 @@ def csv_table(root: Path, file: str = "labels.csv", classes: str | None = None) 
         if split is not None and split not in _SPLIT_DIRS:
             raise DataError(f"{table} line {line}: split {r['split']!r} is not train, val or test")
         path = check_relative_path(r["path"].strip(), f"{table} line {line}: path")
-        samples.append(Sample(path, r["label"].strip() or None,
-                              split=_SPLIT_DIRS[split] if split else None,
-                              group=(r.get("group") or "").strip() or None))
+        samples.append(
+            Sample(
+                path,
+                r["label"].strip() or None,
+                split=_SPLIT_DIRS[split] if split else None,
+                group=(r.get("group") or "").strip() or None,
+            )
+        )
     found = sorted({s.label for s in samples if s.label})
     order = [c.strip() for c in classes.split(",")] if classes else found
     unknown = sorted(set(found) - set(order))
     if unknown:
-        raise DataError(f"{table} has label(s) {unknown} not in classes={order}; fix the labels or the class list")
+        raise DataError(
+            f"{table} has label(s) {unknown} not in classes={order}; fix the labels or the class list"
+        )
     return AdapterResult(samples, order)

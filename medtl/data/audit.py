@@ -33,7 +33,12 @@ DEFAULT_NEAR_BITS = 10
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 16, 8192, 4.0
 SIZE_OUTLIER = 4.0  # a side 4x smaller or larger than the dataset's median is reported
 BORDER_SHARE = 0.05  # a constant strip of at least 5% of a side is reported
-_FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "TIFF": (".tif", ".tiff")}
+_FORMATS = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"),
+}
 
 
 @dataclass
@@ -101,7 +106,10 @@ class AuditReport:
             f"{len(self.label_conflicts)} with conflicting labels"
         ]
         for conflict in self.label_conflicts[:examples]:
-            members = ", ".join(f"{m} [{lab}]" for m, lab in zip(conflict["members"], conflict["labels"], strict=True))
+            members = ", ".join(
+                f"{m} [{lab}]"
+                for m, lab in zip(conflict["members"], conflict["labels"], strict=True)
+            )
             lines.append(f"  label conflict: {members}")
         by_kind: dict[str, list[Problem]] = defaultdict(list)
         for p in self.problems:
@@ -137,7 +145,9 @@ def inspect_item(root: Path, item: Item) -> Inspection:
     out.channels, out.height, out.width = arr.shape
     out.sha256 = sha256_file(file) if not item.locator else sha256_bytes(arr.tobytes())
     gray = arr[:3].mean(axis=0)
-    out.dhash = imagehash.dhash(Image.fromarray((gray * 255).astype(np.uint8)), HASH_SIZE).hash.ravel()
+    out.dhash = imagehash.dhash(
+        Image.fromarray((gray * 255).astype(np.uint8)), HASH_SIZE
+    ).hash.ravel()
     out.warnings += _image_warnings(gray)
     if item.mask:
         out.warnings += _mask_warnings(root, item.mask, out.width, out.height)
@@ -148,7 +158,9 @@ def _check_format(file: Path, out: Inspection) -> None:
     _, _, fmt = check_image_header(file)
     expected = _FORMATS.get(fmt)
     if expected and file.suffix.lower() not in expected:
-        out.warnings.append(("wrong-format", f"content is {fmt} but the name ends in {file.suffix}"))
+        out.warnings.append(
+            ("wrong-format", f"content is {fmt} but the name ends in {file.suffix}")
+        )
 
 
 def _classify(message: str) -> str:
@@ -168,10 +180,14 @@ def _image_warnings(gray: np.ndarray) -> list[tuple[str, str]]:
     if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE or max(h, w) / max(min(h, w), 1) > MAX_ASPECT:
         out.append(("extreme-size", f"{w}x{h} pixels"))
     sides = constant_border(gray)
-    wide = {s: n for s, n in sides.items() if n >= BORDER_SHARE * (h if s in ("top", "bottom") else w)}
+    wide = {
+        s: n for s, n in sides.items() if n >= BORDER_SHARE * (h if s in ("top", "bottom") else w)
+    }
     if wide:
         desc = ", ".join(f"{s} {n}px" for s, n in wide.items())
-        out.append(("constant-border", f"constant border ({desc}); letterboxing or burned-in frame"))
+        out.append(
+            ("constant-border", f"constant border ({desc}); letterboxing or burned-in frame")
+        )
     return out
 
 
@@ -233,8 +249,14 @@ def _size_outliers(items: Sequence[Item], inspections: Sequence[Inspection]) -> 
             continue
         ratio = np.array([ins.width, ins.height]) / median
         if (ratio > SIZE_OUTLIER).any() or (ratio < 1 / SIZE_OUTLIER).any():
-            out.append(Problem("extreme-size", item.key, f"{ins.width}x{ins.height} pixels; the dataset's median is "
-                                                        f"{median[0]:.0f}x{median[1]:.0f}"))
+            out.append(
+                Problem(
+                    "extreme-size",
+                    item.key,
+                    f"{ins.width}x{ins.height} pixels; the dataset's median is "
+                    f"{median[0]:.0f}x{median[1]:.0f}",
+                )
+            )
     return out
 
 
@@ -262,7 +284,7 @@ def duplicate_clusters(
         bits = np.stack([inspections[i].dhash for i in usable])  # type: ignore[misc]
         packed = np.packbits(bits, axis=1).view(np.uint64)  # [N, 4]
         for start in range(0, len(usable), 256):
-            block = packed[start:start + 256]
+            block = packed[start : start + 256]
             dist = np.bitwise_count(block[:, None, :] ^ packed[None, :, :]).sum(axis=2)
             for a, b in zip(*np.nonzero(dist <= near_bits), strict=True):
                 ia, ib = usable[start + a], usable[b]
@@ -291,30 +313,62 @@ def build_report(
             report.problems.append(Problem(ins.error_kind, item.key, ins.error))
         report.problems += [Problem(k, item.key, d) for k, d in ins.warnings]
         if item.sha256 and ins.sha256 and item.sha256 != ins.sha256 and not ins.error:
-            report.problems.append(Problem("changed", item.key, "content differs from the manifest's sha256; prepare the manifest again"))
+            report.problems.append(
+                Problem(
+                    "changed",
+                    item.key,
+                    "content differs from the manifest's sha256; prepare the manifest again",
+                )
+            )
         if item.label and item.label not in classes:
-            report.problems.append(Problem("unknown-label", item.key, f"label {item.label!r} is not in {list(classes)}"))
+            report.problems.append(
+                Problem(
+                    "unknown-label", item.key, f"label {item.label!r} is not in {list(classes)}"
+                )
+            )
     report.problems += _size_outliers(items, inspections)
-    counts = Counter(it.label for it, ins in zip(items, inspections, strict=True) if not ins.error and it.label)
+    counts = Counter(
+        it.label for it, ins in zip(items, inspections, strict=True) if not ins.error and it.label
+    )
     report.class_counts = {c: counts.get(c, 0) for c in classes}
     report.problems += [
-        Problem("empty-class", c, f"class {c!r} has no usable images") for c in classes if not counts.get(c)
+        Problem("empty-class", c, f"class {c!r} has no usable images")
+        for c in classes
+        if not counts.get(c)
     ]
     exact, near, pairs = duplicate_clusters(inspections, near_bits)
     report.exact_duplicates = [[items[i].key for i in c] for c in exact]
     for cluster in near:
+        members = [items[i].key for i in cluster]
         labels = [items[i].label for i in cluster]
+        splits = [items[i].split for i in cluster]
         dists = [d for (a, b), d in pairs.items() if a in cluster and b in cluster]
-        entry = {"members": [items[i].key for i in cluster], "labels": labels,
-                 "splits": [items[i].split for i in cluster], "max_bits": max(dists, default=0)}
+        entry = {
+            "members": members,
+            "labels": labels,
+            "splits": splits,
+            "max_bits": max(dists, default=0),
+        }
         report.near_duplicates.append(entry)
         if len(set(labels)) > 1:
             report.label_conflicts.append(entry)
-            report.problems.append(Problem("label-conflict", items[cluster[0]].key,
-                                           "near-duplicates with different labels: " + ", ".join(
-                                               f"{m} [{lab}]" for m, lab in zip(entry["members"], labels, strict=True))))
-        if len({s for s in entry["splits"] if s}) > 1:
-            report.problems.append(Problem("cross-split-duplicate", items[cluster[0]].key,
-                                           "near-duplicates in different splits: " + ", ".join(
-                                               f"{m} [{s}]" for m, s in zip(entry["members"], entry["splits"], strict=True))))
+            report.problems.append(
+                Problem(
+                    "label-conflict",
+                    members[0],
+                    "near-duplicates with different labels: " + _tagged(members, labels),
+                )
+            )
+        if len({s for s in splits if s}) > 1:
+            report.problems.append(
+                Problem(
+                    "cross-split-duplicate",
+                    members[0],
+                    "near-duplicates in different splits: " + _tagged(members, splits),
+                )
+            )
     return report, [*exact, *near]
+
+
+def _tagged(members: Sequence[str], tags: Sequence[str]) -> str:
+    return ", ".join(f"{m} [{t}]" for m, t in zip(members, tags, strict=True))

@@ -334,4 +334,5 @@ def build_loader(
         num_workers=cfg.num_workers,
         generator=generator,
         worker_init_fn=worker_init_fn,
+        persistent_workers=cfg.num_workers > 0,
     )

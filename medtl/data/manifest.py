@@ -222,7 +222,9 @@ class Manifest:
                         sha256=rec["sha256"],
                         width=int(rec["width"]),
                         height=int(rec["height"]),
-                        mask=";".join(check_relative_path(m, "mask path") for m in rec["mask"].split(";"))
+                        mask=";".join(
+                            check_relative_path(m, "mask path") for m in rec["mask"].split(";")
+                        )
                         if rec["mask"]
                         else "",
                     )
@@ -250,7 +252,9 @@ class Manifest:
                     f"list {self.meta.classes}; fix the label or the class list"
                 )
             if r.split not in SPLITS:
-                raise DataError(f"row {r.id} ({r.path}) has split {r.split!r}; use train, val or test")
+                raise DataError(
+                    f"row {r.id} ({r.path}) has split {r.split!r}; use train, val or test"
+                )
         for group, splits in _group_splits(self.rows).items():
             if len(splits) > 1 and self.meta.split_source == "seeded":
                 raise DataError(

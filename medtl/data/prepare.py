@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from medtl.data.adapters import ADAPTERS
-from medtl.data.audit import DEFAULT_NEAR_BITS, AuditReport, Inspection, Item, build_report, inspect_all
+from medtl.data.audit import (
+    DEFAULT_NEAR_BITS,
+    AuditReport,
+    Inspection,
+    Item,
+    build_report,
+    inspect_all,
+)
 from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, row_id
 from medtl.data.split import DEFAULT_RATIOS, carve_validation, check_ratios, group_split
 from medtl.errors import ConfigError, DataError
@@ -40,7 +47,9 @@ def run_adapter(name: str, root: Path, options: dict[str, Any]) -> tuple[list[Sa
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         allowed = ", ".join(accepted) or "none"
-        raise ConfigError(f"adapter {name!r} has no option(s) {', '.join(unknown)} (allowed: {allowed})")
+        raise ConfigError(
+            f"adapter {name!r} has no option(s) {', '.join(unknown)} (allowed: {allowed})"
+        )
     result = adapter(root, **options)
     if not result.samples:
         raise DataError(f"adapter {name!r} found no images under {root}; check --data-root")
@@ -74,12 +83,16 @@ def prepare(
         options = {"file": root.name, **options}
         root = root.parent
     samples, classes = run_adapter(adapter, root, options)
-    items = [Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples]
+    items = [
+        Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples
+    ]
     inspections = inspect_all(root, items, workers, progress)
     report, clusters = build_report(items, inspections, classes, near_bits)
     keep = [i for i, ins in enumerate(inspections) if not ins.error]
     if not keep:
-        raise DataError(f"none of the {len(items)} images under {root} could be read; see the audit")
+        raise DataError(
+            f"none of the {len(items)} images under {root} could be read; see the audit"
+        )
     groups = merge_groups(samples, clusters)
     splits, source = assign_splits(samples, groups, keep, ratios, seed)
     rows = [
@@ -97,8 +110,15 @@ def prepare(
         )
         for i in keep
     ]
-    meta = ManifestMeta(adapter=adapter, classes=list(classes), split_seed=seed, split_ratios=ratios,
-                        split_source=source, adapter_options=options, near_duplicate_bits=near_bits)
+    meta = ManifestMeta(
+        adapter=adapter,
+        classes=list(classes),
+        split_seed=seed,
+        split_ratios=ratios,
+        split_source=source,
+        adapter_options=options,
+        near_duplicate_bits=near_bits,
+    )
     manifest = Manifest(rows, meta)
     for item, split in zip(items, splits, strict=True):
         item.split = split
@@ -151,7 +171,9 @@ def assign_splits(
             chosen = carve_validation(labels, kept_groups, chosen, ratios["val"], seed)
             source = "official+carved-val"
     elif any(official):
-        raise DataError("some images have an official split and others none; give every image a split or none")
+        raise DataError(
+            "some images have an official split and others none; give every image a split or none"
+        )
     else:
         chosen, source = group_split(labels, kept_groups, ratios, seed), "seeded"
     for i, s in zip(keep, chosen, strict=True):
@@ -171,9 +193,17 @@ def audit_manifest(
     manifest = Manifest.load(manifest_path)
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data root {root} does not exist; pass --data-root with the dataset folder")
-    bits = near_bits if near_bits is not None else (manifest.meta.near_duplicate_bits or DEFAULT_NEAR_BITS)
-    items = [Item(r.key, r.path, r.locator, r.label, r.mask, r.split, r.sha256) for r in manifest.rows]
+        raise DataError(
+            f"data root {root} does not exist; pass --data-root with the dataset folder"
+        )
+    bits = (
+        near_bits
+        if near_bits is not None
+        else (manifest.meta.near_duplicate_bits or DEFAULT_NEAR_BITS)
+    )
+    items = [
+        Item(r.key, r.path, r.locator, r.label, r.mask, r.split, r.sha256) for r in manifest.rows
+    ]
     inspections = inspect_all(root, items, workers, progress)
     report, _ = build_report(items, inspections, manifest.classes, bits)
     return report

@@ -38,8 +38,10 @@ def kind_of(path: str | Path) -> str:
         return "npz"
     if name.endswith(DICOM_SUFFIXES) or is_dicom(Path(path)):
         return "dicom"
-    raise DataError(f"{path}: unknown image format; medtl reads {', '.join(IMAGE_SUFFIXES)}, "
-                    "DICOM, NIfTI and MedMNIST .npz")
+    raise DataError(
+        f"{path}: unknown image format; medtl reads {', '.join(IMAGE_SUFFIXES)}, "
+        "DICOM, NIfTI and MedMNIST .npz"
+    )
 
 
 def is_dicom(path: Path) -> bool:
@@ -130,7 +132,7 @@ def to_unit_range(arr: np.ndarray, file: Path | str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise DataError(f"{file} contains NaN or infinite values; fix or remove the image")
     lo, hi = float(arr.min()), float(arr.max())
-    if 0.0 <= lo and hi <= 1.0:
+    if lo >= 0.0 and hi <= 1.0:
         return arr
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
 

@@ -22,7 +22,9 @@ def check_ratios(ratios: dict[str, float]) -> dict[str, float]:
     """Validate ``{"train": .7, "val": .15, "test": .15}``-style ratios; they are normalised."""
     unknown = set(ratios) - {"train", "val", "test"}
     if unknown:
-        raise ConfigError(f"split ratios name unknown split(s) {sorted(unknown)}; use train, val, test")
+        raise ConfigError(
+            f"split ratios name unknown split(s) {sorted(unknown)}; use train, val, test"
+        )
     if any(v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
         raise ConfigError(f"split ratios {ratios} must be non-negative and sum to more than 0")
     total = sum(ratios.values())
@@ -57,8 +59,10 @@ def group_split(
             f"{len(members)} group(s) cannot fill {len(names)} splits; add data or set a split "
             "ratio to 0"
         )
-    counts = {g: np.bincount([cls_index[labels[i]] for i in idx], minlength=len(classes))
-              for g, idx in members.items()}
+    counts = {
+        g: np.bincount([cls_index[labels[i]] for i in idx], minlength=len(classes))
+        for g, idx in members.items()
+    }
     rng = np.random.default_rng(seed)
     order = sorted(members)  # deterministic base order, then a seeded shuffle
     order = [order[i] for i in rng.permutation(len(order))]

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from medtl.data.split import carve_validation, check_ratios, group_split
+from medtl.errors import ConfigError, DataError
+
+
+def _data(n_groups: int = 60) -> tuple[list[str], list[str]]:
+    labels, groups = [], []
+    for g in range(n_groups):
+        size = 1 + g % 3  # groups of 1, 2 and 3 samples
+        label = "a" if g % 4 else "b"  # 3:1 class imbalance
+        labels += [label] * size
+        groups += [f"g{g}"] * size
+    return labels, groups
+
+
+def test_groups_never_straddle_splits() -> None:
+    labels, groups = _data()
+    splits = group_split(labels, groups, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=3)
+    seen: dict[str, set[str]] = {}
+    for g, s in zip(groups, splits, strict=True):
+        seen.setdefault(g, set()).add(s)
+    assert all(len(v) == 1 for v in seen.values())
+
+
+def test_ratios_and_stratification_are_close_to_target() -> None:
+    labels, groups = _data(200)
+    splits = group_split(labels, groups, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    n = len(labels)
+    share = {s: c / n for s, c in Counter(splits).items()}
+    assert share["train"] == pytest.approx(0.6, abs=0.03)
+    assert share["test"] == pytest.approx(0.2, abs=0.03)
+    for split in ("train", "val", "test"):
+        sub = [lab for lab, s in zip(labels, splits, strict=True) if s == split]
+        minority = sub.count("b") / len(sub)
+        assert minority == pytest.approx(labels.count("b") / n, abs=0.05)
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds() -> None:
+    labels, groups = _data()
+    ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
+    a = group_split(labels, groups, ratios, seed=1)
+    assert a == group_split(labels, groups, ratios, seed=1)
+    assert a != group_split(labels, groups, ratios, seed=2)
+
+
+def test_zero_ratio_leaves_split_empty() -> None:
+    labels, groups = _data()
+    splits = group_split(labels, groups, {"train": 0.8, "val": 0.2, "test": 0.0}, seed=0)
+    assert set(splits) == {"train", "val"}
+
+
+def test_too_few_groups_is_a_clear_error() -> None:
+    with pytest.raises(DataError, match="cannot fill 3 splits"):
+        group_split(["a", "a"], ["g", "h"], {"train": 1, "val": 1, "test": 1}, seed=0)
+
+
+def test_bad_ratios() -> None:
+    with pytest.raises(ConfigError, match="unknown split"):
+        check_ratios({"train": 1.0, "holdout": 0.2})
+    with pytest.raises(ConfigError, match="non-negative"):
+        check_ratios({"train": -1.0, "val": 0.5})
+
+
+def test_carve_validation_keeps_official_test_and_groups() -> None:
+    labels, groups = _data()
+    official = ["test" if int(g[1:]) % 5 == 0 else "train" for g in groups]
+    out = carve_validation(labels, groups, official, val_ratio=0.15, seed=0)
+    assert [s for s, o in zip(out, official, strict=True) if o == "test"] == ["test"] * official.count("test")
+    assert "val" in out
+    by_group: dict[str, set[str]] = {}
+    for g, s in zip(groups, out, strict=True):
+        by_group.setdefault(g, set()).add(s)
+    assert all(len(v) == 1 for v in by_group.values())
