@@ -25,10 +25,10 @@ from pathlib import Path
 
 import monai
 import torch
+from PIL import Image
 
 from medtl.data.dataset import DataConfig, build_dataset, build_loader
 from medtl.data.manifest import Manifest, ManifestMeta, Row, row_id
-from medtl.data.readers import check_image_header
 from medtl.io import atomic_write_text, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,15 +56,27 @@ class ModeResult:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=REPO / "../shared/data/busi",
-                        help="BUSI folder holding Dataset_BUSI_with_GT/ (default: %(default)s)")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=REPO / "../shared/data/busi",
+        help="BUSI folder holding Dataset_BUSI_with_GT/ (default: %(default)s)",
+    )
     parser.add_argument("--size", type=int, default=128, help="image side S (default: 128)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per mode (default: 3)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="DataLoader workers, also memory-cache fill threads (default: 2)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs/performance.md",
-                        help="markdown file to update (default: docs/performance.md)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader workers, also memory-cache fill threads (default: 2)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "docs/performance.md",
+        help="markdown file to update (default: docs/performance.md)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
@@ -79,7 +91,8 @@ def busi_manifest(root: Path) -> Manifest:
     rows = []
     for file in files:
         rel = file.relative_to(root).as_posix()
-        width, height, _ = check_image_header(file)
+        with Image.open(file) as img:
+            width, height = img.size
         rid = row_id(rel)
         rows.append(Row(rid, rel, file.parent.name, "train", rid, sha256_file(file), width, height))
     classes = sorted({r.label for r in rows})
@@ -107,7 +120,9 @@ def speedup(result: ModeResult, base: ModeResult) -> float | None:
 
 
 def fmt(value: float | None, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:,.0f}{suffix}" if value >= 100 else f"{value:.1f}{suffix}"
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}{suffix}" if value >= 100 else f"{value:.1f}{suffix}"
 
 
 def table(results: list[ModeResult]) -> str:
@@ -138,28 +153,31 @@ def verdict(results: list[ModeResult]) -> str:
 def section(args: argparse.Namespace, n_images: int, results: list[ModeResult]) -> str:
     command = shlex.join(["python", *sys.argv])
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return "\n".join([
-        START,
-        "## Data pipeline (`benchmarks/data_pipeline.py`)",
-        "",
-        f"BUSI ({n_images} PNG images, 256x256 RGB in this copy; Al-Dhabyani et al. 2020) read "
-        f"through `medtl.data.dataset` at {args.size}x{args.size}, 3 channels, squash resize, "
-        f"no augmentation, batch {args.batch_size}, {args.workers} DataLoader workers, "
-        f"{args.epochs} shuffled epochs per cache mode. The cold epoch includes building the "
-        "dataset (filling the memory cache, writing the disk cache); warm is the mean of the "
-        "later epochs.",
-        "",
-        table(results),
-        "",
-        verdict(results),
-        "",
-        f"- command: `{command}` (from the repository root)",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {os.cpu_count()} CPUs ({platform.machine()}), load average {load} at the end",
-        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"MONAI {monai.__version__}",
-        END,
-    ])
+    return "\n".join(
+        [
+            START,
+            "## Data pipeline (`benchmarks/data_pipeline.py`)",
+            "",
+            f"BUSI ({n_images} PNG images, 256x256 RGB in this copy; Al-Dhabyani et al. 2020) read "
+            f"through `medtl.data.dataset` at {args.size}x{args.size}, 3 channels, squash resize, "
+            f"no augmentation, batch {args.batch_size}, {args.workers} DataLoader workers, "
+            f"{args.epochs} shuffled epochs per cache mode. The cold epoch includes building the "
+            "dataset (filling the memory cache, writing the disk cache); warm is the mean of the "
+            "later epochs. Figures move by tens of percent between runs on a shared machine; "
+            "the load average below says how busy it was.",
+            "",
+            table(results),
+            "",
+            verdict(results),
+            "",
+            f"- command: `{command}` (from the repository root)",
+            f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- machine: {os.cpu_count()} CPUs ({platform.machine()}), load average {load} at the end",
+            f"- versions: Python {platform.python_version()}, torch {torch.__version__}, "
+            f"MONAI {monai.__version__}",
+            END,
+        ]
+    )
 
 
 def update_doc(path: Path, text: str) -> None:
@@ -180,8 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="medtl-bench-") as tmp:
         for mode in MODES:
-            cfg = DataConfig(image_size=args.size, batch_size=args.batch_size,
-                             num_workers=args.workers, cache=mode, cache_dir=tmp)
+            cfg = DataConfig(
+                image_size=args.size,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                cache=mode,
+                cache_dir=tmp,
+            )
             results.append(run_mode(manifest, root, cfg, args.epochs))
             print(f"{mode}: " + ", ".join(f"{v:.1f}" for v in results[-1].per_epoch) + " img/s")
     text = section(args, len(manifest.rows), results)

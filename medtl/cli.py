@@ -237,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The user's message alone: a DataLoader worker re-raises with its traceback prepended."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    last = lines[-1]
+    for prefix in (
+        "medtl.errors.DataError: ",
+        "medtl.errors.ConfigError: ",
+        "medtl.errors.MedtlError: ",
+    ):
+        last = last.removeprefix(prefix)
+    return last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -246,11 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MedtlError as exc:
-        print(f"medtl: error: {exc}", file=sys.stderr)
+        print(f"medtl: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medtl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

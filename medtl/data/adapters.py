@@ -152,14 +152,19 @@ def isic2018(root: Path) -> AdapterResult:
 
 
 def _read_onehot(truth: Path) -> list[tuple[str, str]]:
-    with open(truth, newline="", encoding="utf-8") as handle:
+    with open(truth, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in ["image", *ISIC_CLASSES] if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{truth} lacks column(s) {', '.join(missing)}")
         out = []
         for line, rec in enumerate(reader, start=2):
-            hot = [c for c in ISIC_CLASSES if float(rec[c]) >= 0.5]
+            try:
+                hot = [c for c in ISIC_CLASSES if float(rec[c]) >= 0.5]
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"{truth} line {line}: the class columns must hold numbers 0 or 1"
+                ) from None
             if len(hot) != 1:
                 raise DataError(f"{truth} line {line}: {rec['image']} is not one-hot ({hot})")
             out.append((rec["image"], hot[0]))
@@ -170,7 +175,7 @@ def _ham_lesions(root: Path) -> dict[str, str]:
     meta = next(iter(sorted(root.rglob("HAM10000_metadata.csv"))), None)
     if meta is None:
         return {}
-    with open(meta, newline="", encoding="utf-8") as handle:
+    with open(meta, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not {"lesion_id", "image_id"} <= set(reader.fieldnames or []):
             raise DataError(f"{meta} lacks the lesion_id / image_id columns")
@@ -336,6 +341,8 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
             raise DataError(
                 f"{npz}: {s}_labels has shape {y.shape}; multi-label MedMNIST is not supported"
             )
+        if y.size and y.min() < 0:
+            raise DataError(f"{npz}: {s}_labels holds negative labels; MedMNIST labels start at 0")
         if len(y) != images[s]:
             raise DataError(
                 f"{npz}: {s}_images has {images[s]} images but {s}_labels {len(y)} labels"
@@ -399,7 +406,7 @@ def csv_table(root: Path, file: str = "labels.csv", classes: str | None = None) 
     table = root / check_relative_path(file, "file")
     if not table.is_file():
         raise DataError(f"label table {table} does not exist; name it with -O file=<name>.csv")
-    with open(table, newline="", encoding="utf-8") as handle:
+    with open(table, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not {"path", "label"} <= set(reader.fieldnames or []):
             raise DataError(f"{table} needs the columns path,label (optional: split, group)")
@@ -413,7 +420,7 @@ def csv_table(root: Path, file: str = "labels.csv", classes: str | None = None) 
         samples.append(
             Sample(
                 path,
-                r["label"].strip() or None,
+                (r["label"] or "").strip() or None,
                 split=_SPLIT_DIRS[split] if split else None,
                 group=(r.get("group") or "").strip() or None,
             )

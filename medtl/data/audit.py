@@ -132,7 +132,13 @@ def inspect_item(root: Path, item: Item) -> Inspection:
     out = Inspection(item.key)
     try:
         file = resolve(root, item.path)
-        if file.is_file() and file.stat().st_size == 0:
+        if not file.is_file():
+            out.error_kind, out.error = (
+                "missing",
+                "file does not exist; restore it or prepare the manifest again",
+            )
+            return out
+        if file.stat().st_size == 0:
             out.error_kind, out.error = "zero-byte", "file is empty (0 bytes)"
             return out
         if kind_of(file) == "image":
@@ -140,7 +146,7 @@ def inspect_item(root: Path, item: Item) -> Inspection:
         arr = read_array(file, item.locator)
     except DataError as exc:
         out.error_kind = _classify(str(exc))
-        out.error = str(exc)
+        out.error = str(exc).replace(f"{root}/", "")  # the report names files relative to the root
         return out
     out.channels, out.height, out.width = arr.shape
     out.sha256 = sha256_file(file) if not item.locator else sha256_bytes(arr.tobytes())
@@ -155,7 +161,7 @@ def inspect_item(root: Path, item: Item) -> Inspection:
 
 
 def _check_format(file: Path, out: Inspection) -> None:
-    _, _, fmt = check_image_header(file)
+    fmt = check_image_header(file).format
     expected = _FORMATS.get(fmt)
     if expected and file.suffix.lower() not in expected:
         out.warnings.append(
@@ -164,8 +170,6 @@ def _check_format(file: Path, out: Inspection) -> None:
 
 
 def _classify(message: str) -> str:
-    if "does not exist" in message:
-        return "missing"
     if "decompression bomb" in message:
         return "too-large"
     if "NaN" in message:
@@ -214,7 +218,8 @@ def _mask_warnings(root: Path, masks: str, width: int, height: int) -> list[tupl
     out = []
     for mask in masks.split(";"):
         try:
-            mw, mh, _ = check_image_header(resolve(root, mask, "mask path"))
+            header = check_image_header(resolve(root, mask, "mask path"))
+            mw, mh = header.width, header.height
         except DataError as exc:
             out.append(("mask-unreadable", f"mask {mask}: {exc}"))
             continue

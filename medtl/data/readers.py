@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,21 @@ def read_array(file: Path, locator: str = "") -> np.ndarray:
     return scans.read_nifti(file, locator)
 
 
-def check_image_header(file: Path) -> tuple[int, int, str]:
-    """Open (without decoding) and return width, height and PIL format; refuse bombs."""
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int
+    height: int
+    format: str  # PIL's name: PNG, JPEG, ...
+    mode: str  # PIL's mode: L, RGB, RGBA, I;16, ...
+
+
+def check_image_header(file: Path) -> ImageHeader:
+    """Open (without decoding) and return size, format and mode; refuse decompression bombs."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as img:
-                width, height, fmt = img.width, img.height, img.format or "?"
+                header = ImageHeader(img.width, img.height, img.format or "?", img.mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(
             f"{file} is too large to decode safely (a possible decompression bomb); "
@@ -86,12 +95,12 @@ def check_image_header(file: Path) -> tuple[int, int, str]:
         ) from None
     except Exception as exc:
         raise DataError(f"{file} is not a readable image ({exc}); re-export or remove it") from None
-    if width * height > MAX_PIXELS:
+    if header.width * header.height > MAX_PIXELS:
         raise DataError(
-            f"{file} is {width}x{height} pixels, above medtl's limit of {MAX_PIXELS:,} "
-            "(a possible decompression bomb); remove it or downsample it"
+            f"{file} is {header.width}x{header.height} pixels, above medtl's limit of "
+            f"{MAX_PIXELS:,} (a possible decompression bomb); remove it or downsample it"
         )
-    return width, height, fmt
+    return header
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,16 +111,22 @@ def _pil_loader() -> Any:
 
     # MONAI announces that its GPU DICOM decoder is unavailable; on a CPU machine that is expected.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    # PIL hands MONAI a read-only array; torch warns once, although nothing writes to it.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+        # dtype=None keeps the stored integers, so scaling follows the bit depth, not the content
         return LoadImage(
-            reader=PILReader(reverse_indexing=False), image_only=True, ensure_channel_first=True
+            reader=PILReader(reverse_indexing=False),
+            image_only=True,
+            ensure_channel_first=True,
+            dtype=None,
         )
 
 
 def read_image(file: Path) -> np.ndarray:
     """PNG / JPEG / BMP / TIFF through MONAI's PILReader; 8- and 16-bit scaled to [0, 1]."""
-    check_image_header(file)
+    header = check_image_header(file)
     try:
         img = _pil_loader()(str(file))
     except Exception as exc:
@@ -121,6 +136,10 @@ def read_image(file: Path) -> np.ndarray:
             "re-download it or remove it"
         ) from None
     arr = np.asarray(img)
+    if header.mode.startswith("I;16") or (header.mode == "I" and arr.max(initial=0) > 255):
+        return np.clip(arr.astype(np.float32) / 65535.0, 0.0, 1.0)  # 16-bit (PIL reads it as int32)
+    if np.issubdtype(arr.dtype, np.integer) and header.mode != "I":
+        return arr.astype(np.float32) / 255.0  # 8 bits per channel (L, RGB, RGBA, P, ...)
     return to_unit_range(arr, file)
 
 

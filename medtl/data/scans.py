@@ -40,10 +40,12 @@ _FRAME = re.compile(r"frame=(\d+)")
 _SLICE = re.compile(r"axis=([0-2])/slice=(\d+)")
 _TEXT_DELIMITERS = {0x5C, 0x5E, 0x3D}  # \ ^ =: where ISO 2022 escapes reset
 _LABEL_FROM = ("none", "folder")
+# Values anonymisers leave in PatientName / PatientID: not identifying, and common in paths
+_PLACEHOLDERS = {"anon", "anonymous", "anonymized", "anonymised", "patient", "unknown", "removed"}
 
 
 # -- DICOM reader -------------------------------------------------------------------------------
-# Not MONAI's PydicomReader: it applies RescaleSlope/Intercept but no window, VOI LUT or MONOCHROME1.
+# Not MONAI's PydicomReader: it rescales (slope/intercept) but skips window, VOI LUT, MONOCHROME1.
 def read_dicom(file: Path, locator: str = "") -> np.ndarray:
     """One image of a DICOM file (``locator="frame=<k>"`` for a frame): ``[C, H, W]`` in [0, 1].
 
@@ -54,7 +56,7 @@ def read_dicom(file: Path, locator: str = "") -> np.ndarray:
     ds = _require_pixels(file, *_read_dicom_header(file))
     index = _frame_index(file, locator, _frame_count(ds))
     _check_size(file, ds)
-    arr = _decode(file, index)
+    arr = _decode(file, index, _deflated(ds))
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").upper()
     if photometric.startswith("MONOCHROME"):
         return _grey(arr, ds, file, invert=photometric == "MONOCHROME1")[None]
@@ -64,21 +66,26 @@ def read_dicom(file: Path, locator: str = "") -> np.ndarray:
 def _read_dicom_header(file: Path) -> tuple[Dataset, bool]:
     """The header (pixels not read) and whether the file holds pixel data."""
     from pydicom import dcmread
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     try:
         with open(file, "rb") as handle:
             ds = dcmread(handle, stop_before_pixels=True)
             # dcmread stops at the pixel-data tag, so what is left starts with group 7FE0
             rest = handle.read(2)
+        if _deflated(ds):  # the handle was inflated into memory: read the whole file
+            return ds, any(k in dcmread(file) for k in _PIXEL_KEYWORDS)
     except Exception as exc:  # the message may quote header bytes: name the type only
         raise DataError(
             f"{file} is not a readable DICOM file ({type(exc).__name__}); re-export it as a "
             "DICOM Part 10 file or remove it from the folder"
         ) from None
-    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return ds, any(k in dcmread(file) for k in _PIXEL_KEYWORDS)  # inflated in memory
     return ds, rest in _PIXEL_GROUP
+
+
+def _deflated(ds: Dataset) -> bool:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    return bool(ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian)
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -118,12 +125,14 @@ def _check_size(file: Path, ds: Dataset) -> None:
         )
 
 
-def _decode(file: Path, index: int | None) -> np.ndarray:
-    """Decoded pixels of one frame (or of the only one), as pydicom returns them."""
+def _decode(file: Path, index: int | None, deflated: bool) -> np.ndarray:
+    """Decoded pixels of one frame (or of the only one), as pydicom returns them; read from the
+    path so that only that frame is loaded, unless the file is deflated (read whole)."""
+    from pydicom import dcmread
     from pydicom.pixels import pixel_array
 
     try:
-        return pixel_array(str(file), index=index)
+        return pixel_array(dcmread(file) if deflated else str(file), index=index)
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
@@ -145,7 +154,13 @@ def _grey(arr: np.ndarray, ds: Dataset, file: Path, invert: bool) -> np.ndarray:
 
 def _voi(values: np.ndarray, ds: Dataset, file: Path) -> np.ndarray:
     """The first window if there is one, else the VOI LUT sequence, else min-max; in [0, 1]."""
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    try:
+        center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{file} has a window centre / width that is not a number; fix the header or "
+            "remove the file"
+        ) from None
     if center is not None and width is not None:
         function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
         return _window(values, center, width, function, file)
@@ -164,7 +179,7 @@ def _first(value: Any) -> float | None:
 
 
 def _window(
-    values: np.ndarray, center: float, width: float, function: str = "LINEAR", file: Path | str = ""
+    values: np.ndarray, center: float, width: float, function: str, file: Path
 ) -> np.ndarray:
     """DICOM windowing (PS3.3 C.11.2.1.2-3: LINEAR, LINEAR_EXACT, SIGMOID) onto [0, 1].
 
@@ -324,7 +339,7 @@ def _read_label_table(table: Path) -> dict[str, tuple[str | None, str | None]]:
     """``path,label[,group]`` rows keyed by their normalised relative path."""
     if not table.is_file():
         raise DataError(f"label table {table} does not exist; name it with -O labels=<file>.csv")
-    with open(table, newline="", encoding="utf-8") as handle:
+    with open(table, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if not {"path", "label"} <= set(reader.fieldnames or []):
             raise DataError(f"{table} needs the columns path,label (optional: group)")
@@ -437,11 +452,16 @@ def _raw_text(ds: Dataset, keyword: str) -> str:
 
 
 def _identifiers(ds: Dataset) -> list[str]:
-    """PatientID and the words of PatientName's family, given and middle names (>= 3 chars)."""
+    """PatientID and the words of PatientName's family, given and middle names: those of
+    3 or more characters, with a letter or digit, that are not anonymisers' placeholders."""
     name = _raw_text(ds, "PatientName")
     parts = [c for group in name.split("=") for c in group.split("^")[:3]]
     words = [_raw_text(ds, "PatientID"), *(w for c in parts for w in c.split())]
-    return [w for w in words if len(w) >= 3]
+    return [
+        w
+        for w in words
+        if len(w) >= 3 and any(ch.isalnum() for ch in w) and w.lower() not in _PLACEHOLDERS
+    ]
 
 
 def _spells(path: str, word: str) -> bool:

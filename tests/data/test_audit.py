@@ -28,8 +28,10 @@ def test_duplicates_conflicts_and_broken_files(tmp_path: Path) -> None:
     write_png(tmp_path / "a" / "2.png", (64, 64), seed=2)
     (tmp_path / "a" / "empty.png").write_bytes(b"")
     (tmp_path / "a" / "trunc.png").write_bytes(a.read_bytes()[:200])
-    items = [Item(p, p, label=p.split("/")[0]) for p in
-             ["a/1.png", "b/1copy.png", "a/1near.png", "a/2.png", "a/empty.png", "a/trunc.png"]]
+    items = [
+        Item(p, p, label=p.split("/")[0])
+        for p in ["a/1.png", "b/1copy.png", "a/1near.png", "a/2.png", "a/empty.png", "a/trunc.png"]
+    ]
     ins = inspect_all(tmp_path, items, workers=2)
     assert [i.error_kind for i in ins] == ["", "", "", "", "zero-byte", "unreadable"]
     assert "trunc.png" in ins[5].error

@@ -19,7 +19,7 @@ from medtl.data.dataset import (
     cache_key,
 )
 from medtl.data.manifest import Manifest, ManifestMeta, Row, row_id
-from medtl.errors import DataError
+from medtl.errors import ConfigError, DataError
 from tests.conftest import shared, write_png
 
 CLASSES = ["benign", "malignant"]
@@ -34,7 +34,9 @@ def make_manifest(specs: list[tuple[str, str, str]], classes: list[str] = CLASSE
     return Manifest(rows, ManifestMeta("test", classes, 0, {}, "official"))
 
 
-def write_solid(path: Path, size: tuple[int, int], colour: int | tuple[int, ...], mode: str) -> Path:
+def write_solid(
+    path: Path, size: tuple[int, int], colour: int | tuple[int, ...], mode: str
+) -> Path:
     """A one-colour image (width, height) at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, colour).save(path)
@@ -67,6 +69,13 @@ def test_disk_cache_needs_cache_dir() -> None:
     assert DataConfig(cache="disk", cache_dir="x").cache_dir == "x"
 
 
+def test_unvalidated_disk_config_is_refused(folder: tuple[Path, Manifest]) -> None:
+    root, manifest = folder
+    cfg = DataConfig().model_copy(update={"cache": "disk"})  # model_copy skips validation
+    with pytest.raises(ConfigError, match="needs cache_dir"):
+        build_dataset(manifest, "train", root, cfg)
+
+
 @pytest.mark.parametrize(
     "bad", [{"image_size": 4}, {"channels": 2}, {"resize": "crop"}, {"augmnet": "light"}]
 )
@@ -96,7 +105,9 @@ def test_item_shape_dtype_and_range(tmp_path: Path, mode: str, channels: int) ->
 def test_rgb_becomes_itu601_luminance(tmp_path: Path) -> None:
     write_solid(tmp_path / "a.png", (40, 32), (200, 100, 50), "RGB")
     cfg = DataConfig(image_size=16, channels=1)
-    image = build_dataset(make_manifest([("a.png", "", "train")]), "train", tmp_path, cfg)[0]["image"]
+    image = build_dataset(make_manifest([("a.png", "", "train")]), "train", tmp_path, cfg)[0][
+        "image"
+    ]
     expected = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255
     assert torch.allclose(image, torch.full((1, 16, 16), expected), atol=1e-5)
 
@@ -107,8 +118,16 @@ def test_rgba_drops_alpha_and_grey_is_repeated(tmp_path: Path) -> None:
     cfg = DataConfig(image_size=16, channels=3)
     manifest = make_manifest([("rgba.png", "", "train"), ("grey.png", "", "train")])
     rgba, grey = (it["image"] for it in items(build_dataset(manifest, "train", tmp_path, cfg)))
-    assert torch.allclose(rgba[:, 5, 5], torch.tensor([200, 100, 50]) / 255, atol=1e-6)
+    assert torch.allclose(rgba[:, 8, 8], torch.tensor([200, 100, 50]) / 255, atol=1e-6)
     assert torch.allclose(grey, torch.full((3, 16, 16), 120 / 255), atol=1e-6)
+
+
+def test_sixteen_bit_images_keep_their_scale(tmp_path: Path) -> None:
+    """Integers are scaled by bit depth (1000 / 65535), not stretched to each image's range."""
+    Image.fromarray(np.full((32, 40), 1000, np.uint16)).save(tmp_path / "deep.png")
+    cfg = DataConfig(image_size=16, channels=1)
+    image = build_dataset(make_manifest([("deep.png", "", "train")]), "train", tmp_path, cfg)
+    assert torch.allclose(image[0]["image"], torch.full((1, 16, 16), 1000 / 65535), atol=1e-7)
 
 
 def test_letterbox_keeps_aspect_with_zero_padding(tmp_path: Path) -> None:
@@ -118,7 +137,9 @@ def test_letterbox_keeps_aspect_with_zero_padding(tmp_path: Path) -> None:
     image = build_dataset(manifest, "train", tmp_path, cfg)[0]["image"][0]
     assert torch.all(image[:8] == 0) and torch.all(image[24:] == 0)
     assert torch.allclose(image[8:24], torch.full((16, 32), 200 / 255), atol=1e-6)
-    squashed = build_dataset(manifest, "train", tmp_path, cfg.model_copy(update={"resize": "squash"}))
+    squashed = build_dataset(
+        manifest, "train", tmp_path, cfg.model_copy(update={"resize": "squash"})
+    )
     assert torch.all(squashed[0]["image"] > 0)
 
 
@@ -127,6 +148,39 @@ def test_small_images_are_enlarged(tmp_path: Path) -> None:
     cfg = DataConfig(image_size=32, channels=1)
     image = build_dataset(make_manifest([("tiny.png", "", "train")]), "train", tmp_path, cfg)[0]
     assert image["image"].shape == (1, 32, 32)
+
+
+def test_locator_addresses_an_npz_row(tmp_path: Path) -> None:
+    images = np.stack([np.full((28, 28), v, np.uint8) for v in (0, 255, 0)])
+    images[:, 0, 0] = 255 - images[:, 0, 0]  # keep each image's range full
+    np.savez(tmp_path / "mnist.npz", train_images=images)
+    rows = [
+        Row(
+            row_id("mnist.npz", f"train_images/{i}"),
+            "mnist.npz",
+            "",
+            "train",
+            str(i),
+            "",
+            28,
+            28,
+            locator=f"train_images/{i}",
+        )
+        for i in range(3)
+    ]
+    manifest = Manifest(rows, ManifestMeta("test", CLASSES, 0, {}, "official"))
+    got = items(build_dataset(manifest, "train", tmp_path, DataConfig(image_size=32)))
+    assert [it["locator"] for it in got] == [f"train_images/{i}" for i in range(3)]
+    assert [float(it["image"][0, 16, 16]) for it in got] == [0.0, 1.0, 0.0]
+
+
+def test_too_many_channels_are_named(tmp_path: Path) -> None:
+    np.savez(tmp_path / "five.npz", train_images=np.zeros((1, 8, 8, 5), np.uint8))
+    row = Row("r", "five.npz", "", "train", "g", "", 8, 8, locator="train_images/0")
+    manifest = Manifest([row], ManifestMeta("test", CLASSES, 0, {}, "official"))
+    dataset = build_dataset(manifest, "train", tmp_path, DataConfig(image_size=16))
+    with pytest.raises(DataError, match=r"five\.npz has 5 channels"):
+        dataset[0]
 
 
 # -- labels, rows, loader -----------------------------------------------------------------
@@ -173,7 +227,9 @@ def test_cache_gives_the_same_tensors(
         assert torch.equal(c["image"], p["image"])
 
 
-def test_disk_cache_is_reused_without_reading(folder: tuple[Path, Manifest], tmp_path: Path) -> None:
+def test_disk_cache_is_reused_without_reading(
+    folder: tuple[Path, Manifest], tmp_path: Path
+) -> None:
     root, manifest = folder
     cfg = DataConfig(image_size=16, cache="disk", cache_dir=str(tmp_path / "cache"))
     first = items(build_dataset(manifest, "train", root, cfg))
@@ -218,17 +274,35 @@ def test_augmentation_is_seeded(folder: tuple[Path, Manifest], augment: str, cac
     assert torch.equal(aug, stack(train=True))
     assert not torch.equal(aug, plain)
     assert not torch.equal(aug, stack(train=True, seed=1))
-    assert aug.dtype == torch.float32 and 0.0 <= aug.min() and aug.max() <= 1.0
+    assert aug.dtype == torch.float32 and aug.min() >= 0.0 and aug.max() <= 1.0
+
+
+def test_workers_are_reseeded(tmp_path: Path) -> None:
+    """Two workers given the same image draw different augmentations, reproducibly."""
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / name, seed=0)  # identical pixels
+    manifest = make_manifest([("a.png", "", "train"), ("b.png", "", "train")])
+    cfg = DataConfig(image_size=16, augment="medium", batch_size=1, num_workers=2)
+    dataset = build_dataset(manifest, "train", tmp_path, cfg, train=True)
+
+    def run() -> list[torch.Tensor]:
+        return [batch["image"] for batch in build_loader(dataset, cfg, seed=5)]
+
+    first, second = run()
+    assert not torch.equal(first, second)
+    assert all(torch.equal(x, y) for x, y in zip(run(), (first, second), strict=True))
 
 
 def test_deterministic_transforms_come_first() -> None:
+    """The caches keep everything before the first random transform: all of eval's chain."""
     from monai.transforms import Randomizable
 
-    chain = build_transforms(DataConfig(augment="medium"), "root", train=True).transforms
-    flags = [isinstance(t, Randomizable) for t in chain]
-    assert flags == sorted(flags) and any(flags)
-    assert not any(isinstance(t, Randomizable) for t in build_transforms(
-        DataConfig(augment="medium"), "root", train=False).transforms)
+    cfg = DataConfig(augment="medium")
+    train = build_transforms(cfg, "root", train=True).transforms
+    evaluation = build_transforms(cfg, "root", train=False).transforms
+    random = [isinstance(t, Randomizable) for t in train]
+    assert random.index(True) == len(evaluation)
+    assert not any(isinstance(t, Randomizable) for t in evaluation)
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -284,17 +358,23 @@ def test_unreadable_image_is_named(tmp_path: Path) -> None:
 # -- real data ----------------------------------------------------------------------------
 @pytest.mark.realdata
 def test_busi_images_load(tmp_path: Path) -> None:
+    """Real BUSI PNGs (256x256 RGB here) through the disk-cached pipeline, rows kept as rows."""
     root = shared("busi")
-    paths = [f"Dataset_BUSI_with_GT/{c} ({i}).png" for c, i in [("benign/benign", 1),
-             ("malignant/malignant", 1), ("normal/normal", 1)]]
-    manifest = make_manifest(
-        [(p, "", "train") for p in paths], classes=["benign", "malignant", "normal"]
-    )
-    for channels in (1, 3):
-        cfg = DataConfig(image_size=64, channels=channels, cache="disk", cache_dir=str(tmp_path))
-        got = items(build_dataset(manifest, "train", root, cfg))
-        for item in got:
-            image = item["image"]
-            assert image.shape == (channels, 64, 64) and image.dtype == torch.float32
-            assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05
-        assert np.unique([it["row"] for it in got]).size == len(paths)
+    paths = [
+        "Dataset_BUSI_with_GT/benign/benign (1).png",
+        "Dataset_BUSI_with_GT/malignant/malignant (1).png",
+        "Dataset_BUSI_with_GT/normal/normal (1).png",
+    ]
+    classes = ["benign", "malignant", "normal"]
+    manifest = make_manifest([(p, p.split("/")[1], "train") for p in paths], classes)
+    cfg = DataConfig(image_size=128, cache="disk", cache_dir=str(tmp_path))
+    got = items(build_dataset(manifest, "train", root, cfg))
+    assert [it["label"] for it in got] == [0, 1, 2]
+    for path, item in zip(paths, got, strict=True):
+        image = item["image"]
+        assert image.shape == (3, 128, 128) and image.dtype == torch.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0 and image.std() > 0.05
+        # oracle: PIL's red channel averaged over 2x2 blocks (area resize 256 -> 128)
+        red = np.asarray(Image.open(root / path).convert("RGB"), np.float64)[..., 0]
+        blocks = red.reshape(128, 2, 128, 2).mean(axis=(1, 3))
+        assert np.corrcoef(blocks.ravel(), image[0].numpy().ravel())[0, 1] > 0.999

@@ -10,8 +10,13 @@ from medtl.errors import DataError
 
 
 def _meta(**kw: object) -> ManifestMeta:
-    base: dict = dict(adapter="folder", classes=["a", "b"], split_seed=0,
-                      split_ratios={"train": 0.7, "val": 0.15, "test": 0.15}, split_source="seeded")
+    base: dict = dict(
+        adapter="folder",
+        classes=["a", "b"],
+        split_seed=0,
+        split_ratios={"train": 0.7, "val": 0.15, "test": 0.15},
+        split_source="seeded",
+    )
     base.update(kw)
     return ManifestMeta(**base)
 
@@ -37,7 +42,9 @@ def test_row_ids_are_stable() -> None:
     assert row_id("x.npz", "train_images/1") != row_id("x.npz", "train_images/2")
 
 
-@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "a/../../x.png", "C:\\x.png", ""])
+@pytest.mark.parametrize(
+    "bad", ["../../etc/passwd", "/etc/passwd", "a/../../x.png", "C:\\x.png", ""]
+)
 def test_paths_outside_the_root_are_refused(bad: str, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data root"):
         check_relative_path(bad)

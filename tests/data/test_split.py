@@ -70,7 +70,9 @@ def test_carve_validation_keeps_official_test_and_groups() -> None:
     labels, groups = _data()
     official = ["test" if int(g[1:]) % 5 == 0 else "train" for g in groups]
     out = carve_validation(labels, groups, official, val_ratio=0.15, seed=0)
-    assert [s for s, o in zip(out, official, strict=True) if o == "test"] == ["test"] * official.count("test")
+    assert [s for s, o in zip(out, official, strict=True) if o == "test"] == [
+        "test"
+    ] * official.count("test")
     assert "val" in out
     by_group: dict[str, set[str]] = {}
     for g, s in zip(groups, out, strict=True):

@@ -1,0 +1,216 @@
+"""The command line: each bad input is one clear line naming the file, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medtl.cli import main
+from tests.conftest import write_png
+
+
+def _dataset(root: Path, n: int = 12) -> Path:
+    for i in range(n):
+        write_png(root / ("a" if i % 2 else "b") / f"{i}.png", (40, 32), seed=i)
+    return root
+
+
+def _prepared(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    root = _dataset(tmp_path / "data")
+    out = tmp_path / "m.csv"
+    assert main(["-q", "prepare", "folder", str(root), "-o", str(out), *extra]) == 0
+    return root, out
+
+
+def _user_error(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
+    """Run ``argv``; expect exit 2 and a one-line message containing ``needles``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("medtl: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_prepare_writes_manifest_sidecar_and_audit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out = _prepared(tmp_path)
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    audit = json.loads((tmp_path / "m.audit.json").read_text())
+    assert audit["n_items"] == 12 and audit["problems"] == []
+    assert "manifest" in capsys.readouterr().out
+
+
+def test_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _user_error(
+        capsys,
+        ["prepare", "busi", str(tmp_path / "nope"), "-o", str(tmp_path / "m.csv")],
+        "nope",
+        "does not exist",
+    )
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_load_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out = _prepared(tmp_path)
+    _user_error(
+        capsys, ["load", str(out), "--data-root", str(tmp_path / "gone")], "gone", "--data-root"
+    )
+
+
+def test_manifest_row_whose_file_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
+    (root / "a" / "1.png").unlink()
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "1.png", "does not exist")
+    assert main(["audit", str(out), "--data-root", str(root), "--strict"]) == 1
+    audit = json.loads((tmp_path / "m.audit.json").read_text())
+    assert audit["problem_counts"] == {"missing": 1}
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd"])
+def test_manifest_path_escaping_the_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    root, out = _prepared(tmp_path)
+    out.write_text(out.read_text().replace("a/1.png", bad))
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], bad, "data root")
+
+
+@pytest.mark.parametrize("kind", ["zero-byte", "truncated"])
+def test_corrupt_image(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
+    victim = root / "a" / "3.png"
+    victim.write_bytes(b"" if kind == "zero-byte" else victim.read_bytes()[:150])
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "3.png")
+    # prepare leaves the broken file out of the manifest and lists it in the audit
+    assert main(["-q", "prepare", "folder", str(root), "-o", str(tmp_path / "m2.csv")]) == 0
+    assert "a/3.png" not in (tmp_path / "m2.csv").read_text()
+    audit = json.loads((tmp_path / "m2.audit.json").read_text())
+    assert [p["file"] for p in audit["problems"]] == ["a/3.png"]
+    assert (
+        main(["-q", "prepare", "folder", str(root), "-o", str(tmp_path / "m3.csv"), "--strict"])
+        == 1
+    )
+
+
+def test_decompression_bomb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
+    Image.new("1", (12000, 12000)).save(root / "a" / "1.png")  # 144 MP in a few kB
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "1.png", "decompression bomb")
+    assert main(["-q", "prepare", "folder", str(root), "-o", str(tmp_path / "m2.csv")]) == 0
+    audit = json.loads((tmp_path / "m2.audit.json").read_text())
+    assert audit["problem_counts"] == {"too-large": 1}
+
+
+def test_label_not_in_class_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _dataset(tmp_path / "data")
+    (root / "labels.csv").write_text("path,label\na/1.png,a\nb/0.png,c\n")
+    _user_error(
+        capsys,
+        ["prepare", "csv", str(root), "-o", str(tmp_path / "m.csv"), "-O", "classes=a,b"],
+        "labels.csv",
+        "'c'",
+    )
+    _, out = _prepared(tmp_path)
+    out.write_text(out.read_text().replace(",a,", ",z,", 1))
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "m.csv", "'z'", "class list")
+
+
+def test_empty_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "0.8,0.2,0")
+    _user_error(
+        capsys, ["load", str(out), "--data-root", str(root), "--split", "test"], "'test'", "empty"
+    )
+
+
+def test_unknown_adapter_and_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _user_error(
+        capsys,
+        ["prepare", "bsui", str(tmp_path), "-o", str(tmp_path / "m.csv")],
+        "did you mean 'busi'",
+    )
+    _user_error(
+        capsys,
+        ["prepare", "busi", str(tmp_path), "-o", str(tmp_path / "m.csv"), "-O", "axis=1"],
+        "no option(s) axis",
+    )
+
+
+def test_bad_split_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _user_error(
+        capsys,
+        [
+            "prepare",
+            "folder",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "m.csv"),
+            "--split-ratios",
+            "0.5,0.5",
+        ],
+        "--split-ratios",
+    )
+
+
+def test_load_reads_a_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
+    assert main(["load", str(out), "--data-root", str(root), "--image-size", "32"]) == 0
+    assert "loaded 12 images" in capsys.readouterr().out
+
+
+def test_list_adapters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "adapters"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "busi",
+        "isic2018",
+        "kvasir",
+        "covid19_radiography",
+        "brain_tumor_mri",
+        "medmnist",
+        "folder",
+        "csv",
+        "dicom",
+        "nifti",
+    ):
+        assert f"  {name} " in out
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medtl.cli",
+            "prepare",
+            "busi",
+            str(tmp_path / "nope"),
+            "-o",
+            str(tmp_path / "x.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_worker_traceback_is_reduced_to_the_message() -> None:
+    from medtl.cli import one_line
+    from medtl.errors import DataError
+
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nmedtl.errors.DataError: /d/a.png does not exist; restore it'
+    )
+    assert one_line(wrapped) == "/d/a.png does not exist; restore it"
