@@ -1,0 +1,214 @@
+"""The shared training loop: learning, exact resume, the NaN guard, early stopping, DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset
+
+from medtl.models import build_classifier
+from medtl.train import CHECKPOINT, Schedule, StepContext, TrainingError, fit, supervised_step
+
+
+class Blobs(Dataset):
+    """Two classes of 32x32 images: a bright or a dark square, plus noise."""
+
+    def __init__(self, n: int = 48, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % 2
+        self.images = torch.rand(n, 1, 32, 32, generator=g) * 0.3
+        self.images[self.labels == 1, :, 8:24, 8:24] += 0.6
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_classifier("medtl_tiny_convnext", num_classes=2, in_chans=1)
+
+
+def _groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def test_fit_learns_and_writes_history(tmp_path: Path) -> None:
+    model = _model()
+    sched = Schedule(epochs=6, lr=3e-3, batch_size=16, warmup_epochs=1)
+    result = fit(model, supervised_step, _groups(model), Blobs(), sched, tmp_path, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.steps == 6 * 3 and result.samples_seen == 6 * 48
+    assert (tmp_path / "history.csv").read_text().count("\n") == 7
+    assert (tmp_path / CHECKPOINT).is_file()
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    sched = Schedule(epochs=3, lr=2e-3, batch_size=10, checkpoint_every=2)
+    full = _model()
+    fit(
+        full, supervised_step, _groups(full), Blobs(), sched, tmp_path / "a", seed=5, progress=False
+    )
+    part = _model()
+    r = fit(
+        part,
+        supervised_step,
+        _groups(part),
+        Blobs(),
+        sched,
+        tmp_path / "b",
+        seed=5,
+        progress=False,
+        stop_after_steps=7,
+    )  # killed in the middle of epoch 2
+    assert r.extra["interrupted"]
+    resumed = _model(seed=123)  # whatever the fresh init, the checkpoint decides
+    fit(
+        resumed,
+        supervised_step,
+        _groups(resumed),
+        Blobs(),
+        sched,
+        tmp_path / "b",
+        seed=5,
+        progress=False,
+    )
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
+    model = _model()
+    sched = Schedule(epochs=1, batch_size=16)
+    fit(model, supervised_step, _groups(model), Blobs(), sched, tmp_path, seed=1, progress=False)
+    with pytest.raises(TrainingError, match="another run"):
+        fit(
+            model, supervised_step, _groups(model), Blobs(), sched, tmp_path, seed=2, progress=False
+        )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    def poisoned(
+        model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        out = supervised_step(model, batch, ctx)
+        return {**out, "loss": out["loss"] * (float("nan") if ctx.step == 4 else 1.0)}
+
+    model = _model()
+    sched = Schedule(epochs=3, batch_size=16, checkpoint_every=2)
+    with pytest.raises(
+        TrainingError, match=r"loss became nan at epoch 2, step 4; the last good checkpoint is"
+    ):
+        fit(model, poisoned, _groups(model), Blobs(), sched, tmp_path, progress=False)
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert saved["state"]["step"] == 4  # steps 0-3 finished cleanly; step 4 hit NaN
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping_restores_best_weights(tmp_path: Path) -> None:
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.8, 0.99])
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return {"val_score": next(scores)}
+
+    def remember(model: torch.nn.Module, epoch: int, record: dict[str, float]) -> None:
+        snapshots[epoch + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model = _model()
+    sched = Schedule(epochs=6, batch_size=16, patience=2)
+    r = fit(
+        model,
+        supervised_step,
+        _groups(model),
+        Blobs(),
+        sched,
+        tmp_path,
+        evaluate=evaluate,
+        monitor="val_score",
+        on_epoch_end=remember,
+        progress=False,
+    )
+    assert r.stopped_early and r.best_epoch == 2 and len(r.history) == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[2][k])
+
+
+def test_frozen_parameters_do_not_change(tmp_path: Path) -> None:
+    model = _model()
+    stem = model.backbone.stem
+    for p in stem.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    fit(
+        model,
+        supervised_step,
+        _groups(model),
+        Blobs(),
+        Schedule(epochs=1, batch_size=16),
+        tmp_path,
+        progress=False,
+    )
+    for k, v in stem.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        r = fit(
+            model,
+            supervised_step,
+            _groups(model),
+            Blobs(),
+            Schedule(epochs=3, lr=2e-3, batch_size=12),
+            Path(out),
+            progress=False,
+        )
+        if rank == 0:
+            torch.save(
+                {"losses": [h["train_loss"] for h in r.history], "weights": model.state_dict()},
+                Path(out) / "result.pt",
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_follow_one_process(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    single = _model()
+    r = fit(
+        single,
+        supervised_step,
+        _groups(single),
+        Blobs(),
+        Schedule(epochs=3, lr=2e-3, batch_size=12),
+        tmp_path / "one",
+        progress=False,
+    )
+    (tmp_path / "two").mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    two = torch.load(tmp_path / "two" / "result.pt", weights_only=True)
+    assert two["losses"] == pytest.approx([h["train_loss"] for h in r.history], rel=1e-4, abs=1e-5)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(two["weights"][k], v, rtol=1e-4, atol=1e-5)
