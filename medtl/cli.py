@@ -7,6 +7,7 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from medtl import __version__
-from medtl.errors import ConfigError, MedtlError
+from medtl.errors import ConfigError, DataError, MedtlError
 
 log = logging.getLogger("medtl")
 T = TypeVar("T")
@@ -141,10 +142,145 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace) -> Any:
+    from medtl.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.set)
+
+
+def _run_context(args: argparse.Namespace) -> Any:
+    from medtl.pipeline import open_run
+
+    return open_run(
+        _recipe(args),
+        Path(args.out) if args.out else None,
+        args.data_root,
+        args.device,
+        progress=not args.quiet,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a recipe; check that its data root exists and its manifest matches it."""
+    from medtl.data.manifest import Manifest, resolve
+    from medtl.runs import data_root
+
+    recipe = _recipe(args)
+    lines = [f"recipe {args.recipe}: valid (sections: {', '.join(recipe.sections)})"]
+    if recipe.has("data"):
+        section = recipe.section("data")
+        if args.data_root or section.root:
+            root = data_root(section, args.data_root)
+            lines.append(f"data root {root}: exists")
+            if section.manifest and Path(section.manifest).is_file():
+                manifest = Manifest.load(section.manifest)
+                missing = [r.path for r in manifest.rows if not resolve(root, r.path).is_file()]
+                if missing:
+                    raise DataError(
+                        f"manifest {section.manifest} does not match {root}: {len(missing)} file(s) "
+                        f"missing, e.g. {missing[0]}; check --data-root or prepare the manifest again"
+                    )
+                lines.append(
+                    f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present"
+                )
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from medtl.pipeline import run_pretrain
+
+    ctx = _run_context(args)
+    encoder = run_pretrain(ctx, resume=not args.no_resume)
+    print(f"encoder: {encoder}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from medtl.pipeline import run_finetune
+
+    ctx = _run_context(args)
+    folder = run_finetune(ctx, resume=not args.no_resume)
+    print(f"fine-tuned model: {folder}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from medtl.evaluate import CalibrateConfig, calibrate_model
+
+    cfg = CalibrateConfig(method=args.method, **({"compare": args.compare} if args.compare else {}))
+    for folder in args.model:
+        result = calibrate_model(Path(folder), cfg)
+        params = result["calibrators"][cfg.method]["params"]
+        print(
+            f"{folder}: {cfg.method} fitted on validation: {params}; written to meta.json and calibration.json"
+        )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+    from medtl.pipeline import pick_device
+
+    cfg = EvaluateConfig(
+        splits=args.split or ["test"],
+        positive=args.positive,
+        n_boot=args.n_boot,
+        ensemble=args.ensemble,
+    )
+    path = evaluate(
+        [ModelSpec.parse(m) for m in args.model],
+        [DataSpec.parse(d) for d in args.data],
+        Path(args.out),
+        cfg,
+        seed=args.seed,
+        device=pick_device(args.device),
+        progress=not args.quiet,
+    )
+    entries = json.loads(path.read_text())["entries"]
+    for e in entries:
+        if e["status"] == "ok":
+            m = e["metrics"]["overall"]
+            auc, bacc = m.get("macro_auroc", {}), m.get("balanced_accuracy", {})
+            print(
+                f"{e['model']} on {e['dataset']}/{e['split']}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}"
+            )
+        else:
+            print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
+    print(f"evaluation written to {path}")
+    return 0
+
+
+def _ci(entry: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return f"{f(entry.get('value'))} [{f(entry.get('ci_low'))}, {f(entry.get('ci_high'))}]"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medtl.report import build_report
+
+    roots = dict(parse_options(args.data_root)) if args.data_root else None
+    result = build_report(
+        Path(args.evaluation),
+        Path(args.out),
+        {k: Path(str(v)) for k, v in roots.items()} if roots else None,
+    )
+    print(f"report: {result.html}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from medtl.data.adapters import ADAPTERS
+    from medtl.finetune.strategies import STRATEGIES
+    from medtl.pretrain.masking import MASKING
 
-    registries = {"adapters": ADAPTERS}
+    registries: dict[str, Any] = {
+        "adapters": ADAPTERS,
+        "masking": MASKING,
+        "strategies": STRATEGIES,
+    }
     for kind in [args.kind] if args.kind else sorted(registries):
         print(f"{kind}:")
         for name in registries[kind].names():
@@ -224,8 +360,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_load)
 
+    p = sub.add_parser("check", help="validate a recipe, its data root and its manifest")
+    _recipe_args(p, run=False)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "pretrain", help="masked-autoencoder pretraining from a recipe's pretrain section"
+    )
+    _recipe_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a classifier from a recipe's finetune section")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "calibrate", help="fit a calibrator on a model's validation predictions and store it"
+    )
+    p.add_argument("model", nargs="+", help="fine-tuned model folder(s) (runs/NAME/finetune)")
+    p.add_argument(
+        "--method", default="temperature", help="temperature (default), vector, platt or none"
+    )
+    p.add_argument(
+        "--compare", nargs="*", default=None, help="calibrators to compare on test (default: all)"
+    )
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "evaluate", help="many models x many datasets: predictions and metrics with CIs"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="DIR[@NAME]",
+        help="fine-tuned model folder (repeatable)",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="MANIFEST:ROOT[@NAME]",
+        help="manifest and its data root (repeatable)",
+    )
+    p.add_argument("--out", required=True, help="evaluation folder")
+    p.add_argument(
+        "--split", action="append", default=None, help="split(s) to evaluate (default test)"
+    )
+    p.add_argument(
+        "--positive", default=None, help="positive class for operating points, e.g. malignant"
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument(
+        "--ensemble", action="store_true", help="also evaluate the models' averaged probabilities"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "report", help="one self-contained HTML report (+ JSON, CSV) from an evaluation"
+    )
+    p.add_argument("evaluation", help="evaluation folder (from medtl evaluate)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument(
+        "--data-root",
+        action="append",
+        default=[],
+        metavar="DATASET=ROOT",
+        help="data root per dataset name, for the thumbnails of confident errors",
+    )
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("kind", nargs="?", choices=["adapters"])
+    p.add_argument("kind", nargs="?", choices=["adapters", "masking", "strategies"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")
@@ -248,6 +456,26 @@ def one_line(exc: BaseException) -> str:
     ):
         last = last.removeprefix(prefix)
     return last
+
+
+def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--data-root", default=None, help="data root (overrides data.root)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set pretrain.epochs=5 (repeatable)",
+    )
+    if run:
+        p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+        p.add_argument(
+            "--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ..."
+        )
+        p.add_argument(
+            "--no-resume", action="store_true", help="start the stage over instead of resuming"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

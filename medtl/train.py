@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -252,11 +253,12 @@ def fit(
     rank, world = dist_info()
     torch.manual_seed(seed)
     model.to(device)
-    optimizer = torch.optim.AdamW(
-        [{**g, "params": list(g["params"])} for g in param_groups],
-        lr=schedule.lr,
-        weight_decay=schedule.weight_decay,
-    )
+    # The caller's group dicts themselves go to the optimizer (torch keeps them), so a hook that
+    # changes a group's ``lr_scale`` between epochs (Auto-RGN) reaches the next step.
+    groups = list(param_groups)
+    for g in groups:
+        g["params"] = list(g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
     ddp = world > 1
     wrapped = nn.parallel.DistributedDataParallel(model) if ddp else model
     n = len(data)  # type: ignore[arg-type]
@@ -467,7 +469,8 @@ class _Quiet:
 
 
 def _progress(total: int, desc: str, show: bool) -> Any:
-    if not show:
+    """A tqdm bar on an interactive terminal; nothing in logs, CI or batch jobs."""
+    if not show or not sys.stderr.isatty():
         return _Quiet()
     from tqdm import tqdm
 

@@ -1,0 +1,299 @@
+"""``finetune``: one fine-tuning run of a classifier with a registered strategy.
+
+The classifier starts from a medtl MAE encoder, a local timm weights file, or random
+initialisation; it trains on the manifest's ``train`` split, chooses its epoch on ``val``
+(balanced accuracy) and writes validation and test predictions for calibration and reports.
+The test split is read once, after training, to write its predictions; nothing is chosen on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+
+from medtl import __version__
+from medtl.data.dataset import DataConfig, build_dataset
+from medtl.data.manifest import Manifest
+from medtl.errors import ConfigError
+from medtl.io import atomic_open, write_json
+from medtl.models import Classifier, build_classifier, check_backbone
+from medtl.predictions import Predictions
+from medtl.train import Schedule, fit, supervised_step
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class FinetuneConfig(BaseModel):
+    """The ``finetune`` recipe section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field("convnext_atto", description="timm model name")
+    weights: str | None = Field(
+        None,
+        description="local weights: a medtl encoder (.safetensors) or a timm checkpoint; 'pretrain' = this run's MAE encoder",
+    )
+    strategy: str = Field("full", description="fine-tuning strategy (`medtl list strategies`)")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the strategy"
+    )
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, description="base learning rate (AdamW, cosine schedule)")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    patience: int | None = Field(
+        5, ge=1, description="early stopping on validation balanced accuracy"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="'balanced': inverse class frequency in the loss"
+    )
+    augment: Literal["none", "light", "medium"] = Field(
+        "light", description="train-time augmentation"
+    )
+    num_workers: int = Field(0, ge=0)
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+
+    def model_post_init(self, __context: Any) -> None:
+        check_backbone(self.backbone)
+
+
+@dataclass
+class FinetuneResult:
+    model_path: Path
+    meta: dict[str, Any]
+    val: Predictions
+    test: Predictions | None
+
+
+def make_step(weights: torch.Tensor | None, smoothing: float) -> Any:
+    def step(model: nn.Module, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        if weights is None and smoothing == 0:
+            return supervised_step(model, batch, ctx)
+        logits = model(batch["image"])
+        w = weights.to(logits.device) if weights is not None else None
+        loss = nn.functional.cross_entropy(
+            logits, batch["label"], weight=w, label_smoothing=smoothing
+        )
+        return {"loss": loss, "output": logits}
+
+    return step
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: Any, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Row ids, labels ``[N]`` and logits ``[N, K]`` for every item of ``dataset``, in order."""
+    from torch.utils.data import DataLoader
+
+    model.eval().to(device)
+    ids: list[str] = []
+    labels, logits = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits.append(model(batch["image"].to(device)).float().cpu())
+        labels.append(batch["label"])
+        ids += list(batch["row"])
+    return ids, torch.cat(labels).numpy(), torch.cat(logits).numpy()
+
+
+def as_predictions(
+    manifest: Manifest,
+    split: str,
+    ids: list[str],
+    labels: np.ndarray,
+    logits: np.ndarray,
+    model: str,
+) -> Predictions:
+    group = {r.id: r.group for r in manifest.rows}
+    return Predictions(
+        ids,
+        [group[i] for i in ids],
+        labels,
+        logits,
+        list(manifest.classes),
+        split,
+        model,
+        manifest.sha256,
+    )
+
+
+def balanced_accuracy(labels: np.ndarray, logits: np.ndarray) -> float:
+    return float(balanced_accuracy_score(labels, logits.argmax(1)))
+
+
+def class_weight_tensor(manifest: Manifest) -> torch.Tensor:
+    counts = np.array(
+        [sum(r.label == c for r in manifest.split("train")) for c in manifest.classes], dtype=float
+    )
+    w = counts.sum() / np.maximum(counts, 1) / len(counts)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    manifest: Manifest,
+    root: Path,
+    data_cfg: DataConfig,
+    out: Path,
+    seed: int = 0,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+    recipe: dict[str, Any] | None = None,
+) -> FinetuneResult:
+    """Train, select on validation, write ``model.safetensors``, ``meta.json`` and predictions."""
+    from medtl.finetune.blocks import blocks_of
+    from medtl.finetune.strategies import plan as make_plan
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not manifest.classes:
+        raise ConfigError("fine-tuning needs a labelled manifest; this one has no classes")
+    torch.manual_seed(seed)
+    model = build_classifier(cfg.backbone, len(manifest.classes), data_cfg.channels, weights)
+    the_plan = make_plan(cfg.strategy, model, blocks_of(model), **cfg.strategy_options)
+    train_ds = build_dataset(
+        manifest,
+        "train",
+        root,
+        data_cfg.model_copy(update={"augment": cfg.augment}),
+        train=True,
+        seed=seed,
+    )
+    val_ds = build_dataset(manifest, "val", root, data_cfg.model_copy(update={"augment": "none"}))
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        _, y, z = predict(m, val_ds, cfg.batch_size, device)
+        loss = float(nn.functional.cross_entropy(torch.from_numpy(z), torch.from_numpy(y)))
+        return {"val_loss": loss, "val_bacc": balanced_accuracy(y, z)}
+
+    schedule = Schedule(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs,
+        grad_clip=cfg.grad_clip,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        amp=cfg.amp,
+        patience=cfg.patience,
+    )
+    weights_t = class_weight_tensor(manifest) if cfg.class_weights == "balanced" else None
+    start = time.perf_counter()
+    result = fit(
+        model,
+        make_step(weights_t, cfg.label_smoothing),
+        the_plan.param_groups,
+        train_ds,
+        schedule,
+        out,
+        seed=seed,
+        device=device,
+        evaluate=evaluate,
+        monitor="val_bacc",
+        on_epoch_start=the_plan.on_epoch_start,
+        train_mode=the_plan.train_mode,
+        resume=resume,
+        progress=progress,
+    )
+    name = f"{cfg.backbone}/{cfg.strategy}/seed{seed}"
+    val = as_predictions(manifest, "val", *predict(model, val_ds, cfg.batch_size, device), name)
+    test = None
+    if any(r.split == "test" for r in manifest.rows):
+        test_ds = build_dataset(
+            manifest, "test", root, data_cfg.model_copy(update={"augment": "none"})
+        )
+        test = as_predictions(
+            manifest, "test", *predict(model, test_ds, cfg.batch_size, device), name
+        )
+    export_model(model, the_plan, out / MODEL_FILE)
+    meta = {
+        "medtl_version": __version__,
+        "backbone": cfg.backbone,
+        "classes": list(manifest.classes),
+        "in_chans": data_cfg.channels,
+        "image_size": data_cfg.image_size,
+        "resize": data_cfg.resize,
+        "strategy": cfg.strategy,
+        "plan": the_plan.describe(),
+        "init_weights": str(weights) if weights else None,
+        "seed": seed,
+        "manifest_sha256": manifest.sha256,
+        "best_epoch": result.best_epoch,
+        "val_bacc": result.best_score,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "epoch_equivalents": result.samples_seen / max(1, len(manifest.split("train"))),
+        "seconds": time.perf_counter() - start,
+        "temperature": 1.0,
+        "thresholds": {},
+        "config": cfg.model_dump(mode="json"),
+        "recipe": recipe or {},
+    }
+    val.save(out / "predictions_val.csv")
+    if test is not None:
+        test.save(out / "predictions_test.csv")
+    write_json(out / META_FILE, meta)
+    return FinetuneResult(out / MODEL_FILE, meta, val, test)
+
+
+def calibration_batches(dataset: Any, batch_size: int, seed: int) -> Any:
+    """Batches for strategies that look at gradients before an epoch (Auto-RGN): a fresh,
+    seeded shuffle of the training split each time it is called."""
+    from torch.utils.data import DataLoader
+
+    def batches() -> Any:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    return batches
+
+
+def export_model(model: Classifier, the_plan: Any, path: Path) -> None:
+    """The classifier's weights as safetensors (LoRA adapters merged first, so the file matches
+    the plain timm architecture), written atomically."""
+    from safetensors.torch import save
+
+    from medtl.finetune.strategies import merge_lora
+
+    merge_lora(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}
+    with atomic_open(path, "wb") as handle:
+        handle.write(save(state))
+
+
+def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """A fine-tuned classifier and its ``meta.json`` from a ``finetune`` folder (no pickle)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path, model_path = folder / META_FILE, folder / MODEL_FILE
+    if not meta_path.is_file() or not model_path.is_file():
+        raise ConfigError(
+            f"{folder} holds no fine-tuned model ({MODEL_FILE} and {META_FILE}); run 'medtl finetune' first"
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    model = build_classifier(meta["backbone"], len(meta["classes"]), meta["in_chans"])
+    model.backbone.load_state_dict(load_file(str(model_path)), strict=True)
+    return model.eval(), meta

@@ -1,0 +1,694 @@
+"""Fine-tuning strategies: which blocks of a backbone train, and at what learning rate.
+
+:func:`plan` turns a model and its blocks (:func:`~medtl.finetune.blocks.blocks_of`) into a
+:class:`Plan` for :func:`medtl.train.fit`: parameter groups (each with a ``name``, an
+``lr_scale`` and, for biases, norms, other 1-D tensors and the model's ``no_weight_decay()``
+names, a ``weight_decay`` of 0; the other groups carry the ``weight_decay`` given to :func:`plan`
+or, without one, none, so that the optimizer's default, ``fit``'s ``schedule.weight_decay``,
+applies), a ``train_mode`` hook that puts the normalisation layers of frozen blocks back in eval
+mode (their running statistics stay as loaded), and for ``autorgn`` an ``on_epoch_start`` hook. ``plan`` sets ``requires_grad=False`` on everything that
+does not train, so frozen tensors get no gradient and, absent from the groups, no optimizer state.
+
+Strategies by name; their options are plain JSON values, so a recipe can replay any of them:
+
+- ``full``: every block at the base rate.
+- ``linear``: the head only.
+- ``surgical`` (Lee et al., ICLR 2023): the blocks listed in ``blocks``, or the ``first`` /
+  ``last`` k blocks before the head; the head always trains.
+- ``genome`` (BioTune, Davila et al. 2025): ``genes``, one in [0, 1] per block with the head as
+  the last, and a ``threshold`` in [0, 1]. A block trains when its gene exceeds the threshold, at
+  ``10 ** (2 * (gene - 0.5))`` times the base rate (0.1x to 10x). When no gene exceeds it the head
+  trains at 1x (our guard: every genome then describes a trainable model).
+- ``autorgn`` (Auto-RGN, Lee et al., ICLR 2023): every tensor trains, in its own group; at each
+  epoch start its ``lr_scale`` becomes its relative gradient norm ``||g|| / ||w||``, averaged over
+  the first ``n_batches`` calibration batches and divided by the largest. The batches come from
+  ``plan(..., data=..., loss=...)``; see :class:`AutoRGN`.
+- ``lora`` (Hu et al., ICLR 2022): low-rank adapters on the backbone's ``Linear`` and dense
+  ``Conv2d`` layers, added to the model in place; base weights frozen, head trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from timm.layers import Linear as TimmLinear
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from medtl.errors import ConfigError
+from medtl.finetune.blocks import Block, backbone_of, block_modules, block_parameters, blocks_of
+from medtl.registry import Registry
+from medtl.train import mix_seed
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "STRATEGIES",
+    "AutoRGN",
+    "EvalNorms",
+    "LoRA",
+    "Plan",
+    "PlanContext",
+    "add_lora",
+    "cross_entropy",
+    "merge_lora",
+    "plan",
+]
+
+CalibrationData = Iterable[Any] | Callable[[], Iterable[Any]]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+STRATEGIES: Registry[Callable[..., Plan]] = Registry("fine-tuning strategy")
+LORA_TARGETS = ("linear", "conv", "all")
+
+
+# -- the plan ------------------------------------------------------------------------------------
+@dataclass
+class EvalNorms:
+    """``train_mode`` hook: the named normalisation layers back to eval mode (after
+    ``model.train()``), so frozen blocks neither update nor use batch statistics."""
+
+    names: list[str]
+
+    def __call__(self, model: nn.Module) -> None:
+        for name in self.names:
+            model.get_submodule(name).eval()
+
+
+@dataclass
+class Plan:
+    """What :func:`fit` needs to fine-tune one way: ``fit(model, step, plan.param_groups, ...,
+    train_mode=plan.train_mode, on_epoch_start=plan.on_epoch_start)``."""
+
+    param_groups: list[dict[str, Any]]
+    trainable_blocks: list[str]
+    train_mode: Callable[[nn.Module], None]
+    trainable_fraction: float  # trainable / all parameters of the model (adapters included)
+    trainable_params: int
+    total_params: int
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None
+    strategy: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable summary for logs and run folders (current ``lr_scale`` values)."""
+        frozen_norms = self.train_mode.names if isinstance(self.train_mode, EvalNorms) else []
+        return {
+            "strategy": self.strategy,
+            "options": dict(self.options),
+            "trainable_blocks": list(self.trainable_blocks),
+            "trainable_fraction": float(self.trainable_fraction),
+            "trainable_params": int(self.trainable_params),
+            "total_params": int(self.total_params),
+            "frozen_norm_layers": len(frozen_norms),
+            "groups": [_describe_group(g) for g in self.param_groups],
+            **self.notes,
+        }
+
+
+@dataclass
+class PlanContext:
+    """What a strategy may need beyond its options: the weight decay of decayed tensors and,
+    for ``autorgn``, calibration batches and their loss."""
+
+    weight_decay: float | None = None
+    data: CalibrationData | None = None
+    loss: LossFn | None = None
+
+
+def plan(
+    name: str,
+    model: nn.Module,
+    blocks: Sequence[Block] | None = None,
+    /,
+    *,
+    weight_decay: float | None = None,
+    data: CalibrationData | None = None,
+    loss: LossFn | None = None,
+    **options: Any,
+) -> Plan:
+    """Apply the strategy registered as ``name`` to ``model`` and return its :class:`Plan`.
+
+    Args:
+        model: a :class:`~medtl.models.Classifier` or a timm model; its ``requires_grad`` flags
+            are set here (and ``lora`` adds adapter modules to it).
+        blocks: from :func:`blocks_of` (computed when omitted); the last block is the head.
+        weight_decay: for weights of two or more dimensions; ``None`` leaves it to the
+            optimizer's default (``fit`` uses ``schedule.weight_decay``).
+        data / loss: ``autorgn`` calibration batches (a DataLoader, any re-iterable, or a
+            function returning an iterable) and ``loss(model, batch) -> scalar``
+            (default :func:`cross_entropy`); other strategies ignore them.
+        options: the strategy's options, plain JSON values (``blocks=["stage4"]``, ``genes=...``).
+    """
+    build = STRATEGIES.get(name)
+    _check_options(name, build, options)
+    parts = list(blocks) if blocks is not None else blocks_of(model)
+    _check_blocks(model, parts)
+    result = build(model, parts, PlanContext(weight_decay, data, loss), **options)
+    return replace(result, strategy=name, options=dict(options))
+
+
+# -- strategies ----------------------------------------------------------------------------------
+@STRATEGIES.register("full")
+def full(model: nn.Module, parts: list[Block], ctx: PlanContext, /) -> Plan:
+    """Every block trains at the base learning rate."""
+    return _block_plan(model, parts, {b.name: 1.0 for b in parts}, ctx)
+
+
+@STRATEGIES.register("linear")
+def linear(model: nn.Module, parts: list[Block], ctx: PlanContext, /) -> Plan:
+    """Only the head trains (a linear probe on frozen features)."""
+    return _block_plan(model, parts, {parts[-1].name: 1.0}, ctx)
+
+
+@STRATEGIES.register("surgical")
+def surgical(
+    model: nn.Module,
+    parts: list[Block],
+    ctx: PlanContext,
+    /,
+    *,
+    blocks: list[str] | None = None,
+    first: int | None = None,
+    last: int | None = None,
+) -> Plan:
+    """The chosen blocks and the head train at the base rate; give exactly one of ``blocks``
+    (names from :func:`blocks_of`), ``first`` or ``last`` (counted before the head)."""
+    given = [k for k, v in (("blocks", blocks), ("first", first), ("last", last)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(
+            f"strategy 'surgical' needs exactly one of the options blocks, first, last "
+            f"(got {', '.join(given) or 'none'})"
+        )
+    body = [b.name for b in parts[:-1]]
+    if blocks is not None:
+        chosen = _block_names(blocks, [b.name for b in parts])
+    elif first is not None:
+        chosen = body[: _integer("surgical", "first", first, 0, len(body))]
+    else:
+        count = _integer("surgical", "last", last, 0, len(body))
+        chosen = body[len(body) - count :]
+    return _block_plan(model, parts, {n: 1.0 for n in [*chosen, parts[-1].name]}, ctx)
+
+
+@STRATEGIES.register("genome")
+def genome(
+    model: nn.Module,
+    parts: list[Block],
+    ctx: PlanContext,
+    /,
+    *,
+    genes: list[float],
+    threshold: float,
+) -> Plan:
+    """BioTune's phenotype: block ``b`` trains iff ``genes[b] > threshold``, with learning-rate
+    multiplier ``10 ** (2 * (genes[b] - 0.5))``; the head alone at 1x when no block trains."""
+    if not isinstance(genes, (list, tuple)) or len(genes) != len(parts):
+        count = len(genes) if isinstance(genes, (list, tuple)) else type(genes).__name__
+        raise ConfigError(
+            f"strategy 'genome': option genes needs one value per block, {len(parts)} "
+            f"({', '.join(b.name for b in parts)}); got {count}"
+        )
+    values = [_number("genome", f"genes[{i}]", g, 0.0, 1.0) for i, g in enumerate(genes)]
+    cut = _number("genome", "threshold", threshold, 0.0, 1.0)
+    scales = {b.name: 10 ** (2 * (g - 0.5)) for b, g in zip(parts, values, strict=True) if g > cut}
+    result = _block_plan(model, parts, scales or {parts[-1].name: 1.0}, ctx)
+    result.notes["head_only_guard"] = not scales
+    return result
+
+
+@STRATEGIES.register("autorgn")
+def autorgn(
+    model: nn.Module,
+    parts: list[Block],
+    ctx: PlanContext,
+    /,
+    *,
+    n_batches: int = 3,
+    seed: int = 0,
+) -> Plan:
+    """Every tensor trains in its own group, weighted each epoch by :class:`AutoRGN`."""
+    if ctx.data is None:
+        raise ValueError(
+            "strategy 'autorgn' needs calibration batches: plan('autorgn', model, data=loader)"
+        )
+    count = _integer("autorgn", "n_batches", n_batches, 1)
+    named = [pair for b in parts for pair in _named(model, b)]
+    no_wd = _no_weight_decay(model)
+    groups = [
+        {
+            "name": n,
+            "params": [p],
+            "lr_scale": 1.0,
+            **_decay(0.0 if _no_decay(n, p, no_wd) else ctx.weight_decay),
+        }
+        for n, p in named
+    ]
+    hook = AutoRGN(
+        groups, ctx.data, ctx.loss or cross_entropy, count, _integer("autorgn", "seed", seed, 0)
+    )
+    return _finish(model, groups, [b.name for b in parts], EvalNorms([]), hook)
+
+
+@STRATEGIES.register("lora")
+def lora(
+    model: nn.Module,
+    parts: list[Block],
+    ctx: PlanContext,
+    /,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: str = "all",
+) -> Plan:
+    """LoRA adapters (``alpha / rank`` scaling) on the backbone, in place; they and the head
+    train, every other tensor is frozen and every normalisation layer outside the head is kept
+    in eval mode."""
+    r = _integer("lora", "rank", rank, 1)
+    a = float(r) if alpha is None else _number("lora", "alpha", alpha, 1e-12, float("inf"))
+    if targets not in LORA_TARGETS:
+        raise ConfigError(
+            f"strategy 'lora': option targets={targets!r}; allowed: {', '.join(LORA_TARGETS)}"
+        )
+    backbone, prefix = backbone_of(model)
+    head = parts[-1]
+    heads = {n.removeprefix(prefix).rpartition(".")[0] for n in head.param_names}
+    added = add_lora(backbone, r, a, targets, exclude=heads)
+    adapters = [
+        (prefix + n, p)
+        for n, p in backbone.named_parameters()
+        if ".lora_a." in n or ".lora_b." in n
+    ]
+    head_named = _named(model, head)
+    no_wd = _no_weight_decay(model)
+    groups = _groups("lora", adapters, 1.0, ctx.weight_decay, no_wd)
+    groups += _groups(head.name, head_named, 1.0, ctx.weight_decay, no_wd)
+    norms = [
+        prefix + n
+        for n, m in backbone.named_modules()
+        if isinstance(m, _NormBase) and not _inside(n, heads)
+    ]
+    if not adapters:
+        log.warning("lora: no %s layer to adapt in the backbone; only the head trains", targets)
+    result = _finish(model, groups, [head.name], EvalNorms(norms))
+    result.notes.update(adapted_modules=len(added), adapter_params=_numel(p for _, p in adapters))
+    return result
+
+
+# -- Auto-RGN --------------------------------------------------------------------------------------
+class AutoRGN:
+    """Auto-RGN's ``on_epoch_start`` hook: learning-rate weights from relative gradient norms.
+
+    At the start of epoch ``e`` it takes the first ``n_batches`` batches of ``data`` (iterated
+    afresh each epoch; a callable is called for a fresh iterable) under a torch RNG seeded from
+    ``(seed, e)`` and forked from the global one, so a shuffled DataLoader gives the same batches
+    on every rank and resume. :meth:`calibrate` then sets each group's ``lr_scale`` in place.
+    Under DistributedDataParallel the norms are averaged over ranks.
+    """
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        data: CalibrationData,
+        loss: LossFn,
+        n_batches: int = 3,
+        seed: int = 0,
+    ) -> None:
+        if n_batches < 1:
+            raise ValueError(f"n_batches must be at least 1, got {n_batches}")
+        self.groups, self.data, self.loss = groups, data, loss
+        self.n_batches, self.seed = n_batches, seed
+        self.weights: dict[str, float] = {}
+
+    def __call__(self, model: nn.Module, epoch: int) -> None:
+        with torch.random.fork_rng(devices=_cuda_indices(model)):
+            torch.manual_seed(mix_seed(self.seed, epoch))
+            source = self.data() if callable(self.data) else self.data
+            self.weights = self.calibrate(model, itertools.islice(source, self.n_batches))
+        for group in self.groups:
+            group["lr_scale"] = self.weights[group["name"]]
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+        """``||g|| / ||w||`` per group tensor, averaged over ``batches`` and divided by the
+        largest, so the weights lie in [0, 1] with maximum 1.
+
+        Gradients come from ``torch.autograd.grad`` in train mode: ``.grad`` fields (hence the
+        optimizer), buffers (BatchNorm statistics) and every module's train/eval mode are left as
+        they were. A tensor with zero norm has an infinite ratio and gets weight 1; one without
+        gradient gets 0; when no tensor has a gradient every weight is 1.
+        """
+        named = dict(model.named_parameters())
+        names = [g["name"] for g in self.groups]
+        params = [named[n] for n in names]
+        total = torch.zeros(len(params), dtype=torch.float64)
+        count = 0
+        with _untouched(model):
+            model.train()
+            for batch in batches:
+                value = self.loss(model, _to_device(batch, params[0].device))
+                grads = torch.autograd.grad(value, params, allow_unused=True)
+                total += _relative_norms(params, grads)
+                count += 1
+        if count == 0:
+            raise ValueError("autorgn: the calibration data gave no batch")
+        return dict(
+            zip(names, _normalised(_rank_mean(total / count, params[0].device)), strict=True)
+        )
+
+
+def cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean cross-entropy of ``model(image)`` against ``label``: the default Auto-RGN loss.
+    A batch is a dict with ``image`` / ``label`` (medtl's datasets) or an ``(image, label)`` pair."""
+    if isinstance(batch, Mapping):
+        images, labels = batch["image"], batch["label"]
+    else:
+        images, labels = batch[0], batch[1]
+    return nn.functional.cross_entropy(model(images), labels)
+
+
+def _relative_norms(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """``||g|| / ||w||`` per tensor (0 without gradient, inf for a zero tensor), float64 on CPU."""
+    zero = torch.zeros((), device=params[0].device)
+    g = torch.stack([zero if d is None else d.detach().float().norm() for d in grads])
+    w = torch.stack([p.detach().float().norm() for p in params])
+    ratio = torch.where(g == 0, torch.zeros_like(g), g / w)
+    return ratio.double().cpu()
+
+
+def _normalised(values: torch.Tensor) -> list[float]:
+    finite = values[torch.isfinite(values)]
+    top = float(finite.max()) if finite.numel() else 0.0
+    if top <= 0.0:
+        return [1.0] * len(values)
+    return (values / top).clamp(max=1.0).tolist()  # inf / top -> inf -> 1
+
+
+def _rank_mean(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    moved = values.to(device)
+    dist.all_reduce(moved)
+    return (moved / dist.get_world_size()).cpu()
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval mode and every buffer's value on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        for module, mode in modes:
+            module.training = mode
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _cuda_indices(model: nn.Module) -> list[int]:
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    return sorted(d.index or 0 for d in devices)
+
+
+# -- LoRA --------------------------------------------------------------------------------------------
+class LoRA(nn.Module):
+    """``base(x) + scale * B(A(x))`` around a frozen ``nn.Linear`` or dense ``nn.Conv2d``.
+
+    For a Linear, ``A: in -> rank`` and ``B: rank -> out`` are Linear layers; for a Conv2d, ``A``
+    is a convolution with ``base``'s kernel, stride, padding and dilation into ``rank`` channels
+    and ``B`` a 1x1 convolution, so that ``B(A(x))`` is a convolution with a rank-``rank`` kernel
+    and folds into ``base`` exactly (:meth:`merged`). ``B`` starts at zero: at first the wrapped
+    layer computes exactly what ``base`` does. ``scale = alpha / rank``.
+    """
+
+    lora_a: nn.Linear | nn.Conv2d
+    lora_b: nn.Linear | nn.Conv2d
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank < 1 or alpha <= 0:
+            raise ValueError(f"LoRA needs rank >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a, self.lora_b = _factors(base, rank)
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.lora_b(self.lora_a(x))
+
+    def delta(self) -> torch.Tensor:
+        """The adapter as an update of ``base.weight`` (same shape)."""
+        a, b = self.lora_a.weight, self.lora_b.weight.flatten(1)  # b: [out, rank]
+        if isinstance(self.base, nn.Linear):
+            return self.scale * b @ a
+        return self.scale * torch.einsum("or,rikl->oikl", b, a)
+
+    def merged(self) -> nn.Linear | nn.Conv2d:
+        """``base`` with the adapter folded into its weight (for export)."""
+        with torch.no_grad():
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+        return self.base
+
+
+def _factors(
+    base: nn.Linear | nn.Conv2d, rank: int
+) -> tuple[nn.Linear, nn.Linear] | tuple[nn.Conv2d, nn.Conv2d]:
+    kw: dict[str, Any] = {"device": base.weight.device, "dtype": base.weight.dtype, "bias": False}
+    if isinstance(base, nn.Linear):
+        return nn.Linear(base.in_features, rank, **kw), nn.Linear(rank, base.out_features, **kw)
+    a = nn.Conv2d(
+        base.in_channels,
+        rank,
+        base.kernel_size,  # type: ignore[arg-type]
+        base.stride,  # type: ignore[arg-type]
+        base.padding,  # type: ignore[arg-type]
+        base.dilation,  # type: ignore[arg-type]
+        padding_mode=base.padding_mode,
+        **kw,
+    )
+    return a, nn.Conv2d(rank, base.out_channels, 1, **kw)
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: str = "all",
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Wrap ``model``'s layers in :class:`LoRA` adapters, in place; returns the wrapped names.
+
+    ``targets``: ``"linear"`` (``nn.Linear`` and timm's ``Linear``), ``"conv"`` (``nn.Conv2d``
+    with ``groups == 1``) or ``"all"``. Exact types only: grouped and depthwise convolutions
+    (no dense kernel to factorise), ``Conv2dSame`` (dynamic padding) and Linear subclasses whose
+    weight others read directly (``nn.MultiheadAttention.out_proj``) are left alone, as are
+    modules named in or under ``exclude`` and layers already inside an adapter.
+    """
+    skip = list(exclude) + [n for n, m in model.named_modules() if isinstance(m, LoRA)]
+    chosen = [
+        n for n, m in model.named_modules() if _adaptable(m, targets) and not _inside(n, skip)
+    ]
+    for name in chosen:
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, attr, LoRA(getattr(holder, attr), rank, rank if alpha is None else alpha))
+    return chosen
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base layer, in place (the function is unchanged); returns
+    how many were merged. The model then has its original module tree and parameter names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRA)]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, attr, getattr(holder, attr).merged())
+    return len(names)
+
+
+def _adaptable(module: nn.Module, targets: str) -> bool:
+    if type(module) in (nn.Linear, TimmLinear):
+        return targets in ("linear", "all")
+    if type(module) is nn.Conv2d and module.groups == 1:
+        return targets in ("conv", "all")
+    return False
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(f"{p}.") for p in prefixes if p)
+
+
+# -- shared helpers ------------------------------------------------------------------------------------
+def _block_plan(
+    model: nn.Module, parts: list[Block], scales: dict[str, float], ctx: PlanContext
+) -> Plan:
+    """Blocks named in ``scales`` train at that ``lr_scale``; the others are frozen, their
+    normalisation layers kept in eval mode."""
+    no_wd = _no_weight_decay(model)
+    groups: list[dict[str, Any]] = []
+    for b in parts:
+        if b.name in scales:
+            named = _named(model, b)
+            groups += _groups(b.name, named, scales[b.name], ctx.weight_decay, no_wd)
+    frozen = [b for b in parts if b.name not in scales]
+    norms = [n for b in frozen for n, m in block_modules(model, b) if isinstance(m, _NormBase)]
+    return _finish(model, groups, [b.name for b in parts if b.name in scales], EvalNorms(norms))
+
+
+def _finish(
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    trainable: list[str],
+    train_mode: Callable[[nn.Module], None],
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+) -> Plan:
+    """Freeze every parameter outside ``groups`` and count what trains."""
+    keep = {id(p) for g in groups for p in g["params"]}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    total = _numel(model.parameters())
+    count = _numel(p for p in model.parameters() if p.requires_grad)
+    return Plan(groups, trainable, train_mode, count / max(total, 1), count, total, on_epoch_start)
+
+
+def _groups(
+    name: str,
+    named: list[tuple[str, nn.Parameter]],
+    scale: float,
+    weight_decay: float | None,
+    no_wd: set[str],
+) -> list[dict[str, Any]]:
+    """Up to two groups: ``name`` (decayed) and ``name.no_decay`` (weight decay 0)."""
+    decay = [p for n, p in named if not _no_decay(n, p, no_wd)]
+    rest = [p for n, p in named if _no_decay(n, p, no_wd)]
+    out = []
+    if decay:
+        out.append({"name": name, "params": decay, "lr_scale": scale, **_decay(weight_decay)})
+    if rest:
+        out.append(
+            {"name": f"{name}.no_decay", "params": rest, "lr_scale": scale, "weight_decay": 0.0}
+        )
+    return out
+
+
+def _named(model: nn.Module, block: Block) -> list[tuple[str, nn.Parameter]]:
+    return list(zip(block.param_names, block_parameters(model, block), strict=True))
+
+
+def _decay(weight_decay: float | None) -> dict[str, float]:
+    """A group's ``weight_decay`` entry; none means the optimizer's default."""
+    return {} if weight_decay is None else {"weight_decay": float(weight_decay)}
+
+
+def _no_decay(name: str, param: torch.Tensor, no_wd: set[str]) -> bool:
+    """timm's rule: biases, norm weights, other 1-D tensors and ``no_weight_decay()`` names."""
+    return param.ndim <= 1 or name.endswith(".bias") or name in no_wd
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    backbone, prefix = backbone_of(model)
+    listed = getattr(backbone, "no_weight_decay", None)
+    return {prefix + n for n in (listed() if callable(listed) else ())}
+
+
+def _numel(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def _describe_group(group: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": str(group["name"]),
+        "tensors": len(group["params"]),
+        "params": _numel(group["params"]),
+        "lr_scale": float(group["lr_scale"]),
+        "weight_decay": group.get("weight_decay"),  # None: the optimizer's default
+    }
+
+
+def _check_options(name: str, build: Callable[..., Plan], options: dict[str, Any]) -> None:
+    """Unknown or missing options of strategy ``name`` as a ConfigError naming them."""
+    params = inspect.signature(build).parameters.values()
+    allowed = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            listed = ", ".join(allowed) or "none"
+            raise ConfigError(f"strategy {name!r} has no option {key!r}{hint} (options: {listed})")
+    required = [
+        p.name
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+    ]
+    missing = [k for k in required if k not in options]
+    if missing:
+        raise ConfigError(f"strategy {name!r} needs option(s) {', '.join(missing)}")
+
+
+def _check_blocks(model: nn.Module, parts: list[Block]) -> None:
+    """Blocks must name parameters of ``model``, each at most once."""
+    if not parts:
+        raise ValueError("a fine-tuning plan needs at least one block (the head)")
+    seen: set[str] = set()
+    for b in parts:
+        block_parameters(model, b)  # raises when a name is not the model's
+        twice = seen & set(b.param_names)
+        if twice:
+            raise ValueError(f"parameter {min(twice)!r} is in two blocks")
+        seen |= set(b.param_names)
+
+
+def _block_names(names: Any, valid: list[str]) -> list[str]:
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"strategy 'surgical': option blocks must be a list of block names, got {names!r}"
+        )
+    for n in names:
+        if n not in valid:
+            close = difflib.get_close_matches(n, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"strategy 'surgical': unknown block {n!r}{hint} (blocks: {', '.join(valid)})"
+            )
+    return [n for n in valid if n in names]
+
+
+def _integer(strategy: str, key: str, value: Any, low: int, high: int | None = None) -> int:
+    bad = isinstance(value, bool) or not isinstance(value, int)
+    if bad or value < low or (high is not None and value > high):
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(
+            f"strategy {strategy!r}: option {key}={value!r}; expected an integer {span}"
+        )
+    return int(value)
+
+
+def _number(strategy: str, key: str, value: Any, low: float, high: float) -> float:
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if bad or not low <= value <= high:
+        raise ConfigError(
+            f"strategy {strategy!r}: option {key}={value!r}; expected a number in [{low}, {high}]"
+        )
+    return float(value)

@@ -1,0 +1,392 @@
+"""``pretrain``: masked-autoencoder pretraining of a timm backbone on unlabelled images.
+
+Only the manifest's ``train`` split is read (labels, if any, are ignored): validation and
+test images never reach pretraining. Masks are drawn inside the training step, on the model's
+device, one generator per sample seeded from ``(seed, epoch, sample)``, so a run is
+reproducible, resumable and independent of how batches are sharded across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medtl import __version__
+from medtl.data.dataset import DataConfig, build_dataset
+from medtl.data.manifest import Manifest
+from medtl.errors import ConfigError
+from medtl.io import atomic_open, write_json
+from medtl.models import check_backbone, load_weights
+from medtl.pretrain.mae import MaskedAutoencoder, build_mae
+from medtl.pretrain.masking import (
+    MASKING,
+    EntropyMasking,
+    MaskingStrategy,
+    build_masking,
+    patch_entropy,
+)
+from medtl.train import Schedule, StepContext, dist_info, fit
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.safetensors"
+META_FILE = "meta.json"
+
+
+class PretrainConfig(BaseModel):
+    """The ``pretrain`` recipe section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field("convnext_atto", description="timm ConvNeXt or ViT name")
+    weights: str | None = Field(
+        None, description="start from a local timm weights file (nothing is downloaded)"
+    )
+    masking: str = Field("entropy", description="masking strategy: entropy or random")
+    mask_ratio: float | None = Field(
+        None, gt=0, lt=1, description="share of patches masked; default 0.6 ConvNeXt, 0.75 ViT"
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="entropy masking: softmax temperature on standardised entropy"
+    )
+    random_share: float = Field(
+        0.0, ge=0, le=1, description="entropy masking: share of the masked count drawn uniformly"
+    )
+    entropy_bins: int = Field(32, ge=2, description="entropy masking: histogram bins on [0, 1]")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(
+        32, ge=1, description="global batch (split across processes under torchrun)"
+    )
+    lr: float = Field(1.5e-3, gt=0, description="base learning rate (AdamW, warm-up then cosine)")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(5.0, ge=0)
+    grad_clip: float | None = Field(3.0, gt=0)
+    decoder_dim: int | None = Field(None, ge=8, description="decoder width (default: the MAE's)")
+    decoder_depth: int | None = Field(None, ge=0, description="decoder blocks (default: the MAE's)")
+    augment: Literal["none", "light", "medium"] = Field(
+        "light", description="train-time augmentation"
+    )
+    picture_every: int = Field(
+        10, ge=0, description="epochs between mask / reconstruction grids (0 = only the last)"
+    )
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    num_workers: int = Field(0, ge=0)
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, name: str) -> str:
+        try:
+            return check_backbone(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("masking")
+    @classmethod
+    def _masking(cls, name: str) -> str:
+        try:
+            MASKING.get(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+
+@dataclass
+class PretrainResult:
+    encoder: Path
+    meta: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def build_strategy(cfg: PretrainConfig, mae: MaskedAutoencoder) -> MaskingStrategy:
+    ratio = cfg.mask_ratio if cfg.mask_ratio is not None else mae.default_mask_ratio
+    if cfg.masking == "entropy":
+        return build_masking(
+            "entropy",
+            ratio=ratio,
+            temperature=cfg.temperature,
+            random_share=cfg.random_share,
+            bins=cfg.entropy_bins,
+        )
+    return build_masking(cfg.masking, ratio=ratio)
+
+
+def draw_masks(
+    strategy: MaskingStrategy, x: torch.Tensor, patch: int, seeds: list[int]
+) -> torch.Tensor:
+    """One mask per image ``[B, h, w]``, each from its own generator on ``x``'s device."""
+    masks = []
+    for i, seed in enumerate(seeds):
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        masks.append(strategy(x[i : i + 1], patch, g))
+    return torch.cat(masks)
+
+
+def mae_step(strategy: MaskingStrategy, patch: int) -> Any:
+    def step(
+        model: torch.nn.Module, batch: dict[str, Any], ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        out = model(x, draw_masks(strategy, x, patch, ctx.sample_seeds))
+        return {"loss": out["loss"], "output": out["pred"]}
+
+    return step
+
+
+def build_model(cfg: PretrainConfig, data_cfg: DataConfig) -> MaskedAutoencoder:
+    options: dict[str, Any] = {}
+    if cfg.decoder_dim is not None:
+        options["decoder_dim"] = cfg.decoder_dim
+    if cfg.decoder_depth is not None:
+        options["decoder_depth"] = cfg.decoder_depth
+    mae = build_mae(
+        cfg.backbone, in_chans=data_cfg.channels, img_size=data_cfg.image_size, **options
+    )
+    if data_cfg.image_size % mae.patch_size:
+        raise ConfigError(
+            f"data.loader.image_size {data_cfg.image_size} is not a multiple of the {cfg.backbone} "
+            f"patch size {mae.patch_size}; use e.g. {mae.patch_size * max(1, round(data_cfg.image_size / mae.patch_size))}"
+        )
+    if cfg.weights:
+        load_weights(mae.encoder, cfg.weights)
+    return mae
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    manifest: Manifest,
+    root: Path,
+    data_cfg: DataConfig,
+    out: Path,
+    seed: int = 0,
+    device: str = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+    recipe: dict[str, Any] | None = None,
+    stop_after_steps: int | None = None,
+) -> PretrainResult:
+    """Pretrain, then write ``encoder.safetensors`` + ``meta.json``, ``history.csv``,
+    ``loss.png`` and ``masks_epochNNN.png`` grids into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    mae = build_model(cfg, data_cfg)
+    strategy = build_strategy(cfg, mae)
+    data = build_dataset(
+        manifest,
+        "train",
+        root,
+        data_cfg.model_copy(update={"augment": cfg.augment}),
+        train=True,
+        seed=seed,
+    )
+    pictures = PictureWriter(
+        manifest, root, data_cfg, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
+    )
+    schedule = Schedule(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs,
+        grad_clip=cfg.grad_clip,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        amp=cfg.amp,
+        checkpoint_every=cfg.checkpoint_every,
+    )
+    groups = param_groups(mae, cfg.weight_decay)
+    start = time.perf_counter()
+    result = fit(
+        mae,
+        mae_step(strategy, mae.patch_size),
+        groups,
+        data,
+        schedule,
+        out,
+        seed=seed,
+        device=device,
+        on_epoch_end=pictures,
+        resume=resume,
+        progress=progress,
+        stop_after_steps=stop_after_steps,
+    )
+    meta = {
+        "medtl_version": __version__,
+        "backbone": cfg.backbone,
+        "in_chans": data_cfg.channels,
+        "image_size": data_cfg.image_size,
+        "patch_size": mae.patch_size,
+        "masking": describe_strategy(cfg.masking, strategy),
+        "epochs": cfg.epochs,
+        "epochs_run": len(result.history),
+        "final_loss": result.history[-1]["train_loss"] if result.history else None,
+        "train_images": len(manifest.split("train")),
+        "manifest_sha256": manifest.sha256,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+        "init_weights": cfg.weights,
+        "config": cfg.model_dump(mode="json"),
+        "recipe": recipe or {},
+    }
+    if result.extra.get("interrupted"):
+        return PretrainResult(out / ENCODER_FILE, meta, result.history)
+    rank, _ = dist_info()
+    if rank == 0:
+        export_encoder(mae, out / ENCODER_FILE)
+        write_json(out / META_FILE, meta)
+        plot_loss(result.history, out / "loss.png")
+    return PretrainResult(out / ENCODER_FILE, meta, result.history)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and tokens (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    flat = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": flat, "weight_decay": 0.0}]
+
+
+def describe_strategy(name: str, strategy: MaskingStrategy) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return {"name": name, **(asdict(strategy) if is_dataclass(strategy) else {})}  # type: ignore[arg-type]
+
+
+def export_encoder(mae: MaskedAutoencoder, path: Path) -> None:
+    """Encoder weights in timm's key names as safetensors, written atomically."""
+    from safetensors.torch import save
+
+    state = {k: v.contiguous().cpu() for k, v in mae.encoder_state_dict().items()}
+    with atomic_open(path, "wb") as handle:
+        handle.write(save(state))
+
+
+class PictureWriter:
+    """Every ``every`` epochs (and after the last): a grid of training images, their entropy
+    maps, the drawn masks and the reconstructions, as ``masks_epochNNN.png``."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        root: Path,
+        data_cfg: DataConfig,
+        strategy: MaskingStrategy,
+        patch: int,
+        out: Path,
+        every: int,
+        epochs: int,
+        seed: int,
+        n: int = 6,
+    ) -> None:
+        self.out, self.every, self.epochs, self.seed, self.patch = out, every, epochs, seed, patch
+        self.strategy = strategy
+        ds = build_dataset(
+            manifest,
+            "train",
+            root,
+            data_cfg.model_copy(update={"augment": "none", "cache": "none"}),
+        )
+        size = len(ds)  # type: ignore[arg-type]
+        picks = sorted(
+            {round(i * (size - 1) / max(1, n - 1)) for i in range(min(n, size))}
+        )  # spread over the split
+        self.images = torch.stack([ds[i]["image"] for i in picks])
+
+    def __call__(self, model: torch.nn.Module, epoch: int, record: dict[str, float]) -> None:
+        last = epoch + 1 == self.epochs
+        if dist_info()[0] != 0 or not (last or (self.every and (epoch + 1) % self.every == 0)):
+            return
+        device = next(model.parameters()).device
+        x = self.images.to(device)
+        masks = draw_masks(self.strategy, x, self.patch, [self.seed + i for i in range(len(x))])
+        was_training = model.training
+        model.eval()
+        recon = model.reconstruct(x, masks)  # type: ignore[operator]
+        model.train(was_training)
+        entropy = patch_entropy(x, self.patch, getattr(self.strategy, "bins", 32))
+        save_grid(
+            x.cpu(),
+            entropy.cpu(),
+            masks.cpu(),
+            recon.cpu(),
+            self.out / f"masks_epoch{epoch + 1:03d}.png",
+            f"epoch {epoch + 1}: loss {record.get('train_loss', math.nan):.4f}",
+        )
+
+
+def save_grid(
+    x: torch.Tensor,
+    entropy: torch.Tensor,
+    masks: torch.Tensor,
+    recon: torch.Tensor,
+    path: Path,
+    title: str,
+) -> None:
+    """Rows: images, entropy maps, masked inputs, reconstructions; one column per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = x.shape[0]
+    fig, axes = plt.subplots(4, n, figsize=(1.8 * n, 7.4), squeeze=False)
+    up = torch.nn.functional.interpolate(masks[:, None].float(), size=x.shape[-2:], mode="nearest")[
+        :, 0
+    ]
+    rows = [
+        ("image", x),
+        ("entropy", entropy),
+        ("masked input", x * (1 - up[:, None])),
+        ("reconstruction", recon),
+    ]
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            img = imgs[c]
+            if img.ndim == 3:
+                img = img.permute(1, 2, 0).squeeze(-1).clamp(0, 1)
+            ax.imshow(
+                img.numpy(),
+                cmap="magma" if label == "entropy" else "gray",
+                vmin=0,
+                vmax=float(entropy.max()) if label == "entropy" else 1,
+                interpolation="nearest",
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=90)
+    plt.close(fig)
+
+
+def plot_loss(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(
+        [h["epoch"] for h in history],
+        [h["train_loss"] for h in history],
+        marker="." if len(history) < 30 else None,
+    )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked-patch loss (train)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["ENCODER_FILE", "EntropyMasking", "PretrainConfig", "PretrainResult", "pretrain"]

@@ -1,0 +1,205 @@
+"""Recipes: one YAML file naming the data and the stages, validated before any work starts.
+
+A recipe is loaded with ``yaml.safe_load`` (config never executes code), ``--set key=value``
+overrides and the chosen ``preset`` are applied, and the result is validated by pydantic
+models that refuse unknown keys. Every error is one line naming the file, the key and the
+allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medtl.data.adapters import ADAPTERS
+from medtl.data.audit import DEFAULT_NEAR_BITS
+from medtl.data.dataset import DataConfig
+from medtl.data.split import DEFAULT_RATIOS, check_ratios
+from medtl.errors import ConfigError
+from medtl.finetune.loop import FinetuneConfig
+from medtl.pretrain.loop import PretrainConfig
+from medtl.registry import Registry
+
+
+def registered(registry: Registry[Any], name: str) -> str:
+    """For validators: ``name`` if ``registry`` has it, else a ValueError with the did-you-mean."""
+    try:
+        registry.get(name)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return name
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(Strict):
+    """Where the images are and how they are split and loaded."""
+
+    adapter: str = Field(description="dataset adapter name (`medtl list adapters`)")
+    root: str | None = Field(None, description="data root; `--data-root` overrides it")
+    manifest: str | None = Field(
+        None, description="manifest CSV; prepared into the run folder when absent or missing"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
+    split_seed: int = Field(0, description="seed of the group-aware split")
+    split_ratios: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_RATIOS), description="train/val/test shares"
+    )
+    near_dup_bits: int = Field(
+        DEFAULT_NEAR_BITS, ge=0, le=256, description="near-duplicate threshold (bits)"
+    )
+    loader: DataConfig = Field(
+        default_factory=DataConfig, description="image size, channels, caching, ..."
+    )
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, name: str) -> str:
+        return registered(ADAPTERS, name)
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios(cls, ratios: dict[str, float]) -> dict[str, float]:
+        return check_ratios(ratios)
+
+
+SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "data": DataSection,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+}
+
+
+class Recipe:
+    """A validated recipe: ``name``, ``seed``, ``preset`` and one model per present section."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw = raw
+        self.source = source
+        self.name: str = raw.get("name", Path(source).stem)
+        self.seed: int = raw.get("seed", 0)
+        self.preset: str | None = raw.get("preset")
+        self.sections: dict[str, BaseModel] = {}
+        for key, model in SECTION_MODELS.items():
+            if raw.get(key) is not None:
+                self.sections[key] = _validate(model, raw[key], key, source)
+
+    def section(self, name: str) -> Any:
+        if name not in self.sections:
+            raise ConfigError(f"{self.source}: the recipe has no '{name}' section; add one")
+        return self.sections[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.sections
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe after presets and overrides, with every default filled in."""
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed}
+        if self.preset:
+            out["preset"] = self.preset
+        for key, model in self.sections.items():
+            out[key] = model.model_dump(mode="json")
+        return out
+
+
+TOP_KEYS = {"name", "seed", "preset", "presets", "description"}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, apply ``presets[preset]`` then ``overrides`` (``key.sub=value``), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [], str(path))
+    allowed = TOP_KEYS | set(SECTION_MODELS)
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(_unknown(str(path), key, key, allowed))
+    raw.pop("presets", None)
+    return Recipe(raw, str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """The preset named by ``preset`` (after ``--set preset=...``) first, then each override."""
+    raw = copy.deepcopy(raw)
+    pairs = [_parse_override(o) for o in overrides]
+    for key, value in pairs:
+        if key == "preset":
+            raw["preset"] = value
+    preset = raw.get("preset")
+    if preset is not None:
+        presets = raw.get("presets") or {}
+        if preset not in presets:
+            raise ConfigError(
+                f"{source}: preset {preset!r} is not defined (presets: {', '.join(presets) or 'none'})"
+            )
+        for key, value in (presets[preset] or {}).items():
+            _set(raw, key, value)
+    for key, value in pairs:
+        if key != "preset":
+            _set(raw, key, value)
+    return raw
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _validate(model: type[BaseModel], data: Any, section: str, source: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ConfigError as exc:  # raised by a validator that is not a ValueError
+        raise ConfigError(f"{source}: {section}: {exc}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join([section, *(str(p) for p in err["loc"])])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(
+                _unknown(source, where, str(err["loc"][-1]), _fields(model, err["loc"][:-1]))
+            ) from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {where}: {message}") from None
+
+
+def _fields(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    current: Any = model
+    for part in loc:
+        info = getattr(current, "model_fields", {}).get(part)
+        if info is None:
+            return set()
+        current = info.annotation
+    return set(getattr(current, "model_fields", {}))
+
+
+def _unknown(source: str, where: str, key: str, allowed: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{source}: {where}: unknown key{hint} (allowed: {', '.join(sorted(allowed))})"

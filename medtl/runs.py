@@ -1,0 +1,126 @@
+"""Run folders: the unit of work.
+
+``runs/<name>/`` holds the resolved recipe, the environment, the data manifest and one
+subfolder per stage. A stage writes its outputs under temporary names, renames them when
+complete, and finally writes ``DONE`` holding the hash of its inputs: a rerun skips a stage
+whose inputs did not change and redoes one whose inputs did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtl import __version__
+from medtl.data.manifest import Manifest
+from medtl.errors import DataError
+from medtl.io import atomic_write_text, write_json
+from medtl.recipe import DataSection, Recipe
+
+
+def environment(seed: int) -> dict[str, Any]:
+    """Versions and device: what a reader needs to reproduce a run."""
+    import monai
+    import timm
+    import torch
+
+    return {
+        "medtl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "timm": timm.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "seed": seed,
+    }
+
+
+def start_run(recipe: Recipe, out: Path) -> Path:
+    """Create the run folder and write ``recipe.yaml`` (resolved) and ``env.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    write_json(out / "env.json", environment(recipe.seed))
+    return out
+
+
+def data_root(section: DataSection, override: str | Path | None) -> Path:
+    root = override or section.root
+    if root is None:
+        raise DataError("no data root: set data.root in the recipe or pass --data-root")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"data root {root} does not exist; pass --data-root with the dataset folder"
+        )
+    return root
+
+
+def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
+    """The recipe's manifest if it exists, else one prepared into ``out/data/manifest.csv``."""
+    if section.manifest and Path(section.manifest).is_file():
+        manifest = Manifest.load(section.manifest)
+        if manifest.meta.adapter != section.adapter:
+            raise DataError(
+                f"manifest {section.manifest} was made by adapter {manifest.meta.adapter!r}, "
+                f"the recipe names {section.adapter!r}"
+            )
+        return manifest
+    target = out / "data" / "manifest.csv"
+    if target.is_file():
+        return Manifest.load(target)
+    from medtl.data.prepare import prepare
+
+    return prepare(
+        section.adapter,
+        root,
+        target,
+        options=section.options,
+        ratios=section.split_ratios,
+        seed=section.split_seed,
+        near_bits=section.near_dup_bits,
+        workers=workers,
+    ).manifest
+
+
+@dataclass
+class Stage:
+    """A stage folder with a ``DONE`` marker keyed on the hash of the stage's inputs."""
+
+    folder: Path
+    inputs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(self.inputs, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def done(self) -> bool:
+        marker = self.folder / "DONE"
+        return marker.is_file() and json.loads(marker.read_text()).get("inputs") == self.key
+
+    def mark_done(self, summary: dict[str, Any] | None = None) -> None:
+        write_json(self.folder / "DONE", {"inputs": self.key, **(summary or {})})
+
+    def invalidate(self) -> None:
+        (self.folder / "DONE").unlink(missing_ok=True)
+
+    def begin(self) -> None:
+        """Enter the stage: a folder left by other inputs (another config, other data) is
+        cleared, so a checkpoint is only ever resumed by the run that wrote it."""
+        inputs = self.folder / "INPUTS"
+        if self.folder.exists() and (
+            not inputs.is_file() or inputs.read_text().strip() != self.key
+        ):
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not inputs.is_file():
+            atomic_write_text(inputs, self.key + "\n")
