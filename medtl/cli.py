@@ -205,6 +205,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from medtl.pipeline import run_all
+
+    ctx = _run_context(args)
+    done = run_all(ctx, resume=not args.no_resume, force=args.force)
+    for stage, path in done.items():
+        print(f"{stage}: {path}")
+    if "report" in done:
+        print(f"report: {done['report']}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from medtl.evaluate import CalibrateConfig, calibrate_model
 
@@ -292,8 +304,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medtl.demo import run_demo
 
-    summary = run_demo(Path(args.out), n=args.n, size=args.size, seed=args.seed, quiet=args.quiet)
-    print(f"demo finished; summary: {summary}")
+    report = run_demo(
+        Path(args.out),
+        n=args.n,
+        size=args.size,
+        seed=args.seed,
+        quiet=args.quiet,
+        overrides=args.set,
+    )
+    print(f"demo finished; report: {report}")
     return 0
 
 
@@ -439,8 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--n", type=int, default=240, help="phantom images (default 240)")
-    p.add_argument("--size", type=int, default=96, help="phantom image size in pixels (default 96)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="phantom image size in pixels, a multiple of 32 (default 64)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the demo recipe, e.g. --set pretrain.epochs=2",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -84,41 +82,42 @@ def make_phantom(
     return out
 
 
-def run_demo(out: Path, n: int = 240, size: int = 96, seed: int = 0, quiet: bool = False) -> Path:
-    """Phantom -> manifest + audit -> load every split through the MONAI pipeline.
+DEMO_RECIPE = Path(__file__).with_name("demo.yaml")
 
-    Writes ``out/data/phantom/``, ``out/data/manifest.csv`` (+ ``.json``, ``.audit.json``) and
-    ``out/summary.json``; returns the summary path.
-    """
-    from medtl.data.dataset import DataConfig, build_dataset, build_loader
-    from medtl.data.prepare import prepare
 
-    data = make_phantom(out / "data" / "phantom", n=n, size=size, seed=seed)
-    result = prepare("folder", data, out / "data" / "manifest.csv", seed=seed)
-    m = result.manifest
-    log.info("manifest: %d images, classes %s, splits %s", len(m.rows), m.classes, m.counts())
-    log.info("%s", result.audit.summary())
-    cfg = DataConfig(image_size=size, channels=1, cache="memory", batch_size=32)
-    loaded: dict[str, Any] = {}
-    for split in ("train", "val", "test"):
-        start = time.perf_counter()
-        train = split == "train"
-        dataset = build_dataset(m, split, data, cfg, train=train, seed=seed)
-        loader = build_loader(dataset, cfg, train=train, seed=seed)
-        count = sum(len(b["label"]) for b in loader)
-        loaded[split] = {"images": count, "seconds": round(time.perf_counter() - start, 3)}
+def run_demo(
+    out: Path,
+    n: int = 240,
+    size: int = 64,
+    seed: int = 0,
+    quiet: bool = False,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Phantom -> the demo recipe's every stage (prepare, audit, pretrain, finetune, calibrate,
+    evaluate, report) in ``out``; returns the report's path. Rerunning resumes / skips."""
+    from medtl.pipeline import open_run, run_all
+    from medtl.recipe import load_recipe
+
+    data = make_phantom(out / "phantom", n=n, size=size, seed=seed)
+    recipe = load_recipe(
+        DEMO_RECIPE, [f"seed={seed}", f"data.loader.image_size={size}", *(overrides or [])]
+    )
+    ctx = open_run(recipe, out, str(data), "auto", progress=not quiet)
+    log.info(
+        "manifest: %d images, classes %s, splits %s",
+        len(ctx.manifest.rows),
+        ctx.manifest.classes,
+        ctx.manifest.counts(),
+    )
+    done = run_all(ctx)
     summary = {
         "dataset": "synthetic phantom (not patient data)",
-        "manifest": str(result.manifest_path),
-        "manifest_sha256": m.sha256,
-        "audit": str(result.audit_path),
-        "counts": m.counts(),
-        "exact_duplicate_clusters": len(result.audit.exact_duplicates),
-        "near_duplicate_clusters": len(result.audit.near_duplicates),
-        "loaded": loaded,
+        "run": str(out),
+        "manifest_sha256": ctx.manifest.sha256,
+        "counts": ctx.manifest.counts(),
+        "stages": {k: str(v) for k, v in done.items()},
     }
-    path = out / "summary.json"
-    write_json(path, summary)
+    write_json(out / "summary.json", summary)
     if not quiet:
         print(json.dumps(summary, indent=2))
-    return path
+    return done["report"]

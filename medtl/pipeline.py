@@ -106,6 +106,112 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
     return result.encoder
 
 
+STAGES = ("pretrain", "finetune", "calibrate", "evaluate", "report")
+
+
+def run_all(ctx: RunContext, resume: bool = True, force: str | None = None) -> dict[str, Path]:
+    """Every stage the recipe has, in order; ``force`` reruns from that stage on."""
+    if force is not None:
+        if force not in STAGES:
+            raise ConfigError(f"--force {force!r}: not a stage ({', '.join(STAGES)})")
+        for name in STAGES[STAGES.index(force) :]:
+            Stage(ctx.out / name, {}).invalidate()
+    done: dict[str, Path] = {}
+    if ctx.recipe.has("pretrain"):
+        done["pretrain"] = run_pretrain(ctx, resume)
+    if ctx.recipe.has("finetune"):
+        done["finetune"] = run_finetune(ctx, resume)
+        done["calibrate"] = run_calibrate(ctx)
+        done["evaluate"] = run_evaluate(ctx)
+        done["report"] = run_report(ctx)
+    return done
+
+
+def _done_key(folder: Path) -> str:
+    marker = folder / "DONE"
+    return marker.read_text() if marker.is_file() else ""
+
+
+def run_calibrate(ctx: RunContext) -> Path:
+    """The ``calibrate`` stage: fit on validation, store in the model's meta.json."""
+    from medtl.evaluate import CalibrateConfig, calibrate_model
+
+    cfg: CalibrateConfig = (
+        ctx.recipe.section("calibrate") if ctx.recipe.has("calibrate") else CalibrateConfig()
+    )
+    model_dir = ctx.out / "finetune"
+    stage = Stage(
+        ctx.out / "calibrate",
+        {"config": cfg.model_dump(mode="json"), "model": _done_key(model_dir)},
+    )
+    if stage.done():
+        return stage.folder
+    stage.begin()
+    result = calibrate_model(model_dir, cfg)
+    from medtl.io import write_json
+
+    write_json(stage.folder / "calibration.json", result)
+    stage.mark_done({"method": cfg.method})
+    return stage.folder
+
+
+def run_evaluate(ctx: RunContext) -> Path:
+    """The ``evaluate`` stage: the run's model on its manifest's test split (and extra datasets)."""
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+
+    cfg: EvaluateConfig = (
+        ctx.recipe.section("evaluate") if ctx.recipe.has("evaluate") else EvaluateConfig()
+    )
+    manifest_path = _manifest_path(ctx)
+    stage = Stage(
+        ctx.out / "evaluate",
+        {
+            "config": cfg.model_dump(mode="json"),
+            "model": _done_key(ctx.out / "calibrate"),
+            "manifest": ctx.manifest.sha256,
+        },
+    )
+    if stage.done():
+        return stage.folder
+    stage.begin()
+    model = ModelSpec(
+        ctx.out / "finetune",
+        f"{ctx.recipe.name}/{ctx.recipe.section('finetune').strategy}/seed{ctx.recipe.seed}",
+    )
+    data = DataSpec(manifest_path, ctx.root, ctx.recipe.name)
+    evaluate(
+        [model],
+        [data],
+        stage.folder,
+        cfg,
+        seed=ctx.recipe.seed,
+        device=ctx.device,
+        progress=ctx.progress,
+    )
+    stage.mark_done()
+    return stage.folder
+
+
+def run_report(ctx: RunContext) -> Path:
+    """The ``report`` stage: report.html, report.json and tables.csv from the evaluation."""
+    from medtl.report import build_report
+
+    stage = Stage(ctx.out / "report", {"evaluation": _done_key(ctx.out / "evaluate")})
+    if stage.done():
+        return stage.folder / "report.html"
+    stage.begin()
+    result = build_report(ctx.out / "evaluate", stage.folder, {ctx.recipe.name: ctx.root})
+    stage.mark_done()
+    return Path(result.html)
+
+
+def _manifest_path(ctx: RunContext) -> Path:
+    section = ctx.recipe.section("data")
+    if section.manifest and Path(section.manifest).is_file():
+        return Path(section.manifest)
+    return ctx.out / "data" / "manifest.csv"
+
+
 def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
     """The ``finetune`` stage: ``<run>/finetune/model.safetensors`` and predictions."""
     from medtl.finetune.loop import finetune

@@ -21,6 +21,7 @@ from medtl.data.audit import DEFAULT_NEAR_BITS
 from medtl.data.dataset import DataConfig
 from medtl.data.split import DEFAULT_RATIOS, check_ratios
 from medtl.errors import ConfigError
+from medtl.evaluate import CalibrateConfig, EvaluateConfig
 from medtl.finetune.loop import FinetuneConfig
 from medtl.pretrain.loop import PretrainConfig
 from medtl.registry import Registry
@@ -74,6 +75,8 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "data": DataSection,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
+    "calibrate": CalibrateConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -269,6 +269,8 @@ def fit(
         "step": 0,
         "samples": 0,
         "history": [],
+        "running": 0.0,
+        "seen": 0,
         "best_score": None,
         "best_epoch": None,
         "bad_epochs": 0,
@@ -327,7 +329,11 @@ def fit(
         bar = _progress(
             len(local_sizes), f"epoch {epoch + 1}/{schedule.epochs}", progress and rank == 0
         )
-        running, seen, t0 = 0.0, 0, time.perf_counter()
+        # The epoch's running loss lives in the state, so an epoch resumed mid-way reports the
+        # same mean as an uninterrupted one.
+        if state["batch"] == 0:
+            state["running"], state["seen"] = 0.0, 0
+        t0, seen_at_start = time.perf_counter(), state["seen"]
         for k, batch in enumerate(loader):
             lr = schedule.lr_at(state["step"], per_epoch)
             for g in optimizer.param_groups:
@@ -360,13 +366,13 @@ def fit(
             state["step"] += 1
             state["batch"] += 1
             state["samples"] += global_sizes[k]
-            running += float(loss.detach()) * local_sizes[k]
-            seen += local_sizes[k]
+            state["running"] += float(loss.detach()) * local_sizes[k]
+            state["seen"] += local_sizes[k]
             steps_this_call += 1
             bar.update(1)
             bar.set_postfix(
-                loss=f"{running / seen:.4f}",
-                img_s=f"{seen * world / max(1e-9, time.perf_counter() - t0):.0f}",
+                loss=f"{state['running'] / state['seen']:.4f}",
+                img_s=f"{(state['seen'] - seen_at_start) * world / max(1e-9, time.perf_counter() - t0):.0f}",
             )
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                 bar.close()
@@ -377,7 +383,7 @@ def fit(
         bar.close()
         record = {
             "epoch": epoch + 1,
-            "train_loss": _global_mean(running, seen, device, ddp),
+            "train_loss": _global_mean(state["running"], state["seen"], device, ddp),
             "lr": lr,
             "seconds": time.perf_counter() - t0,
         }

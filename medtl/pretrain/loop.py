@@ -156,7 +156,25 @@ def build_model(cfg: PretrainConfig, data_cfg: DataConfig) -> MaskedAutoencoder:
         )
     if cfg.weights:
         load_weights(mae.encoder, cfg.weights)
+    freeze_unused(mae, data_cfg)
     return mae
+
+
+def freeze_unused(mae: MaskedAutoencoder, data_cfg: DataConfig) -> list[str]:
+    """Freeze parameters the MAE never uses (e.g. a ConvNeXt's classifier-head norm): they
+    would get no gradient, which DistributedDataParallel refuses. Found by one dummy step."""
+    x = torch.rand(1, data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
+    grid = (data_cfg.image_size // mae.patch_size,) * 2
+    mask = torch.zeros(1, *grid, dtype=torch.bool)
+    mask.view(-1)[: max(1, mask.numel() // 2)] = True
+    mae.zero_grad(set_to_none=True)
+    mae(x, mask)["loss"].backward()
+    unused = [n for n, p in mae.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in mae.named_parameters():
+        p.grad = None
+        if n in unused:
+            p.requires_grad_(False)
+    return unused
 
 
 def pretrain(

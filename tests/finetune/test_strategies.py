@@ -288,11 +288,6 @@ def test_autorgn_needs_calibration_data() -> None:
         plan("autorgn", _model())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fit() copies each param-group dict, so on_epoch_start's in-place lr_scale updates "
-    "never reach its optimizer (medtl/train.py needs to read lr_scale from the caller's groups)",
-)
 def test_autorgn_weights_reach_the_optimizer_of_fit(tmp_path: Path) -> None:
     model = _model("medtl_tiny_vit")
     p = plan("autorgn", model, data=_loader())

@@ -1,0 +1,94 @@
+"""Recipes: validation errors name the key and the allowed values; presets and --set apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medtl.cli import main
+from medtl.errors import ConfigError
+from medtl.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("data: {adapter: bsui}", ["data.adapter", "did you mean 'busi'"]),
+        (
+            "data: {adapter: busi, loader: {image_sise: 3}}",
+            ["data.loader.image_sise", "did you mean 'image_size'"],
+        ),
+        ("data: {adapter: busi, loader: {cache: ram}}", ["data.loader.cache", "'memory'"]),
+        ("dta: {}", ["dta", "did you mean 'data'"]),
+        ("pretrain: {masking: entropi}", ["pretrain.masking", "did you mean 'entropy'"]),
+        ("pretrain: {backbone: convnext_ato}", ["pretrain.backbone", "convnext_atto"]),
+        ("pretrain: {epochs: many}", ["pretrain.epochs", "integer"]),
+        (
+            "finetune: {strategy_option: {}}",
+            ["finetune.strategy_option", "did you mean 'strategy_options'"],
+        ),
+        ("calibrate: {method: tempreature}", ["calibrate.method", "did you mean 'temperature'"]),
+        ("data: {adapter: busi, split_ratios: {train: 1, hold: 1}}", ["data", "hold"]),
+        ("- a\n- b", ["mapping"]),
+        ("a: [", ["not valid YAML"]),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_recipe(_write(tmp_path, text))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_presets_then_overrides(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "data: {adapter: busi}\npresets: {gpu: {data.loader.image_size: 224, pretrain.epochs: 800}}",
+    )
+    recipe = load_recipe(path, ["preset=gpu", "pretrain.epochs=5"])
+    assert recipe.section("data").loader.image_size == 224
+    assert recipe.section("pretrain").epochs == 5
+    with pytest.raises(ConfigError, match="preset 'tpu' is not defined"):
+        load_recipe(path, ["preset=tpu"])
+
+
+def test_resolved_recipe_has_defaults(tmp_path: Path) -> None:
+    resolved = load_recipe(
+        _write(tmp_path, "name: x\ndata: {adapter: busi}\nfinetune: {}")
+    ).resolved()
+    assert resolved["finetune"]["strategy"] == "full"
+    assert resolved["data"]["loader"]["image_size"] == 128
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_passes_check(
+    recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", str(recipe)]) == 0
+    assert "valid" in capsys.readouterr().out
+    text = recipe.read_text()
+    for preset in ("gpu", "cpu"):
+        if f"  {preset}:" in text:
+            assert main(["check", str(recipe), "--set", f"preset={preset}"]) == 0
+
+
+def test_check_reports_manifest_not_matching_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    path = _write(
+        tmp_path, f"data: {{adapter: busi, manifest: {repo / 'data_manifests' / 'busi.csv'}}}"
+    )
+    assert main(["check", str(path), "--data-root", str(tmp_path)]) == 2
+    assert "does not match" in capsys.readouterr().err
