@@ -212,8 +212,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = run_all(ctx, resume=not args.no_resume, force=args.force)
     for stage, path in done.items():
         print(f"{stage}: {path}")
-    if "report" in done:
-        print(f"report: {done['report']}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The BioTune search alone (``--worker``: join a running search as one more process)."""
+    from medtl.finetune.search import BioTuneConfig, run_worker
+    from medtl.pipeline import run_finetune
+
+    ctx = _run_context(args)
+    cfg = ctx.recipe.section("finetune")
+    if cfg.strategy != "biotune":
+        raise ConfigError(
+            f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to 'biotune' to search"
+        )
+    if args.worker:
+        weights = (
+            str(ctx.out / "pretrain" / "encoder.safetensors")
+            if cfg.weights == "pretrain"
+            else cfg.weights
+        )
+        search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
+        n = run_worker(
+            search,
+            cfg,
+            ctx.manifest,
+            ctx.root,
+            ctx.recipe.section("data").loader,
+            ctx.out / "finetune",
+            weights,
+            ctx.device,
+            ctx.progress,
+        )
+        print(f"worker trained {n} trial(s)")
+        return 0
+    print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
     return 0
 
 
@@ -392,6 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a classifier from a recipe's finetune section")
     _recipe_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("run", help="every stage of a recipe into one run folder (resumable)")
+    _recipe_args(p)
+    p.add_argument(
+        "--force",
+        default=None,
+        metavar="STAGE",
+        help="rerun from this stage on: pretrain, finetune, calibrate, evaluate, report",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("search", help="the BioTune search of a recipe (finetune.strategy: biotune)")
+    _recipe_args(p)
+    p.add_argument(
+        "--worker",
+        action="store_true",
+        help="join the search in the run folder as one more worker process",
+    )
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
         "calibrate", help="fit a calibrator on a model's validation predictions and store it"

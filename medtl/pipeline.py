@@ -139,15 +139,15 @@ def run_calibrate(ctx: RunContext) -> Path:
     cfg: CalibrateConfig = (
         ctx.recipe.section("calibrate") if ctx.recipe.has("calibrate") else CalibrateConfig()
     )
-    model_dir = ctx.out / "finetune"
+    folder = model_dir(ctx.out)
     stage = Stage(
         ctx.out / "calibrate",
-        {"config": cfg.model_dump(mode="json"), "model": _done_key(model_dir)},
+        {"config": cfg.model_dump(mode="json"), "model": _done_key(ctx.out / "finetune")},
     )
     if stage.done():
         return stage.folder
     stage.begin()
-    result = calibrate_model(model_dir, cfg)
+    result = calibrate_model(folder, cfg)
     from medtl.io import write_json
 
     write_json(stage.folder / "calibration.json", result)
@@ -175,7 +175,7 @@ def run_evaluate(ctx: RunContext) -> Path:
         return stage.folder
     stage.begin()
     model = ModelSpec(
-        ctx.out / "finetune",
+        model_dir(ctx.out),
         f"{ctx.recipe.name}/{ctx.recipe.section('finetune').strategy}/seed{ctx.recipe.seed}",
     )
     data = DataSpec(manifest_path, ctx.root, ctx.recipe.name)
@@ -212,26 +212,63 @@ def _manifest_path(ctx: RunContext) -> Path:
     return ctx.out / "data" / "manifest.csv"
 
 
-def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
-    """The ``finetune`` stage: ``<run>/finetune/model.safetensors`` and predictions."""
-    from medtl.finetune.loop import finetune
-
+def finetune_stage(ctx: RunContext, resume: bool = True) -> tuple[Stage, str | None]:
+    """The finetune stage (its inputs include the encoder's and the search's settings) and the
+    initial weights, pretraining first when ``finetune.weights`` is ``pretrain``."""
     cfg = ctx.recipe.section("finetune")
     weights = cfg.weights
     encoder_hash = None
     if weights == "pretrain":
         weights = str(run_pretrain(ctx, resume))
         encoder_hash = (ctx.out / "pretrain" / "DONE").read_text()
-    stage = Stage(ctx.out / "finetune", stage_inputs(ctx, "finetune", {"encoder": encoder_hash}))
+    search = ctx.recipe.resolved().get("search") if cfg.strategy == "biotune" else None
+    return Stage(
+        ctx.out / "finetune",
+        stage_inputs(ctx, "finetune", {"encoder": encoder_hash, "search": search}),
+    ), weights
+
+
+def model_dir(out: Path) -> Path:
+    """The fine-tuned model of a run: ``finetune/``, or ``finetune/final/`` after a search."""
+    final = out / "finetune" / "final"
+    return final if (final / "meta.json").is_file() else out / "finetune"
+
+
+def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
+    """The ``finetune`` stage: ``<run>/finetune/model.safetensors`` and predictions; with
+    ``finetune.strategy: biotune``, the search (``search`` section), then the best genome
+    retrained into ``<run>/finetune/final/``."""
+    from medtl.finetune.loop import finetune
+
+    cfg = ctx.recipe.section("finetune")
+    stage, weights = finetune_stage(ctx, resume)
     if stage.done():
         log.info("finetune: already done (%s)", stage.folder)
-        return stage.folder
+        return model_dir(ctx.out)
     stage.begin()
+    data_cfg = ctx.recipe.section("data").loader
+    if cfg.strategy == "biotune":
+        from medtl.finetune.search import BioTuneConfig, biotune_search
+
+        search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
+        found = biotune_search(
+            search,
+            cfg,
+            ctx.manifest,
+            ctx.root,
+            data_cfg,
+            stage.folder,
+            weights,
+            ctx.device,
+            ctx.progress,
+        )
+        stage.mark_done({"best_fitness": found.best_fitness})
+        return model_dir(ctx.out)
     result = finetune(
         cfg,
         ctx.manifest,
         ctx.root,
-        ctx.recipe.section("data").loader,
+        data_cfg,
         stage.folder,
         seed=ctx.recipe.seed,
         weights=weights,

@@ -23,6 +23,7 @@ from medtl.data.split import DEFAULT_RATIOS, check_ratios
 from medtl.errors import ConfigError
 from medtl.evaluate import CalibrateConfig, EvaluateConfig
 from medtl.finetune.loop import FinetuneConfig
+from medtl.finetune.search import BioTuneConfig
 from medtl.pretrain.loop import PretrainConfig
 from medtl.registry import Registry
 
@@ -75,6 +76,7 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "data": DataSection,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
+    "search": BioTuneConfig,
     "calibrate": CalibrateConfig,
     "evaluate": EvaluateConfig,
 }
@@ -206,3 +208,50 @@ def _unknown(source: str, where: str, key: str, allowed: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{source}: {where}: unknown key{hint} (allowed: {', '.join(sorted(allowed))})"
+
+
+def keys_markdown() -> str:
+    """Every recipe key with its type, default and description, from the models themselves
+    (``docs/recipe_keys.md`` is this text; a test keeps the two equal)."""
+    lines = [
+        "# Recipe keys",
+        "",
+        "Generated from medtl's recipe models (`python -m medtl.recipe`); do not edit by hand.",
+        "",
+    ]
+    lines += [
+        "Top level: `name`, `description`, `seed` (default 0), `preset` (a key of `presets`), `presets`",
+        "(name -> `{dotted.key: value}` overrides applied before `--set`).",
+        "",
+    ]
+    for section, model in SECTION_MODELS.items():
+        lines += [f"## `{section}`", "", (model.__doc__ or "").strip().splitlines()[0], ""]
+        lines += _model_rows(model, section)
+    return "\n".join(lines) + "\n"
+
+
+def _model_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested.append((f"{prefix}.{name}", annotation))
+            rows.append(f"| `{prefix}.{name}` | section | | {info.description or ''} (below) |")
+            continue
+        default = (
+            "required"
+            if info.is_required()
+            else f"`{info.get_default(call_default_factory=True)!r}`"
+        )
+        type_name = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        cells = [f"`{prefix}.{name}`", type_name, default, info.description or ""]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    out = [*rows, ""]
+    for name, sub in nested:
+        out += [f"### `{name}`", "", *_model_rows(sub, name)]
+    return out
+
+
+if __name__ == "__main__":
+    print(keys_markdown(), end="")

@@ -334,6 +334,7 @@ def fit(
         if state["batch"] == 0:
             state["running"], state["seen"] = 0.0, 0
         t0, seen_at_start = time.perf_counter(), state["seen"]
+        lr = schedule.lr_at(max(state["step"] - 1, 0), per_epoch)  # if no batch is left to resume
         for k, batch in enumerate(loader):
             lr = schedule.lr_at(state["step"], per_epoch)
             for g in optimizer.param_groups:

@@ -92,3 +92,10 @@ def test_check_reports_manifest_not_matching_root(
     )
     assert main(["check", str(path), "--data-root", str(tmp_path)]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_recipe_keys_doc_is_generated_from_the_models() -> None:
+    from medtl.recipe import keys_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "recipe_keys.md"
+    assert doc.read_text() == keys_markdown(), "run: python -m medtl.recipe > docs/recipe_keys.md"

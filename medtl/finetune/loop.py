@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
@@ -70,6 +70,19 @@ class FinetuneConfig(BaseModel):
 
     def model_post_init(self, __context: Any) -> None:
         check_backbone(self.backbone)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        """A registered strategy, or ``biotune``: the search over ``genome`` strategies."""
+        from medtl.finetune.strategies import STRATEGIES
+
+        if name != "biotune":
+            try:
+                STRATEGIES.get(name)
+            except ConfigError as exc:
+                raise ValueError(f"{exc}; or 'biotune' for the search") from None
+        return name
 
 
 @dataclass

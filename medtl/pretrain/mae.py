@@ -231,7 +231,8 @@ class ConvDecoder(nn.Module):
 class ConvNeXtMAE(MaskedAutoencoder):
     """Dense masked ConvNeXt (FCMAE / SparK without sparse convolutions) with a light decoder.
 
-    Patch = the network's total stride (32). Every block runs as ``block(x * keep) * keep``,
+    Patch = the network's total stride (32). Every block runs as ``block(x * keep) * keep``
+    (the inner product is done once per stage, since each block's output is already masked),
     which equals zeroing the residual branch at masked positions before the add and keeping
     the sum zero there (the outer ``* keep`` also keeps intermediate maps clean, e.g. for
     hooks); GRN layers see zeros at masked positions. Depthwise convolutions thus see zeros
@@ -289,9 +290,10 @@ class ConvNeXtMAE(MaskedAutoencoder):
             x = x * _resize_keep(keep, x)
             for stage in cast(list[ConvNeXtStage], list(encoder.stages)):
                 x = stage.downsample(x)
+                k = _resize_keep(keep, x)  # one resize per stage: blocks keep the resolution
+                x = x * k  # the downsample's norm and bias fill masked positions: clear them
                 for block in stage.blocks:
-                    k = _resize_keep(keep, x)
-                    x = block(x * k) * k
+                    x = block(x) * k  # x enters already zero where masked
             x = encoder.norm_pre(x)
             return x * _resize_keep(keep, x)
         finally:
