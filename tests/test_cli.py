@@ -214,3 +214,82 @@ def test_worker_traceback_is_reduced_to_the_message() -> None:
         '  File "x.py", line 1, in f\nmedtl.errors.DataError: /d/a.png does not exist; restore it'
     )
     assert one_line(wrapped) == "/d/a.png does not exist; restore it"
+
+
+def test_dicom_without_pixel_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from tests.data.test_scans import write_dicom
+
+    root = tmp_path / "scans"
+    write_dicom(root / "a" / "ok.dcm", np.zeros((8, 8), np.uint16))
+    write_dicom(root / "a" / "report.dcm", np.zeros((8, 8), np.uint16), PixelData=None)
+    _user_error(
+        capsys,
+        ["prepare", "dicom", str(root), "-o", str(tmp_path / "m.csv")],
+        "report.dcm",
+        "no pixel data",
+    )
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_nifti_with_nans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from tests.data.test_scans import write_nifti
+
+    volume = np.ones((8, 8, 4), np.float32)
+    volume[2, 2, 1] = np.nan
+    write_nifti(tmp_path / "vols" / "v1.nii.gz", volume)
+    _user_error(
+        capsys,
+        ["prepare", "nifti", str(tmp_path / "vols"), "-o", str(tmp_path / "m.csv")],
+        "v1.nii.gz",
+        "NaN",
+    )
+
+
+def test_no_patient_identifier_reaches_manifest_audit_or_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import numpy as np
+
+    from tests.data import test_scans as scans
+
+    root = tmp_path / "scans"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        scans.write_dicom(
+            root / ("a" if i % 2 else "b") / f"img{i}.dcm",
+            rng.integers(0, 4000, (40, 40)).astype(np.uint16),
+            PatientID=f"PID-{i % 3:04d}77",
+        )
+    assert (
+        main(
+            [
+                "prepare",
+                "dicom",
+                str(root),
+                "-o",
+                str(tmp_path / "m.csv"),
+                "-O",
+                "label_from=folder",
+            ]
+        )
+        == 0
+    )
+    written = "".join(p.read_text() for p in tmp_path.glob("m*"))
+    said = capsys.readouterr()
+    text = written + said.out + said.err + caplog.text
+    for secret in (
+        scans.NAME,
+        "Doe",
+        "Jane",
+        scans.BIRTH,
+        scans.ACCESSION,
+        *(f"PID-{k:04d}77" for k in range(3)),
+    ):
+        assert secret not in text, secret
+    assert {"patient-0001", "patient-0002", "patient-0003"} <= set(
+        written.replace(",", " ").split()
+    )
