@@ -179,7 +179,6 @@ def finetune(
         raise ConfigError("fine-tuning needs a labelled manifest; this one has no classes")
     torch.manual_seed(seed)
     model = build_classifier(cfg.backbone, len(manifest.classes), data_cfg.channels, weights)
-    the_plan = make_plan(cfg.strategy, model, blocks_of(model), **cfg.strategy_options)
     train_ds = build_dataset(
         manifest,
         "train",
@@ -187,6 +186,14 @@ def finetune(
         data_cfg.model_copy(update={"augment": cfg.augment}),
         train=True,
         seed=seed,
+    )
+    the_plan = make_plan(
+        cfg.strategy,
+        model,
+        blocks_of(model),
+        weight_decay=cfg.weight_decay,
+        data=calibration_batches(train_ds, cfg.batch_size, seed),  # autorgn; others ignore it
+        **cfg.strategy_options,
     )
     val_ds = build_dataset(manifest, "val", root, data_cfg.model_copy(update={"augment": "none"}))
 

@@ -1,0 +1,131 @@
+"""The benchmark scripts run end to end at toy scale on tiny synthetic datasets in tmp_path.
+
+The full benchmarks take hours; these check that each one runs, resumes and writes its
+Markdown section, so that a long run does not die at its report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from medtl.data.prepare import prepare
+from medtl.demo import make_phantom
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Toy models on one intra-op thread: several times faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def phantom(tmp: Path) -> tuple[Path, Path]:
+    """24 synthetic ultrasound phantoms (benign / malignant) and their manifest."""
+    root = make_phantom(tmp / "phantom", n=24, size=32, seed=0, duplicates=0)
+    manifest = prepare("folder", root, tmp / "phantom.csv", workers=1).manifest_path
+    return root, manifest
+
+
+def fake_breastmnist(tmp: Path) -> tuple[Path, Path]:
+    """A BreastMNIST-shaped ``breastmnist.npz`` (28 px, labels ``(N, 1)``, both classes in
+    every split) and its manifest from the ``medmnist`` adapter (official split)."""
+    rng = np.random.default_rng(0)
+    root = tmp / "medmnist"
+    root.mkdir()
+    arrays = {}
+    for split, n in (("train", 16), ("val", 6), ("test", 6)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        images[labels == 0, 10:18, 10:18] = 0  # a dark "lesion" in class 0 (malignant)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(root / "breastmnist.npz", **arrays)
+    manifest = prepare("medmnist", root / "breastmnist.npz", tmp / "bm.csv", workers=1)
+    assert manifest.manifest.classes == ["malignant", "normal, benign"]
+    return root, manifest.manifest_path
+
+
+@pytest.mark.slow
+def test_finetune_compare_dry_run(tmp_path: Path) -> None:
+    busi_root, busi_manifest = phantom(tmp_path)
+    bm_root, bm_manifest = fake_breastmnist(tmp_path)
+    results, perf = tmp_path / "docs" / "results.md", tmp_path / "docs" / "performance.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nkept text\n", encoding="utf-8")
+    argv = [
+        "--dry-run-tiny", "--seeds", "0",
+        "--busi-root", str(busi_root), "--busi-manifest", str(busi_manifest),
+        "--breastmnist-root", str(bm_root), "--breastmnist-manifest", str(bm_manifest),
+        "--work", str(tmp_path / "work"),
+        "--out-results", str(results), "--out-performance", str(perf),
+    ]  # fmt: skip
+    script = load_script("finetune_compare")
+    script.main(argv)
+
+    text = results.read_text(encoding="utf-8")
+    assert text.startswith("# Results\n\nkept text\n")
+    section = text[text.index(script.RESULTS_MARKERS[0]) : text.index(script.RESULTS_MARKERS[1])]
+    for title in ("### BUSI", "### BreastMNIST"):
+        assert title in section
+    for strategy in script.STRATEGIES:  # every strategy finished on both datasets
+        rows = re.findall(rf"^\| {strategy} \| 0 \| (\S+) \[", section, flags=re.M)
+        assert len(rows) == 2, f"{strategy}: no test AUROC with a CI on both datasets"
+    assert "| ResNet-18 (28) | 0.901 | 0.863 |" in section
+    assert "| Google AutoML Vision | 0.919 | 0.861 |" in section
+    assert len(re.findall(r"Search epoch-equivalents, halving / reference: \*\*\d", section)) == 2
+    assert len(re.findall(r"\*\*Target \(halving reaches .*: (met|not met)\.\*\*", section)) == 2
+    assert re.search(r"\*\*Target \(best recipe beats ResNet-18 \(28\).*: (met|not met)\.\*\*", section)  # fmt: skip
+    perf_text = perf.read_text(encoding="utf-8")
+    assert script.PERF_MARKERS[0] in perf_text and "| BUSI | biotune-halving | 1 |" in perf_text
+
+    summary = tmp_path / "work/breastmnist/scratch/biotune-halving/seed0/summary.json"
+    saved = json.loads(summary.read_text(encoding="utf-8"))
+    assert saved["search"]["trials"] == 2 and saved["epoch_equivalents"] > 0
+    assert (summary.parent / "search" / "trials.db").is_file()
+
+    before = summary.stat().st_mtime_ns
+    script.main(argv)  # everything finished: runs are read back, the section replaced
+    assert summary.stat().st_mtime_ns == before
+    assert results.read_text(encoding="utf-8").count(script.RESULTS_MARKERS[0]) == 1
+
+
+@pytest.mark.slow
+def test_pretrain_benefit_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, manifest = phantom(tmp_path)
+    out = tmp_path / "results.md"
+    argv = [
+        "pretrain_benefit.py", "--data-root", str(root), "--manifest", str(manifest),
+        "--backbone", "medtl_tiny_convnext", "--image-size", "32", "--pretrain-epochs", "1",
+        "--finetune-epochs", "1", "--patience", "1", "--seeds", "0",
+        "--work", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    load_script("pretrain_benefit").main()
+
+    text = out.read_text(encoding="utf-8")
+    for init in ("scratch", "random", "entropy"):
+        assert re.search(rf"^\| {init} \| 0 \| \S+ \[", text, flags=re.M), init
+    assert (tmp_path / "work/pretrain_entropy/encoder.safetensors").is_file()
