@@ -163,16 +163,17 @@ def _run_context(args: argparse.Namespace) -> Any:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a recipe; check that its data root exists and its manifest matches it."""
     from medtl.data.manifest import Manifest, resolve
-    from medtl.runs import data_root
+    from medtl.runs import check_manifest_path, data_root
 
     recipe = _recipe(args)
     lines = [f"recipe {args.recipe}: valid (sections: {', '.join(recipe.sections)})"]
     if recipe.has("data"):
         section = recipe.section("data")
+        check_manifest_path(section)
         if args.data_root or section.root:
             root = data_root(section, args.data_root)
             lines.append(f"data root {root}: exists")
-            if section.manifest and Path(section.manifest).is_file():
+            if section.manifest:
                 manifest = Manifest.load(section.manifest)
                 missing = [r.path for r in manifest.rows if not resolve(root, r.path).is_file()]
                 if missing:

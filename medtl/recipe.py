@@ -47,7 +47,8 @@ class DataSection(Strict):
     adapter: str = Field(description="dataset adapter name (`medtl list adapters`)")
     root: str | None = Field(None, description="data root; `--data-root` overrides it")
     manifest: str | None = Field(
-        None, description="manifest CSV; prepared into the run folder when absent or missing"
+        None,
+        description="manifest CSV (must exist); when null, one is prepared into the run folder",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="adapter options")
     split_seed: int = Field(0, description="seed of the group-aware split")

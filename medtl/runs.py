@@ -64,9 +64,20 @@ def data_root(section: DataSection, override: str | Path | None) -> Path:
     return root
 
 
+def check_manifest_path(section: DataSection) -> None:
+    """A named manifest that is missing is an error, never a silent re-split."""
+    if section.manifest and not Path(section.manifest).is_file():
+        raise DataError(
+            f"manifest {section.manifest} does not exist (relative to {Path.cwd()}); fix data.manifest, "
+            "run from the repository root, or --set data.manifest=null to prepare one into the run folder"
+        )
+
+
 def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
-    """The recipe's manifest if it exists, else one prepared into ``out/data/manifest.csv``."""
-    if section.manifest and Path(section.manifest).is_file():
+    """The recipe's manifest (which must exist), or, when the recipe names none, one prepared
+    into ``out/data/manifest.csv``."""
+    check_manifest_path(section)
+    if section.manifest:
         manifest = Manifest.load(section.manifest)
         if manifest.meta.adapter != section.adapter:
             raise DataError(

@@ -99,3 +99,11 @@ def test_recipe_keys_doc_is_generated_from_the_models() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "recipe_keys.md"
     assert doc.read_text() == keys_markdown(), "run: python -m medtl.recipe > docs/recipe_keys.md"
+
+
+def test_missing_named_manifest_is_an_error_not_a_resplit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, "data: {adapter: busi, manifest: data_manifests/typo.csv}")
+    assert main(["check", str(path)]) == 2
+    assert "typo.csv does not exist" in capsys.readouterr().err
