@@ -71,6 +71,21 @@ class EvaluateConfig(BaseModel):
     ensemble: bool = Field(
         False, description="also evaluate the mean of the models' calibrated probabilities"
     )
+    external: list[str] = Field(
+        default_factory=list,
+        description="further test sets for `medtl run`, as MANIFEST:ROOT[@NAME] (e.g. an external hospital)",
+    )
+
+
+class ReportConfig(BaseModel):
+    """The ``report`` recipe section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    thumbnails: bool = Field(
+        True,
+        description="show thumbnails of the most confident errors (false: no images in the report)",
+    )
 
 
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
@@ -273,8 +288,9 @@ def _predict(
     )
     dataset = build_dataset(manifest, split, data.root, loader_cfg)
     log.info("evaluating %s on %s/%s (%d images)", spec.name, data.name, split, len(dataset))  # type: ignore[arg-type]
+    desc = f"{spec.name} on {data.name}/{split}" if progress else None
     test = as_predictions(
-        manifest, split, *predict(model, dataset, cfg.batch_size, device), spec.name
+        manifest, split, *predict(model, dataset, cfg.batch_size, device, desc), spec.name
     )
     if not np.isfinite(test.logits).all():
         raise DataError(

@@ -178,10 +178,13 @@ def run_evaluate(ctx: RunContext) -> Path:
         model_dir(ctx.out),
         f"{ctx.recipe.name}/{ctx.recipe.section('finetune').strategy}/seed{ctx.recipe.seed}",
     )
-    data = DataSpec(manifest_path, ctx.root, ctx.recipe.name)
+    data = [
+        DataSpec(manifest_path, ctx.root, ctx.recipe.name),
+        *(DataSpec.parse(e) for e in cfg.external),
+    ]
     evaluate(
         [model],
-        [data],
+        data,
         stage.folder,
         cfg,
         seed=ctx.recipe.seed,
@@ -194,13 +197,28 @@ def run_evaluate(ctx: RunContext) -> Path:
 
 def run_report(ctx: RunContext) -> Path:
     """The ``report`` stage: report.html, report.json and tables.csv from the evaluation."""
+    from medtl.evaluate import DataSpec, EvaluateConfig, ReportConfig
     from medtl.report import build_report
 
-    stage = Stage(ctx.out / "report", {"evaluation": _done_key(ctx.out / "evaluate")})
+    cfg: ReportConfig = ctx.recipe.section("report") if ctx.recipe.has("report") else ReportConfig()
+    stage = Stage(
+        ctx.out / "report",
+        {"evaluation": _done_key(ctx.out / "evaluate"), "config": cfg.model_dump()},
+    )
     if stage.done():
         return stage.folder / "report.html"
     stage.begin()
-    result = build_report(ctx.out / "evaluate", stage.folder, {ctx.recipe.name: ctx.root})
+    roots: dict[str, Path] = {}
+    if cfg.thumbnails:
+        evaluate_cfg = (
+            ctx.recipe.section("evaluate") if ctx.recipe.has("evaluate") else EvaluateConfig()
+        )
+        roots = {ctx.recipe.name: ctx.root}
+        for text in evaluate_cfg.external:
+            spec = DataSpec.parse(text)
+            if spec.root is not None:
+                roots[spec.name] = spec.root
+    result = build_report(ctx.out / "evaluate", stage.folder, roots)
     stage.mark_done()
     return Path(result.html)
 

@@ -21,7 +21,7 @@ from medtl.data.audit import DEFAULT_NEAR_BITS
 from medtl.data.dataset import DataConfig
 from medtl.data.split import DEFAULT_RATIOS, check_ratios
 from medtl.errors import ConfigError
-from medtl.evaluate import CalibrateConfig, EvaluateConfig
+from medtl.evaluate import CalibrateConfig, EvaluateConfig, ReportConfig
 from medtl.finetune.loop import FinetuneConfig
 from medtl.finetune.search import BioTuneConfig
 from medtl.pretrain.loop import PretrainConfig
@@ -80,6 +80,7 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "search": BioTuneConfig,
     "calibrate": CalibrateConfig,
     "evaluate": EvaluateConfig,
+    "report": ReportConfig,
 }
 
 

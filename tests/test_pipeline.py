@@ -178,3 +178,19 @@ def test_pretrain_ddp_two_processes_follow_one(tmp_path: Path) -> None:
     two = torch.load(tmp_path / "ddp_losses.pt", weights_only=True)["losses"]
     assert two == pytest.approx([h["train_loss"] for h in single.history], rel=1e-4)
     assert (tmp_path / "ddp" / "encoder.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_report_without_thumbnails_redoes_only_the_report(demo_run: Path) -> None:
+    before = {p.parent.name: p.read_text() for p in demo_run.glob("*/DONE")}
+    images_before = (demo_run / "report" / "report.html").read_text().count("<img")
+    run_demo(
+        demo_run,
+        n=48,
+        size=32,
+        quiet=True,
+        overrides=[*TINY, "evaluate.n_boot=300", "report.thumbnails=false"],
+    )
+    after = {p.parent.name: p.read_text() for p in demo_run.glob("*/DONE")}
+    assert {k for k in after if after[k] != before[k]} == {"report"}
+    assert (demo_run / "report" / "report.html").read_text().count("<img") < images_before

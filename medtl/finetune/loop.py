@@ -109,15 +109,25 @@ def make_step(weights: torch.Tensor | None, smoothing: float) -> Any:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, dataset: Any, batch_size: int = 64, device: str | torch.device = "cpu"
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    desc: str | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Row ids, labels ``[N]`` and logits ``[N, K]`` for every item of ``dataset``, in order."""
+    """Row ids, labels ``[N]`` and logits ``[N, K]`` for every item of ``dataset``, in order;
+    with ``desc``, a progress bar on an interactive terminal."""
+    import sys
+
     from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
     model.eval().to(device)
     ids: list[str] = []
     labels, logits = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    show = desc is not None and sys.stderr.isatty()
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show):
         logits.append(model(batch["image"].to(device)).float().cpu())
         labels.append(batch["label"])
         ids += list(batch["row"])
