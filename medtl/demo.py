@@ -49,8 +49,8 @@ def phantom_image(malignant: bool, size: int, rng: np.random.Generator) -> np.nd
     lesion = np.clip((1.05 - dist) / 0.1, 0, 1)
     below = (dy > 0) & (np.abs(dx) < rx * 0.9)
     posterior = np.where(below, np.exp(-dy * 4), 0.0)
-    img = tissue * (1 - 0.8 * lesion) + (-0.25 if malignant else 0.2) * posterior * (1 - lesion)
-    speckle = rng.rayleigh(scale=0.6, size=img.shape)  # multiplicative speckle
+    img = tissue * (1 - 0.8 * lesion) + (-0.3 if malignant else 0.25) * posterior * (1 - lesion)
+    speckle = 1 + 0.5 * (rng.rayleigh(scale=0.8, size=img.shape) - 1.0)  # multiplicative speckle
     img = np.clip(img * speckle, 0, 1)
     return (img * 255).astype(np.uint8)
 

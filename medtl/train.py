@@ -64,6 +64,7 @@ class Schedule:
     num_workers: int = 0
     amp: bool = False  # bfloat16 autocast on CUDA (where supported); ignored on CPU
     patience: int | None = None  # early stopping on the monitored validation metric
+    min_epochs: int = 0  # early stopping never ends a run before this many epochs
     checkpoint_every: int = 50  # steps; also at every epoch end
 
     def __post_init__(self) -> None:
@@ -413,6 +414,7 @@ def fit(
             schedule.patience is not None
             and monitor is not None
             and state["bad_epochs"] >= schedule.patience
+            and epoch + 1 >= schedule.min_epochs
         ):
             stopped_early = True
             state["epoch"] = schedule.epochs  # finished: a resume does not train further

@@ -212,3 +212,27 @@ def test_ddp_two_processes_follow_one_process(tmp_path: Path) -> None:
     assert two["losses"] == pytest.approx([h["train_loss"] for h in r.history], rel=1e-4, abs=1e-5)
     for k, v in single.state_dict().items():
         torch.testing.assert_close(two["weights"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_min_epochs_holds_off_early_stopping(tmp_path: Path) -> None:
+    scores = iter([0.5, 0.5, 0.5, 0.5, 0.6, 0.6])
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return {"val_score": next(scores)}
+
+    model = _model()
+    sched = Schedule(epochs=6, batch_size=16, patience=2, min_epochs=5)
+    r = fit(
+        model,
+        supervised_step,
+        _groups(model),
+        Blobs(),
+        sched,
+        tmp_path,
+        evaluate=evaluate,
+        monitor="val_score",
+        progress=False,
+    )
+    assert (
+        len(r.history) == 6 and r.best_epoch == 5
+    )  # without min_epochs it would stop after epoch 3

@@ -58,6 +58,12 @@ class FinetuneConfig(BaseModel):
     patience: int | None = Field(
         5, ge=1, description="early stopping on validation balanced accuracy"
     )
+    min_epochs: int = Field(
+        10,
+        ge=0,
+        description="early stopping never ends a run before this epoch (a ConvNeXt from scratch "
+        "can sit at chance for its first epochs while its layer scales grow)",
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="'balanced': inverse class frequency in the loss"
@@ -222,6 +228,7 @@ def finetune(
         num_workers=cfg.num_workers,
         amp=cfg.amp,
         patience=cfg.patience,
+        min_epochs=cfg.min_epochs,
     )
     weights_t = class_weight_tensor(manifest) if cfg.class_weights == "balanced" else None
     start = time.perf_counter()
