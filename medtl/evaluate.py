@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from medtl import __version__
 from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
 from medtl.data.manifest import Manifest
-from medtl.errors import ConfigError, DataError, MedtlError
+from medtl.errors import DataError, MedtlError
 from medtl.io import write_json
 from medtl.predictions import Predictions
 
@@ -50,11 +50,7 @@ class CalibrateConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known(cls, name: str) -> str:
-        try:
-            CALIBRATORS.get(name)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return name
+        return CALIBRATORS.validate(name)
 
 
 class EvaluateConfig(BaseModel):

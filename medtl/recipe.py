@@ -25,16 +25,6 @@ from medtl.evaluate import CalibrateConfig, EvaluateConfig, ReportConfig
 from medtl.finetune.loop import FinetuneConfig
 from medtl.finetune.search import BioTuneConfig
 from medtl.pretrain.loop import PretrainConfig
-from medtl.registry import Registry
-
-
-def registered(registry: Registry[Any], name: str) -> str:
-    """For validators: ``name`` if ``registry`` has it, else a ValueError with the did-you-mean."""
-    try:
-        registry.get(name)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
-    return name
 
 
 class Strict(BaseModel):
@@ -65,7 +55,7 @@ class DataSection(Strict):
     @field_validator("adapter")
     @classmethod
     def _known_adapter(cls, name: str) -> str:
-        return registered(ADAPTERS, name)
+        return ADAPTERS.validate(name)
 
     @field_validator("split_ratios")
     @classmethod

@@ -42,6 +42,15 @@ class Registry(Generic[T]):
         allowed = ", ".join(sorted(self._entries))
         raise ConfigError(f"unknown {self.kind} {name!r}{hint} (allowed: {allowed})")
 
+    def validate(self, name: str) -> str:
+        """For pydantic validators: ``name`` if registered, else a ValueError carrying the
+        did-you-mean message (pydantic reports ValueErrors with the offending key)."""
+        try:
+            self.get(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -91,11 +91,7 @@ class PretrainConfig(BaseModel):
     @field_validator("masking")
     @classmethod
     def _masking(cls, name: str) -> str:
-        try:
-            MASKING.get(name)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return name
+        return MASKING.validate(name)
 
 
 @dataclass
