@@ -29,7 +29,7 @@ from PIL import Image
 
 from medtl.data.dataset import DataConfig, build_dataset, build_loader
 from medtl.data.manifest import Manifest, ManifestMeta, Row, row_id
-from medtl.io import atomic_write_text, sha256_file
+from medtl.io import sha256_file, write_marked_section
 
 REPO = Path(__file__).resolve().parents[1]
 START = "<!-- data_pipeline:start -->"
@@ -180,17 +180,6 @@ def section(args: argparse.Namespace, n_images: int, results: list[ModeResult]) 
     )
 
 
-def update_doc(path: Path, text: str) -> None:
-    """Replace the marked section of ``path``, or append it; create the file if needed."""
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    atomic_write_text(path, doc)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = args.data_root.resolve()
@@ -209,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{mode}: " + ", ".join(f"{v:.1f}" for v in results[-1].per_epoch) + " img/s")
     text = section(args, len(manifest.rows), results)
     print("\n" + table(results) + "\n\n" + verdict(results))
-    update_doc(args.out, text)
+    write_marked_section(args.out, text, START, END, "Performance")
     print(f"\nwrote {args.out}")
 
 

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import platform
-import re
 import sqlite3
 import statistics
 import sys
@@ -53,7 +52,7 @@ from medtl.finetune.blocks import blocks_of
 from medtl.finetune.loop import FinetuneConfig, FinetuneResult, finetune
 from medtl.finetune.prefix import Cuts
 from medtl.finetune.search import BioTuneConfig, SearchResult, biotune_search
-from medtl.io import atomic_write_text, write_json
+from medtl.io import atomic_write_text, write_json, write_marked_section
 from medtl.metrics import evaluate_predictions
 from medtl.models import build_classifier
 
@@ -625,18 +624,6 @@ def perf_row(title: str, strategy: str, mine: list[dict[str, Any]]) -> str:
     )
 
 
-def write_section(path: Path, section: str, markers: tuple[str, str], title: str) -> None:
-    """Replace the text between ``markers`` in ``path`` (or append it), atomically."""
-    start, end = markers
-    text = path.read_text(encoding="utf-8") if path.is_file() else f"# {title}\n"
-    if start in text:
-        pattern = re.escape(start) + ".*?" + re.escape(end)
-        text = re.sub(pattern, lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup = make_setup(args)
@@ -656,11 +643,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     results = results_section(setup, datasets, runs, command.strip())
     print(results)
-    write_section(args.out_results, results, RESULTS_MARKERS, "Results")
-    write_section(
+    write_marked_section(args.out_results, results, *RESULTS_MARKERS, "Results")
+    write_marked_section(
         args.out_performance,
         performance_section(datasets, runs, command.strip()),
-        PERF_MARKERS,
+        *PERF_MARKERS,
         "Performance",
     )
 

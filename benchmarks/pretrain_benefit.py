@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from medtl.calibrate import fit_calibrator
 from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
 from medtl.finetune.loop import FinetuneConfig, finetune
-from medtl.io import atomic_write_text, write_json
+from medtl.io import write_json, write_marked_section
 from medtl.metrics import evaluate_predictions
 from medtl.pretrain.loop import PretrainConfig, pretrain
 
@@ -196,17 +195,6 @@ def report(
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Results\n"
-    if START in text:
-        text = re.sub(
-            re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "busi")
@@ -244,7 +232,7 @@ def main() -> None:
     ]
     section = report(args, runs, pre_seconds, manifest)
     print(section)
-    write_section(args.out, section)
+    write_marked_section(args.out, section, START, END, "Results")
 
 
 if __name__ == "__main__":

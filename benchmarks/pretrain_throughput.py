@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from medtl.data.dataset import DataConfig
-from medtl.io import atomic_write_text
+from medtl.io import write_marked_section
 from medtl.models import build_classifier
 from medtl.pretrain.loop import (
     PretrainConfig,
@@ -144,17 +143,6 @@ def report(times: dict[str, list[float]], args: argparse.Namespace) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Performance\n"
-    if START in text:
-        text = re.sub(
-            re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "busi")
@@ -171,7 +159,7 @@ def main() -> None:
     )
     section = report(times, args)
     print(section)
-    write_section(args.out, section)
+    write_marked_section(args.out, section, START, END, "Performance")
 
 
 if __name__ == "__main__":

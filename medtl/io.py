@@ -86,3 +86,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def write_marked_section(path: str | Path, section: str, start: str, end: str, title: str) -> None:
+    """Put ``section`` (which begins with ``start`` and ends with ``end``) into the Markdown file
+    ``path``: it replaces the text between the markers, or is appended; a missing file is
+    created with the heading ``# title``. Benchmarks write their figures into docs/ this way."""
+    path = Path(path)
+    doc = path.read_text(encoding="utf-8") if path.is_file() else f"# {title}\n"
+    if start in doc and end in doc:
+        head, rest = doc.split(start, 1)
+        doc = head + section + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_text(path, doc)
