@@ -20,6 +20,7 @@ from typing import Any
 import imagehash
 import numpy as np
 from PIL import Image
+from scipy.cluster.hierarchy import DisjointSet
 
 from medtl.data.manifest import resolve
 from medtl.data.readers import check_image_header, kind_of, read_array
@@ -276,14 +277,7 @@ def duplicate_clusters(
     for i in usable:
         by_hash[inspections[i].sha256].append(i)
     exact = [v for v in by_hash.values() if len(v) > 1]
-    parent = list(range(len(inspections)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    components = DisjointSet(range(len(inspections)))
     pairs: dict[tuple[int, int], int] = {}
     if usable:
         bits = np.stack([inspections[i].dhash for i in usable])  # type: ignore[misc]
@@ -295,10 +289,10 @@ def duplicate_clusters(
                 ia, ib = usable[start + a], usable[b]
                 if ia < ib:
                     pairs[(ia, ib)] = int(dist[a, b])
-                    parent[find(ia)] = find(ib)
+                    components.merge(ia, ib)
     clusters: dict[int, list[int]] = defaultdict(list)
     for i in usable:
-        clusters[find(i)].append(i)
+        clusters[components[i]].append(i)
     near = [sorted(v) for v in clusters.values() if len(v) > 1]
     return exact, sorted(near), pairs
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scipy.cluster.hierarchy import DisjointSet
+
 from medtl.data.adapters import ADAPTERS
 from medtl.data.audit import (
     DEFAULT_NEAR_BITS,
@@ -133,27 +135,20 @@ def prepare(
 def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
     """Union the adapter's groups with duplicate clusters; name each group by its smallest
     member name (an adapter group, else the row id of a sample)."""
-    parent = list(range(len(samples)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    components = DisjointSet(range(len(samples)))
     first: dict[str, int] = {}
     for i, s in enumerate(samples):
         if s.group:
-            parent[find(i)] = find(first.setdefault(s.group, i))
+            components.merge(i, first.setdefault(s.group, i))
     for cluster in clusters:
         for i in cluster[1:]:
-            parent[find(i)] = find(cluster[0])
+            components.merge(i, cluster[0])
     names: dict[int, str] = {}
     for i, s in enumerate(samples):
         name = s.group or row_id(s.path, s.locator)
-        r = find(i)
+        r = components[i]
         names[r] = min(names.get(r, name), name)
-    return [names[find(i)] for i in range(len(samples))]
+    return [names[components[i]] for i in range(len(samples))]
 
 
 def assign_splits(
