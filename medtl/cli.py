@@ -49,6 +49,11 @@ def parse_ratios(text: str) -> dict[str, float]:
     return dict(zip(("train", "val", "test"), values, strict=True))
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person: not with ``--quiet`` nor between JSON log lines."""
+    return not args.quiet and args.log_format == "text"
+
+
 def progress_bar(desc: str, quiet: bool) -> Any:
     """A ``(iterable, total) -> iterable`` wrapper showing a tqdm bar on an interactive stderr."""
     from tqdm import tqdm
@@ -74,7 +79,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         near_bits=args.near_dup_bits,
         workers=args.workers,
-        progress=progress_bar("reading", args.quiet),
+        progress=progress_bar("reading", not show_progress(args)),
     )
     m = result.manifest
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in m.counts().items())
@@ -95,7 +100,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         Path(args.data_root),
         args.near_dup_bits,
         args.workers,
-        progress_bar("auditing", args.quiet),
+        progress_bar("auditing", not show_progress(args)),
     )
     out = Path(args.output) if args.output else audit_path_for(args.manifest)
     report.save(out)
@@ -131,7 +136,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     dataset = build_dataset(manifest, args.split, Path(args.data_root), cfg)
     loader = build_loader(dataset, cfg)
     start, n, shape = time.perf_counter(), 0, None
-    for batch in progress_bar(f"loading {args.split}", args.quiet)(loader, len(loader)):
+    for batch in progress_bar(f"loading {args.split}", not show_progress(args))(
+        loader, len(loader)
+    ):
         n += len(batch["label"])
         shape = tuple(batch["image"].shape[1:])
     seconds = time.perf_counter() - start
@@ -156,7 +163,7 @@ def _run_context(args: argparse.Namespace) -> Any:
         Path(args.out) if args.out else None,
         args.data_root,
         args.device,
-        progress=not args.quiet,
+        progress=show_progress(args),
     )
 
 
@@ -210,9 +217,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medtl.pipeline import run_all
 
     ctx = _run_context(args)
-    done = run_all(ctx, resume=not args.no_resume, force=args.force)
-    for stage, path in done.items():
-        print(f"{stage}: {path}")
+    try:
+        done = run_all(ctx, resume=not args.no_resume, force=args.force)
+    finally:
+        ctx.close()
+    if args.log_format == "json":
+        print(json.dumps({"run": str(ctx.out), "stages": {k: str(v) for k, v in done.items()}}))
+    else:
+        for stage, path in done.items():
+            print(f"{stage}: {path}")
     return 0
 
 
@@ -281,7 +294,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg,
         seed=args.seed,
         device=pick_device(args.device),
-        progress=not args.quiet,
+        progress=show_progress(args),
     )
     entries = json.loads(path.read_text())["entries"]
     for e in entries:
@@ -343,7 +356,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n=args.n,
         size=args.size,
         seed=args.seed,
-        quiet=args.quiet,
+        quiet=not show_progress(args),
         overrides=args.set,
     )
     print(f"demo finished; report: {report}")
@@ -356,7 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medtl", description=__doc__.splitlines()[0] if __doc__ else None
     )
     parser.add_argument("--version", action="version", version=f"medtl {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars; warnings and errors only"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per log line on stderr, for batch jobs (a run folder always "
+        "gets log.jsonl)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build a manifest (and its audit) for a dataset folder")
@@ -562,12 +584,30 @@ def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:
         )
 
 
+_terminal: logging.Handler | None = None
+
+
+def setup_logging(quiet: bool, fmt: str) -> None:
+    """Terminal logging on stderr: text or JSON lines; ``quiet`` shows warnings and errors
+    only (a run folder's ``log.jsonl`` still records everything from info up). Calling it
+    again (``main`` twice in one process) replaces the handler."""
+    global _terminal
+    from medtl.tracking import JsonFormatter
+
+    root = logging.getLogger()
+    if _terminal is not None:
+        root.removeHandler(_terminal)
+    _terminal = logging.StreamHandler(sys.stderr)
+    _terminal.setLevel(logging.WARNING if quiet else logging.INFO)
+    text = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    _terminal.setFormatter(JsonFormatter() if fmt == "json" else text)
+    root.addHandler(_terminal)
+    root.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.quiet, args.log_format)
     try:
         return int(args.func(args))
     except MedtlError as exc:

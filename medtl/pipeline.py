@@ -18,6 +18,7 @@ from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.recipe import Recipe
 from medtl.runs import Stage, data_root, ensure_manifest, start_run
+from medtl.tracking import Tracker, TrackingConfig, log_artifact, log_summary, log_to_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,11 @@ class RunContext:
     manifest: Manifest
     device: str
     progress: bool
+    tracker: Tracker
+
+    def close(self) -> None:
+        """Flush and close the trackers (TensorBoard writers, the MLflow run)."""
+        self.tracker.close()
 
 
 def pick_device(name: str) -> str:
@@ -60,12 +66,19 @@ def open_run(
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         start_run(recipe, out)
+        log_to_run_folder(out)
         manifest = ensure_manifest(section, root, out)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank != 0:
             manifest = ensure_manifest(section, root, out)
-    return RunContext(recipe, out, root, manifest, device, progress and rank == 0)
+    tracking: TrackingConfig = (
+        recipe.section("tracking") if recipe.has("tracking") else TrackingConfig()
+    )
+    if rank != 0:  # one process writes the event files
+        tracking = TrackingConfig(tensorboard=False, mlflow=False)
+    tracker = Tracker(out, tracking, recipe.name, recipe.resolved())
+    return RunContext(recipe, out, root, manifest, device, progress and rank == 0, tracker)
 
 
 def stage_inputs(ctx: RunContext, name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -90,18 +103,20 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
         return stage.folder / ENCODER_FILE
     stage.begin()
     data_cfg = ctx.recipe.section("data").loader
-    result = pretrain(
-        ctx.recipe.section("pretrain"),
-        ctx.manifest,
-        ctx.root,
-        data_cfg,
-        stage.folder,
-        seed=ctx.recipe.seed,
-        device=ctx.device,
-        resume=resume,
-        progress=ctx.progress,
-        recipe=ctx.recipe.resolved(),
-    )
+    with ctx.tracker.scope("pretrain"):
+        result = pretrain(
+            ctx.recipe.section("pretrain"),
+            ctx.manifest,
+            ctx.root,
+            data_cfg,
+            stage.folder,
+            seed=ctx.recipe.seed,
+            device=ctx.device,
+            resume=resume,
+            progress=ctx.progress,
+            recipe=ctx.recipe.resolved(),
+        )
+        log_summary({"final_loss": result.meta["final_loss"]})
     stage.mark_done({"final_loss": result.meta["final_loss"]})
     return result.encoder
 
@@ -182,7 +197,7 @@ def run_evaluate(ctx: RunContext) -> Path:
         DataSpec(manifest_path, ctx.root, ctx.recipe.name),
         *(DataSpec.parse(e) for e in cfg.external),
     ]
-    evaluate(
+    path = evaluate(
         [model],
         data,
         stage.folder,
@@ -191,6 +206,8 @@ def run_evaluate(ctx: RunContext) -> Path:
         device=ctx.device,
         progress=ctx.progress,
     )
+    with ctx.tracker.scope("evaluate"):
+        track_evaluation(path)
     stage.mark_done()
     return stage.folder
 
@@ -219,8 +236,27 @@ def run_report(ctx: RunContext) -> Path:
             if spec.root is not None:
                 roots[spec.name] = spec.root
     result = build_report(ctx.out / "evaluate", stage.folder, roots)
+    with ctx.tracker.scope("report"):
+        log_artifact(Path(result.html))
     stage.mark_done()
     return Path(result.html)
+
+
+def track_evaluation(path: Path) -> None:
+    """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``."""
+    import json
+
+    for entry in json.loads(path.read_text())["entries"]:
+        if entry["status"] != "ok":
+            continue
+        overall = entry["metrics"]["overall"]
+        figures: dict[str, float] = {}
+        for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
+            for part in ("value", "ci_low", "ci_high"):
+                value = (overall.get(name) or {}).get(part)
+                if value is not None:
+                    figures[f"{entry['dataset']}/{entry['split']}/{name}/{part}"] = value
+        log_summary(figures)
 
 
 def _manifest_path(ctx: RunContext) -> Path:
@@ -269,31 +305,40 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
         from medtl.finetune.search import BioTuneConfig, biotune_search
 
         search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
-        found = biotune_search(
-            search,
+        with ctx.tracker.scope("finetune"):
+            found = biotune_search(
+                search,
+                cfg,
+                ctx.manifest,
+                ctx.root,
+                data_cfg,
+                stage.folder,
+                weights,
+                ctx.device,
+                ctx.progress,
+            )
+            log_summary(
+                {
+                    "best_fitness": found.best_fitness,
+                    "epoch_equivalents": found.epoch_equivalents,
+                }
+            )
+        stage.mark_done({"best_fitness": found.best_fitness})
+        return model_dir(ctx.out)
+    with ctx.tracker.scope("finetune"):
+        result = finetune(
             cfg,
             ctx.manifest,
             ctx.root,
             data_cfg,
             stage.folder,
-            weights,
-            ctx.device,
-            ctx.progress,
+            seed=ctx.recipe.seed,
+            weights=weights,
+            device=ctx.device,
+            resume=resume,
+            progress=ctx.progress,
+            recipe=ctx.recipe.resolved(),
         )
-        stage.mark_done({"best_fitness": found.best_fitness})
-        return model_dir(ctx.out)
-    result = finetune(
-        cfg,
-        ctx.manifest,
-        ctx.root,
-        data_cfg,
-        stage.folder,
-        seed=ctx.recipe.seed,
-        weights=weights,
-        device=ctx.device,
-        resume=resume,
-        progress=ctx.progress,
-        recipe=ctx.recipe.resolved(),
-    )
+        log_summary({"best_val_bacc": result.meta["val_bacc"]})
     stage.mark_done({"val_bacc": result.meta["val_bacc"]})
     return stage.folder

@@ -25,6 +25,7 @@ from medtl.evaluate import CalibrateConfig, EvaluateConfig, ReportConfig
 from medtl.finetune.loop import FinetuneConfig
 from medtl.finetune.search import BioTuneConfig
 from medtl.pretrain.loop import PretrainConfig
+from medtl.tracking import TrackingConfig
 
 
 class Strict(BaseModel):
@@ -71,6 +72,7 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "calibrate": CalibrateConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
+    "tracking": TrackingConfig,
 }
 
 

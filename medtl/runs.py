@@ -8,11 +8,14 @@ whose inputs did not change and redoes one whose inputs did.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import logging
 import platform
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from medtl.data.manifest import Manifest
 from medtl.errors import DataError
 from medtl.io import atomic_write_text, write_json
 from medtl.recipe import DataSection, Recipe
+
+log = logging.getLogger(__name__)
 
 
 def environment(seed: int) -> dict[str, Any]:
@@ -108,6 +113,7 @@ class Stage:
 
     folder: Path
     inputs: dict[str, Any]
+    started: float | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -119,7 +125,18 @@ class Stage:
         return marker.is_file() and json.loads(marker.read_text()).get("inputs") == self.key
 
     def mark_done(self, summary: dict[str, Any] | None = None) -> None:
-        write_json(self.folder / "DONE", {"inputs": self.key, **(summary or {})})
+        """Write ``DONE``: the inputs' hash, when the stage finished, how long this (last)
+        session of it took, and the stage's summary."""
+        seconds = time.perf_counter() - self.started if self.started is not None else None
+        finished = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        record = {"inputs": self.key, "finished": finished, "seconds": seconds, **(summary or {})}
+        write_json(self.folder / "DONE", record)
+        log.info(
+            "stage %s: done%s",
+            self.folder.name,
+            f" in {seconds / 60:.1f} min" if seconds is not None else "",
+            extra={"event": "stage_done", "stage": self.folder.name, "done": record},
+        )
 
     def invalidate(self) -> None:
         (self.folder / "DONE").unlink(missing_ok=True)
@@ -132,6 +149,14 @@ class Stage:
             not inputs.is_file() or inputs.read_text().strip() != self.key
         ):
             shutil.rmtree(self.folder)
+        resumed = inputs.is_file()
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not inputs.is_file():
+        if not resumed:
             atomic_write_text(inputs, self.key + "\n")
+        self.started = time.perf_counter()
+        log.info(
+            "stage %s: %s",
+            self.folder.name,
+            "resuming" if resumed else "starting",
+            extra={"event": "stage_start", "stage": self.folder.name, "resumed": resumed},
+        )

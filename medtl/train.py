@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from medtl import tracking
 from medtl.errors import MedtlError
 from medtl.io import atomic_open, atomic_write_text
 
@@ -405,6 +406,9 @@ def fit(
             else:
                 state["bad_epochs"] += 1
         state["history"].append(record)
+        if rank == 0:
+            per_epoch_s = (time.perf_counter() - started) / (epoch + 1)
+            report_epoch(record, schedule.epochs, per_epoch_s * (schedule.epochs - epoch - 1))
         if on_epoch_end is not None:
             on_epoch_end(unwrap(wrapped), epoch, record)
         state["epoch"], state["batch"] = epoch + 1, 0
@@ -422,6 +426,34 @@ def fit(
     if best_weights is not None:
         unwrap(wrapped).load_state_dict(best_weights)
     return _result(state, stopped_early, started)
+
+
+def report_epoch(record: dict[str, float], epochs: int, eta_s: float) -> None:
+    """One log line per epoch (with the time left at most, early stopping aside) and the
+    record to the active tracker (TensorBoard / MLflow), if a stage opened one."""
+    shown = ", ".join(
+        f"{k} {v:.4g}"
+        for k, v in record.items()
+        if k not in ("epoch", "lr", "seconds") and isinstance(v, int | float)
+    )
+    log.info(
+        "epoch %d/%d: %s; %.0f s; at most %s left",
+        record["epoch"],
+        epochs,
+        shown,
+        record["seconds"],
+        _duration(eta_s),
+        extra={"event": "epoch", "epochs": epochs, "eta_s": eta_s, "metrics": record},
+    )
+    tracking.log_epoch(record, int(record["epoch"]))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _result(

@@ -62,6 +62,7 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from medtl import tracking
 from medtl.data.dataset import DataConfig, build_dataset
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
@@ -545,11 +546,12 @@ class Search:
         step = make_step(
             class_weight_tensor(self.manifest) if balanced else None, self.ft.label_smoothing
         )
-        result = fit(
-            net, step, the_plan.param_groups, data, self.schedule(int(trial["budget_epochs"])),
-            folder, seed=seed, device=self.device, evaluate=evaluate, monitor="val_bacc",
-            on_epoch_end=lambda *_: beat(), train_mode=train_mode, progress=self.progress,
-        )  # fmt: skip
+        with tracking.child(f"search/{folder.name}"):
+            result = fit(
+                net, step, the_plan.param_groups, data, self.schedule(int(trial["budget_epochs"])),
+                folder, seed=seed, device=self.device, evaluate=evaluate, monitor="val_bacc",
+                on_epoch_end=lambda *_: beat(), train_mode=train_mode, progress=self.progress,
+            )  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
         epochs = result.samples_seen / self.n_train  # the whole run, resumed or not
         cost = self.cuts.epoch_cost(k, cached, self.n_val / self.n_train)
