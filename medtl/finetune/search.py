@@ -744,6 +744,7 @@ def _run_trial(search: Search, store: TrialStore, trial: sqlite3.Row, worker: st
         "generation %d rung %d member %d seed %d: val bacc %.4f, %.2f epoch-equivalents",
         trial["generation"], trial["rung"], trial["idx"], trial["seed"], result["val_bacc"],
         result["epoch_equivalents"],
+        extra={"event": "trial", "trial": {**dict(trial), **result}},
     )  # fmt: skip
 
 
