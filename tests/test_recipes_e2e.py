@@ -276,3 +276,53 @@ def test_busi_recipe_on_real_data_with_its_shipped_manifest(
     assert metrics["n"] == len(shipped.split("test")) == 118
     assert metrics["classes"] == ["benign", "malignant", "normal"]
     assert_positive(metrics, REPO / "recipes" / "busi.yaml")
+
+
+# Every dataset of the development data (../shared/data), through the recipe of its kind and its
+# shipped manifest: (recipe, data folder, extra overrides).
+REAL = {
+    "brain_tumor_mri_sample": ("brain_tumor_mri", "brain_tumor_mri_sample", []),
+    "busi_original_subset": (
+        "busi",
+        "busi_original_subset",
+        ["data.manifest=data_manifests/busi_original_subset.csv"],
+    ),
+    "covid19_radiography_sample": ("covid19_radiography", "covid19_radiography_sample", []),
+    "isic2018_sample": ("isic2018", "isic2018_sample", []),
+    "breastmnist": ("breastmnist", "medmnist", []),
+    "pneumoniamnist_balanced_subset": (
+        "breastmnist",
+        "medmnist",
+        [
+            "name=pneumoniamnist",
+            "data.options.file=pneumoniamnist_balanced_subset.npz",
+            "data.manifest=data_manifests/pneumoniamnist_balanced_subset.csv",
+            "evaluate.positive=pneumonia",
+        ],
+    ),
+}
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", list(REAL))
+def test_recipe_on_each_real_dataset(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One command from a real dataset folder to a report, for every development dataset."""
+    recipe, folder, extra = REAL[name]
+    root = shared(folder)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / name
+    argv = ["-q", "run", f"recipes/{recipe}.yaml", "--data-root", str(root), "--out", str(out)]
+    assert main([*argv, "--device", "cpu", *sets(TINY + extra)]) == 0, capsys.readouterr().err
+
+    metrics = assert_complete_run(out)
+    manifest_path = next(
+        (e.split("=", 1)[1] for e in extra if e.startswith("data.manifest=")), None
+    )
+    shipped = Manifest.load(REPO / (manifest_path or f"data_manifests/{name}.csv"))
+    meta = json.loads((out / "finetune" / "meta.json").read_text())
+    assert meta["manifest_sha256"] == shipped.sha256
+    assert metrics["n"] == len(shipped.split("test"))
+    assert metrics["classes"] == shipped.classes
+    assert (out / "report" / "report.html").stat().st_size > 10_000
