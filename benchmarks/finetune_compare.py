@@ -126,6 +126,7 @@ class Data:
     root: Path
     manifest: Manifest
     config: DataConfig
+    backbone: str
     weights: Path | None
     init: str  # "scratch" or "encoder-<sha8>": runs from different inits never share a folder
     cuts: Cuts
@@ -143,7 +144,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     add("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    add("--backbone", default="convnext_atto")
+    add("--backbone", default="convnext_atto", help="timm backbone of every dataset")
+    add(
+        "--breastmnist-backbone",
+        default=None,
+        help="BreastMNIST's backbone when it differs (e.g. resnet18: no MAE encoder is used there)",
+    )
     add("--epochs", type=int, default=15, help="most epochs of a run (and of a search candidate)")
     add("--patience", type=int, default=3, help="early stopping on val balanced accuracy")
     add("--lr", type=float, default=1e-3, help="base learning rate (AdamW, cosine)")
@@ -229,20 +235,24 @@ def load_data(name: str, args: argparse.Namespace, setup: Setup, size: int) -> D
         name, getattr(args, "weights" if name == "busi" else f"{name}_weights"), setup.tiny
     )
     init = init_label(weights)
+    backbone = (name == "breastmnist" and args.breastmnist_backbone) or setup.backbone
     print(
-        f"{spec.title}: {size} px, init {init}" + (f" ({weights})" if weights else ""), flush=True
+        f"{spec.title}: {backbone} at {size} px, init {init}"
+        + (f" ({weights})" if weights else ""),
+        flush=True,
     )
-    model = build_classifier(setup.backbone, len(manifest.classes), config.channels)
+    model = build_classifier(backbone, len(manifest.classes), config.channels)
     blocks = blocks_of(model)
     sample = torch.rand(2, config.channels, size, size, generator=torch.Generator().manual_seed(0))
     rows = len(manifest.split("train")) + len(manifest.split("val"))
     cuts = Cuts.of(model, blocks, sample, rows)
-    return Data(name, spec, root, manifest, config, weights, init, cuts, [b.name for b in blocks])
+    blocks_named = [b.name for b in blocks]
+    return Data(name, spec, root, manifest, config, backbone, weights, init, cuts, blocks_named)
 
 
-def finetune_config(setup: Setup, strategy: str) -> FinetuneConfig:
+def finetune_config(setup: Setup, data: Data, strategy: str) -> FinetuneConfig:
     return FinetuneConfig(
-        backbone=setup.backbone,
+        backbone=data.backbone,
         strategy=strategy,
         epochs=setup.epochs,
         batch_size=setup.batch_size,
@@ -298,7 +308,7 @@ def train(
     setup: Setup, data: Data, strategy: str, seed: int, folder: Path
 ) -> tuple[FinetuneResult, dict[str, Any] | None]:
     """Fine-tune one way; for BioTune, search (or resume the search) and retrain its best."""
-    ft = finetune_config(setup, "full" if strategy in SCHEDULES else strategy)
+    ft = finetune_config(setup, data, "full" if strategy in SCHEDULES else strategy)
     args = (data.manifest, data.root, data.config)
     if strategy not in SCHEDULES:
         return finetune(ft, *args, folder, seed=seed, weights=data.weights, progress=False), None
@@ -331,7 +341,7 @@ def score_test(result: FinetuneResult, positive: str, n_boot: int, seed: int) ->
 def run(setup: Setup, data: Data, strategy: str, seed: int, work: Path) -> dict[str, Any]:
     """One (dataset, strategy, seed) run, or its saved ``summary.json``. A failure is reported
     (and its traceback kept in ``error.txt``), not saved, so that a rerun tries again."""
-    folder = work / data.name / data.init / strategy / f"seed{seed}"
+    folder = work / data.name / data.backbone / data.init / strategy / f"seed{seed}"
     summary_file = folder / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text(encoding="utf-8"))
@@ -351,7 +361,7 @@ def run(setup: Setup, data: Data, strategy: str, seed: int, work: Path) -> dict[
     summary = {
         **base,
         "weights": str(data.weights) if data.weights else None,
-        "backbone": setup.backbone,
+        "backbone": data.backbone,
         "image_size": data.config.image_size,
         "epochs_run": meta["epochs_run"],
         "best_epoch": meta["best_epoch"],
@@ -496,7 +506,7 @@ def dataset_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[
         "",
         f"{data.spec.source} (train {n['train']}, val {n['val']}, test {n['test']}; classes "
         f"{', '.join(f'`{c}`' for c in data.manifest.classes)}; positive class for operating points: {data.spec.positive}). "
-        f"`{setup.backbone}` at {data.config.image_size} px, RGB, {init}.",
+        f"`{data.backbone}` at {data.config.image_size} px, RGB, {init}.",
         "",
         "| strategy | seed | test macro AUROC [95% CI] | test balanced accuracy [95% CI] | test accuracy | val bal. acc. | epoch-equivalents | wall s |",
         "|---|---:|---|---|---:|---:|---:|---:|",

@@ -101,7 +101,9 @@ def test_finetune_compare_dry_run(tmp_path: Path) -> None:
     perf_text = perf.read_text(encoding="utf-8")
     assert script.PERF_MARKERS[0] in perf_text and "| BUSI | biotune-halving | 1 |" in perf_text
 
-    summary = tmp_path / "work/breastmnist/scratch/biotune-halving/seed0/summary.json"
+    summary = (
+        tmp_path / "work/breastmnist/medtl_tiny_convnext/scratch/biotune-halving/seed0/summary.json"
+    )
     saved = json.loads(summary.read_text(encoding="utf-8"))
     assert saved["search"]["trials"] == 2 and saved["epoch_equivalents"] > 0
     assert (summary.parent / "search" / "trials.db").is_file()
