@@ -442,13 +442,14 @@ def report_epoch(record: dict[str, float], epochs: int, eta_s: float) -> None:
         epochs,
         shown,
         record["seconds"],
-        _duration(eta_s),
+        duration(eta_s),
         extra={"event": "epoch", "epochs": epochs, "eta_s": eta_s, "metrics": record},
     )
     tracking.log_epoch(record, int(record["epoch"]))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``2.5 h``."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

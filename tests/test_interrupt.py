@@ -125,6 +125,7 @@ def test_killed_during_pretraining_and_search_ends_with_the_same_report(tmp_path
     assert ("finetune", True) in starts and ("pretrain", False) in starts
     trials_logged = [e["trial"] for e in events if e.get("event") == "trial"]
     assert trials_logged and all("genome" in t and "fitness" in t for t in trials_logged)
+    assert all(e["eta_s"] >= 0 for e in events if e.get("event") == "trial")
     with sqlite3.connect(killed / "finetune" / "trials.db") as con:
         trials = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
     with sqlite3.connect(plain / "finetune" / "trials.db") as con:

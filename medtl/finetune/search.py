@@ -81,7 +81,7 @@ from medtl.finetune.loop import (
 from medtl.finetune.strategies import plan
 from medtl.io import atomic_write_bytes, atomic_write_text, sha256_file, write_json
 from medtl.models import Classifier, build_classifier
-from medtl.train import Schedule, TrainingError, fit, mix_seed
+from medtl.train import Schedule, TrainingError, duration, fit, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +360,14 @@ class TrialStore:
         if taken != 1:
             return None
         return self.db.execute("SELECT * FROM trials WHERE id = ?", (row[0],)).fetchone()
+
+    def progress(self) -> tuple[int, float]:
+        """Finished trials (trained or looked up) and the mean seconds of a trained one."""
+        finished, mean = self.db.execute(
+            "SELECT COUNT(*), AVG(CASE WHEN reused = 0 THEN seconds END) FROM trials "
+            "WHERE status IN ('done', 'failed')"
+        ).fetchone()
+        return int(finished), float(mean or 0.0)
 
     def heartbeat(self, trial_id: int) -> None:
         self.db.execute("UPDATE trials SET heartbeat = ? WHERE id = ?", (time.time(), trial_id))
@@ -740,11 +748,15 @@ def _run_trial(search: Search, store: TrialStore, trial: sqlite3.Row, worker: st
         store.release(int(trial["id"]), worker)
         raise
     store.finish(int(trial["id"]), worker, "done", result)
+    finished, mean_s = store.progress()
+    planned = search.cfg.generations * sum(r.size * r.seeds for r in rungs(search.cfg))
+    left_s = max(0, planned - finished) * mean_s  # an upper bound: look-ups cost nothing
     log.info(
-        "generation %d rung %d member %d seed %d: val bacc %.4f, %.2f epoch-equivalents",
+        "generation %d rung %d member %d seed %d: val bacc %.4f, %.2f epoch-equivalents; "
+        "%d of at most %d trials finished, at most %s left",
         trial["generation"], trial["rung"], trial["idx"], trial["seed"], result["val_bacc"],
-        result["epoch_equivalents"],
-        extra={"event": "trial", "trial": {**dict(trial), **result}},
+        result["epoch_equivalents"], finished, planned, duration(left_s),
+        extra={"event": "trial", "trial": {**dict(trial), **result}, "eta_s": left_s},
     )  # fmt: skip
 
 
