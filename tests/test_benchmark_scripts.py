@@ -131,3 +131,12 @@ def test_pretrain_benefit_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for init in ("scratch", "random", "entropy"):
         assert re.search(rf"^\| {init} \| 0 \| \S+ \[", text, flags=re.M), init
     assert (tmp_path / "work/pretrain_entropy/encoder.safetensors").is_file()
+
+    # the ablation: another temperature / random share, next to the main runs just made
+    monkeypatch.setattr(sys, "argv", [*argv, "--ablation", "0.5:0.25"])
+    load_script("pretrain_benefit").main()
+    text = out.read_text(encoding="utf-8")
+    assert text.count("<!-- pretrain_benefit:start -->") == 1
+    assert re.search(r"^\| entropy \| 0\.5 \| 0\.25 \| \d\.\d{4} \| 1 \| ", text, flags=re.M)
+    assert re.search(r"^\| scratch \| – \| – \| – \| 1 \| ", text, flags=re.M)  # quoted main run
+    assert (tmp_path / "work/pretrain_entropy_T0.5_R0.25/encoder.safetensors").is_file()
