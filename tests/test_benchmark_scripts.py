@@ -106,6 +106,7 @@ def test_finetune_compare_dry_run(tmp_path: Path) -> None:
     )
     saved = json.loads(summary.read_text(encoding="utf-8"))
     assert saved["search"]["trials"] == 2 and saved["epoch_equivalents"] > 0
+    assert saved["search"]["epoch_equivalents_uncached"] > 0  # the reference code's price
     assert (summary.parent / "search" / "trials.db").is_file()
 
     before = summary.stat().st_mtime_ns
