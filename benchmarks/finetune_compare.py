@@ -468,16 +468,11 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
     ref, halv = ok(runs, "biotune-reference"), ok(runs, "biotune-halving")
     if not ref or not halv:
         return "- Target (halving ≤ 1/4 of reference's epoch-equivalents at equal validation fitness): not measured (a schedule is missing or failed)."
+    # the reference schedule recomputes the frozen prefix every epoch, as the reference code does
     ee_ref = mean([r["search"]["epoch_equivalents"] for r in ref])
-    # the reference code recomputes the frozen prefix every epoch: its price for the same trials
-    ee_ref_code = mean(
-        [
-            r["search"].get("epoch_equivalents_uncached", r["search"]["epoch_equivalents"])
-            for r in ref
-        ]
-    )
     ee_halv = mean([r["search"]["epoch_equivalents"] for r in halv])
-    ratio = ee_halv / ee_ref_code
+    ee_halv_plain = mean([r["search"].get("epoch_equivalents_uncached", math.nan) for r in halv])
+    ratio = ee_halv / ee_ref
     fit_ref = [r["search"]["best_fitness"] for r in ref]
     fit_halv = mean([r["search"]["best_fitness"] for r in halv])
     low, high = min(fit_ref), max(fit_ref)
@@ -490,10 +485,11 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
     met = reached and ratio <= TARGET_RATIO
     return (
         f"- Search epoch-equivalents, halving / reference: **{ratio:.3f}** ({ee_halv:.1f} for medtl's "
-        f"schedule with frozen-prefix caching vs {ee_ref_code:.1f} for the reference schedule at the "
-        f"reference code's price, its frozen prefix recomputed every epoch; means over {len(halv)} and "
-        f"{len(ref)} search seeds; target ≤ {TARGET_RATIO}). Granting the reference medtl's caching "
-        f"too ({ee_ref:.1f}): {ee_halv / ee_ref:.3f}.\n"
+        f"schedule with frozen-prefix caching vs {ee_ref:.1f} for the reference schedule, which "
+        f"recomputes the frozen prefix every epoch as the reference code does; means over "
+        f"{len(halv)} and {len(ref)} search seeds; target ≤ {TARGET_RATIO}). Without caching, "
+        f"medtl's schedule would have spent {ee_halv_plain:.1f} ({ee_halv_plain / ee_ref:.3f} of "
+        f"the reference).\n"
         f"- Best validation fitness (1 − val bal. acc., lower is better): halving {fit_halv:.4f} (mean), "
         f"reference {low:.4f}..{high:.4f} (min..max over seeds): halving is {where} the reference's spread, "
         f"so it {'reaches' if reached else 'does not reach'} the reference's fitness.\n"

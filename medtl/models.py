@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,14 +174,29 @@ def load_weights(model: nn.Module, file: str | Path) -> LoadReport:
     return report
 
 
-def norm_stats(model: nn.Module, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The backbone's mean / std (ImageNet's by default), averaged for one channel."""
+def norm_stats(
+    model: nn.Module,
+    in_chans: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean / std: the given ones, else the backbone's ``pretrained_cfg`` (ImageNet's
+    by default; averaged over channels when the model has another channel count)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(cfg.get("std", IMAGENET_STD))
-    if in_chans == len(mean):
-        return mean, std
-    return (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    stats = []
+    for name, given, default in (("mean", mean, IMAGENET_MEAN), ("std", std, IMAGENET_STD)):
+        if given is not None:
+            values = tuple(float(v) for v in given)
+        else:
+            values = tuple(float(v) for v in cfg.get(name, default))
+            if len(values) != in_chans:
+                values = (sum(values) / len(values),) * in_chans
+        if len(values) != in_chans:
+            raise ValueError(f"{name} {values} does not have {in_chans} values (one per channel)")
+        stats.append(values)
+    if any(s <= 0 for s in stats[1]):
+        raise ValueError(f"std {stats[1]} must be positive")
+    return stats[0], stats[1]
 
 
 class Normalize(nn.Module):
@@ -202,9 +217,15 @@ class Normalize(nn.Module):
 class Classifier(nn.Module):
     """A timm backbone with its head, fed raw ``[0, 1]`` images: ``[B, C, H, W] -> [B, K]``."""
 
-    def __init__(self, backbone: nn.Module, in_chans: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        in_chans: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
-        self.normalize = Normalize(*norm_stats(backbone, in_chans))
+        self.normalize = Normalize(*norm_stats(backbone, in_chans, mean, std))
         self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +237,10 @@ def build_classifier(
     num_classes: int,
     in_chans: int = 3,
     weights: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     **kwargs: Any,
 ) -> Classifier:
-    return Classifier(create_backbone(backbone, num_classes, in_chans, weights, **kwargs), in_chans)
+    """A :class:`Classifier`; ``mean`` / ``std`` default to the backbone's (see norm_stats)."""
+    model = create_backbone(backbone, num_classes, in_chans, weights, **kwargs)
+    return Classifier(model, in_chans, mean, std)

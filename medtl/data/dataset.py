@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ from torch.utils.data import DataLoader
 from medtl.data.manifest import Manifest, check_relative_path, resolve
 from medtl.data.readers import read_array
 from medtl.errors import ConfigError, DataError, MedtlError
+
+log = logging.getLogger(__name__)
 
 KEYS = ("image",)
 # Bump when the deterministic transforms change, so that disk caches written before are unused.
@@ -85,6 +88,14 @@ class DataConfig(BaseModel, extra="forbid"):
         ge=0,
         description="DataLoader worker processes (0 loads in the main process); also the "
         "threads that fill the memory cache.",
+    )
+    normalize: Literal["backbone", "dataset"] = Field(
+        "backbone",
+        description="Standardisation before the network: 'backbone' uses the backbone's "
+        "mean/std (ImageNet's: what ImageNet weights expect); 'dataset' the training split's "
+        "per-channel mean/std at this size, computed when training starts and stored with the "
+        "model, for images far darker or brighter than photographs trained from scratch or "
+        "from a medtl encoder (ConvNeXt's LayerNorms discard a large shared offset).",
     )
 
     @model_validator(mode="after")
@@ -323,6 +334,42 @@ def build_dataset(
         cache_dir = Path(cfg.cache_dir) / cache_key(manifest, cfg)
         return DiskCacheDataset(data, transform, cache_dir=cache_dir)
     return PlainDataset(data, transform)
+
+
+def channel_stats(
+    manifest: Manifest, root: str | Path, cfg: DataConfig, split: str = "train"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of ``split`` as the model sees it (resized,
+    not augmented), accumulated in float64; no other split is read."""
+    plain = cfg.model_copy(update={"cache": "none" if cfg.cache == "memory" else cfg.cache})
+    dataset = build_dataset(manifest, split, root, plain)
+    total = torch.zeros(cfg.channels, dtype=torch.float64)
+    squares = torch.zeros(cfg.channels, dtype=torch.float64)
+    count = 0
+    for i in range(len(dataset)):  # type: ignore[arg-type]
+        image = torch.as_tensor(dataset[i]["image"], dtype=torch.float64).flatten(1)
+        total += image.sum(dim=1)
+        squares += image.pow(2).sum(dim=1)
+        count += image.shape[1]
+    if count == 0:
+        raise DataError(
+            f"split '{split}' of the manifest is empty: no statistics to normalise with"
+        )
+    mean = total / count
+    std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def input_stats(
+    manifest: Manifest, root: str | Path, data_cfg: DataConfig
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``data.loader.normalize``: the training split's per-channel mean / std, or ``None`` for
+    the backbone's own (both logged)."""
+    if data_cfg.normalize != "dataset":
+        return None, None
+    mean, std = channel_stats(manifest, root, data_cfg)
+    log.info("normalising with the training split's mean %s and std %s", mean, std)
+    return mean, std
 
 
 def build_loader(

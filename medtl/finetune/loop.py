@@ -21,7 +21,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from medtl import __version__
-from medtl.data.dataset import DataConfig, build_dataset
+from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import atomic_open, write_json
@@ -194,7 +194,10 @@ def finetune(
     if not manifest.classes:
         raise ConfigError("fine-tuning needs a labelled manifest; this one has no classes")
     torch.manual_seed(seed)
-    model = build_classifier(cfg.backbone, len(manifest.classes), data_cfg.channels, weights)
+    mean, std = input_stats(manifest, root, data_cfg)
+    model = build_classifier(
+        cfg.backbone, len(manifest.classes), data_cfg.channels, weights, mean=mean, std=std
+    )
     train_ds = build_dataset(
         manifest,
         "train",
@@ -266,6 +269,11 @@ def finetune(
         "in_chans": data_cfg.channels,
         "image_size": data_cfg.image_size,
         "resize": data_cfg.resize,
+        "normalize": {
+            "source": data_cfg.normalize,
+            "mean": model.normalize.mean.flatten().tolist(),
+            "std": model.normalize.std.flatten().tolist(),
+        },
         "strategy": cfg.strategy,
         "plan": the_plan.describe(),
         "init_weights": str(weights) if weights else None,
@@ -331,6 +339,13 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
             f"{folder} holds no fine-tuned model ({MODEL_FILE} and {META_FILE}); run 'medtl finetune' first"
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    model = build_classifier(meta["backbone"], len(meta["classes"]), meta["in_chans"])
+    stats = meta.get("normalize") or {}  # models from before normalize was recorded: backbone's
+    model = build_classifier(
+        meta["backbone"],
+        len(meta["classes"]),
+        meta["in_chans"],
+        mean=stats.get("mean"),
+        std=stats.get("std"),
+    )
     model.backbone.load_state_dict(load_file(str(model_path)), strict=True)
     return model.eval(), meta

@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from medtl import tracking
-from medtl.data.dataset import DataConfig, build_dataset
+from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.finetune import evolution as ea
@@ -464,6 +464,7 @@ class Search:
         self.seeds = [cfg.seed + i for i in range(cfg.seeds)]
         self.rungs = rungs(cfg)
         self.n_train, self.n_val = len(manifest.split("train")), len(manifest.split("val"))
+        self.mean, self.std = input_stats(manifest, self.root, data_cfg)
         self.augment = "none" if cfg.cache_prefix else ft.augment
         self.cache = px.FeatureCache(2)
         self._data: dict[str, Any] = {}
@@ -479,7 +480,9 @@ class Search:
         """The candidate's initial model, built under ``seed`` as ``finetune`` builds it."""
         torch.manual_seed(seed)
         classes, channels = len(self.manifest.classes), self.data_cfg.channels
-        return build_classifier(self.ft.backbone, classes, channels, self.weights)
+        return build_classifier(
+            self.ft.backbone, classes, channels, self.weights, mean=self.mean, std=self.std
+        )
 
     def identity(self) -> dict[str, Any]:
         """What must match for workers and resumed runs to share a store."""
@@ -487,7 +490,11 @@ class Search:
         return {
             "biotune": self.cfg.model_dump(mode="json", exclude=skip),
             "finetune": self.ft.model_dump(mode="json", exclude=RETRAIN_ONLY),
-            "data": self.data_cfg.model_dump(mode="json"),
+            # stores made before data.loader.normalize existed stay valid at its default
+            "data": self.data_cfg.model_dump(
+                mode="json",
+                exclude={"normalize"} if self.data_cfg.normalize == "backbone" else None,
+            ),
             "manifest": self.manifest.sha256,
             "weights": sha256_file(self.weights) if self.weights else None,
             "blocks": self.blocks,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
-from medtl.data.dataset import DataConfig, build_dataset
+from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import atomic_open, write_json
@@ -136,8 +137,14 @@ def mae_step(strategy: MaskingStrategy, patch: int) -> Any:
     return step
 
 
-def build_model(cfg: PretrainConfig, data_cfg: DataConfig) -> MaskedAutoencoder:
-    options: dict[str, Any] = {}
+def build_model(
+    cfg: PretrainConfig,
+    data_cfg: DataConfig,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> MaskedAutoencoder:
+    """The MAE of ``cfg.backbone``; ``mean`` / ``std`` default to the backbone's."""
+    options: dict[str, Any] = {"mean": mean, "std": std}
     if cfg.decoder_dim is not None:
         options["decoder_dim"] = cfg.decoder_dim
     if cfg.decoder_depth is not None:
@@ -190,7 +197,8 @@ def pretrain(
     ``loss.png`` and ``masks_epochNNN.png`` grids into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    mae = build_model(cfg, data_cfg)
+    mean, std = input_stats(manifest, root, data_cfg)
+    mae = build_model(cfg, data_cfg, mean, std)
     strategy = build_strategy(cfg, mae)
     data = build_dataset(
         manifest,
@@ -236,6 +244,11 @@ def pretrain(
         "in_chans": data_cfg.channels,
         "image_size": data_cfg.image_size,
         "patch_size": mae.patch_size,
+        "normalize": {
+            "source": data_cfg.normalize,
+            "mean": mae.mean.flatten().tolist(),
+            "std": mae.std.flatten().tolist(),
+        },
         "masking": describe_strategy(cfg.masking, strategy),
         "epochs": cfg.epochs,
         "epochs_run": len(result.history),

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from medtl.errors import ConfigError
+from medtl.models import norm_stats
 from medtl.pretrain.masking import grid_size
 
 __all__ = [
@@ -97,27 +98,6 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         raise ValueError(f"mask {tuple(mask.shape)} does not match {pred.shape[1]} patches")
     per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def norm_stats(
-    model: nn.Module,
-    in_chans: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std: given ones, else the model's ``pretrained_cfg`` (averaged for 1 channel)."""
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    stats = []
-    for name, given in (("mean", mean), ("std", std)):
-        values = tuple(float(v) for v in (given if given is not None else cfg.get(name, ())))
-        if given is None and in_chans == 1 and len(values) > 1:
-            values = (sum(values) / len(values),)
-        if len(values) != in_chans:
-            raise ValueError(f"{name} {values} does not have {in_chans} values (one per channel)")
-        stats.append(values)
-    if any(s <= 0 for s in stats[1]):
-        raise ValueError(f"std {stats[1]} must be positive")
-    return stats[0], stats[1]
 
 
 def _resize_keep(keep: Tensor, like: Tensor) -> Tensor:
