@@ -198,8 +198,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from medtl.pipeline import run_pretrain
 
-    ctx = _run_context(args)
-    encoder = run_pretrain(ctx, resume=not args.no_resume)
+    with _run_context(args) as ctx:
+        encoder = run_pretrain(ctx, resume=not args.no_resume)
     print(f"encoder: {encoder}")
     return 0
 
@@ -207,8 +207,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from medtl.pipeline import run_finetune
 
-    ctx = _run_context(args)
-    folder = run_finetune(ctx, resume=not args.no_resume)
+    with _run_context(args) as ctx:
+        folder = run_finetune(ctx, resume=not args.no_resume)
     print(f"fine-tuned model: {folder}")
     return 0
 
@@ -216,11 +216,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from medtl.pipeline import run_all
 
-    ctx = _run_context(args)
-    try:
+    with _run_context(args) as ctx:
         done = run_all(ctx, resume=not args.no_resume, force=args.force)
-    finally:
-        ctx.close()
     if args.log_format == "json":
         print(json.dumps({"run": str(ctx.out), "stages": {k: str(v) for k, v in done.items()}}))
     else:
@@ -234,34 +231,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     from medtl.finetune.search import BioTuneConfig, run_worker
     from medtl.pipeline import run_finetune
 
-    ctx = _run_context(args)
-    cfg = ctx.recipe.section("finetune")
-    if cfg.strategy != "biotune":
-        raise ConfigError(
-            f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to 'biotune' to search"
-        )
-    if args.worker:
-        weights = (
-            str(ctx.out / "pretrain" / "encoder.safetensors")
-            if cfg.weights == "pretrain"
-            else cfg.weights
-        )
-        search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
-        n = run_worker(
-            search,
-            cfg,
-            ctx.manifest,
-            ctx.root,
-            ctx.recipe.section("data").loader,
-            ctx.out / "finetune",
-            weights,
-            ctx.device,
-            ctx.progress,
-        )
-        print(f"worker trained {n} trial(s)")
+    with _run_context(args) as ctx:
+        cfg = ctx.recipe.section("finetune")
+        if cfg.strategy != "biotune":
+            raise ConfigError(
+                f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to 'biotune' to search"
+            )
+        if args.worker:
+            weights = (
+                str(ctx.out / "pretrain" / "encoder.safetensors")
+                if cfg.weights == "pretrain"
+                else cfg.weights
+            )
+            search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
+            n = run_worker(
+                search,
+                cfg,
+                ctx.manifest,
+                ctx.root,
+                ctx.recipe.section("data").loader,
+                ctx.out / "finetune",
+                weights,
+                ctx.device,
+                ctx.progress,
+            )
+            print(f"worker trained {n} trial(s)")
+            return 0
+        print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
         return 0
-    print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
-    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

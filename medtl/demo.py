@@ -107,14 +107,14 @@ def run_demo(
     recipe = load_recipe(
         DEMO_RECIPE, [f"seed={seed}", f"data.loader.image_size={size}", *(overrides or [])]
     )
-    ctx = open_run(recipe, out, str(data), "auto", progress=not quiet)
-    log.info(
-        "manifest: %d images, classes %s, splits %s",
-        len(ctx.manifest.rows),
-        ctx.manifest.classes,
-        ctx.manifest.counts(),
-    )
-    done = run_all(ctx)
+    with open_run(recipe, out, str(data), "auto", progress=not quiet) as ctx:
+        log.info(
+            "manifest: %d images, classes %s, splits %s",
+            len(ctx.manifest.rows),
+            ctx.manifest.classes,
+            ctx.manifest.counts(),
+        )
+        done = run_all(ctx)
     summary = {
         "dataset": "synthetic phantom (not patient data)",
         "run": str(out),

@@ -37,6 +37,12 @@ class RunContext:
         """Flush and close the trackers (TensorBoard writers, the MLflow run)."""
         self.tracker.close()
 
+    def __enter__(self) -> RunContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def pick_device(name: str) -> str:
     if name == "auto":
