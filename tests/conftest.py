@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,3 +29,18 @@ def write_png(path: Path, size: tuple[int, int] = (40, 32), seed: int = 0, mode:
     arr = rng.integers(0, 256, size=(size[1], size[0], *channels), dtype=np.uint8)
     Image.fromarray(arr, mode=mode).save(path)
     return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models on one intra-op thread: they gain nothing from more, and lose much on a busy
+    2-core machine. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` for ``medtl.cli.main``."""
+    return [arg for o in overrides for arg in ("--set", o)]

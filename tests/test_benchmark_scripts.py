@@ -10,27 +10,18 @@ import importlib.util
 import json
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
-import torch
 
 from medtl.data.prepare import prepare
 from medtl.demo import make_phantom
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Toy models on one intra-op thread: several times faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_script(name: str) -> ModuleType:

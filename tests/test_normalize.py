@@ -4,7 +4,6 @@ computed from the training split only and carried with the encoder and the class
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,7 @@ from medtl.finetune.loop import FinetuneConfig, finetune, load_classifier, predi
 from medtl.models import IMAGENET_MEAN, IMAGENET_STD
 from medtl.pretrain.loop import PretrainConfig, pretrain
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,19 @@ would (from the repository root).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from medtl.cli import main
 from medtl.data.adapters import ISIC_CLASSES, KVASIR_CLASSES
 from medtl.data.manifest import Manifest
 from medtl.pipeline import STAGES
-from tests.conftest import shared
+from tests.conftest import sets, shared
 from tests.data.test_adapters import (
     image,
     isic_id,
@@ -38,7 +37,7 @@ from tests.data.test_adapters import (
 )
 from tests.data.test_scans import write_dicom, write_nifti
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -72,20 +71,6 @@ FIXTURE = [
     "data.split_ratios.val=0.25",
     "data.split_ratios.test=0.25",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and lose much on a busy machine
-    (BUSI's real-data run: 5 s of pretraining with one thread, 84 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 @dataclass

@@ -7,17 +7,18 @@ import importlib.util
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from medtl.cli import main
 from medtl.demo import DEMO_RECIPE, make_phantom
 from medtl.errors import ConfigError
 from medtl.recipe import load_recipe
 from medtl.tracking import JsonFormatter, TrackingConfig
+from tests.conftest import sets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
     "pretrain.backbone=medtl_tiny_convnext",
@@ -30,18 +31,6 @@ TINY = [
     "evaluate.n_boot=100",
     "data.loader.image_size=32",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 def run(tmp_path: Path, *extra: str, overrides: tuple[str, ...] = ()) -> Path:

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -26,15 +25,6 @@ from medtl.models import build_classifier
 
 CLASSES = ["left", "right"]
 SPLITS = {"train": 12, "val": 8, "test": 4}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _image(path: Path, label: int, seed: int) -> None:
@@ -332,6 +322,8 @@ from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
 from medtl.finetune import search as bt
 from medtl.finetune.loop import FinetuneConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 a = json.loads(sys.argv[1])
 cfg, ft, data = bt.BioTuneConfig(**a["cfg"]), FinetuneConfig(**a["ft"]), DataConfig(**a["data"])
 manifest = Manifest.load(a["manifest"])
