@@ -242,7 +242,7 @@ def prefix_digest(model: nn.Module, segments: Sequence[Segment], k: int) -> str:
         if any(_owned(name, s.names) for s in segments[:k]):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -14,16 +14,9 @@ from medtl.finetune import prefix as px
 from medtl.models import Classifier, build_classifier
 from medtl.train import Schedule, fit, supervised_step
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BACKBONES = ["medtl_tiny_convnext", "test_resnet", "medtl_tiny_vit"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models gain nothing from intra-op threads, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Blobs(Dataset):
@@ -184,3 +177,18 @@ def test_feature_cache_computes_once_per_key_and_forgets_the_oldest() -> None:
     cache.get("c", make("c"))  # evicts a
     assert cache.get("a", make("a")) == ("a", False)
     assert calls == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_prefix_digest_of_every_cut_and_family(backbone: str) -> None:
+    """Every cut hashes, BatchNorm's 0-d ``num_batches_tracked`` counter included (ResNet)."""
+    model = _model(backbone)
+    segments = px.segments_of(model)
+    assert segments is not None
+    digests = [px.prefix_digest(model, segments, k) for k in range(len(segments) + 1)]
+    assert len(set(digests)) == len(digests)
+    if backbone == "test_resnet":
+        counters = [b for n, b in model.named_buffers() if n.endswith("num_batches_tracked")]
+        assert counters and counters[0].dim() == 0
+        counters[0].add_(1)  # the first BatchNorm sits in the stem, inside every prefix
+        assert px.prefix_digest(model, segments, 1) != digests[1]
