@@ -178,6 +178,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out-results", type=Path, default=ROOT / "docs/results.md")
     add("--out-performance", type=Path, default=ROOT / "docs/performance.md")
     add("--dry-run-tiny", action="store_true", help="toy scale: test backbone, 32 px, 1 epoch")
+    add(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the tables from the finished runs and list the missing ones",
+    )
     return parser.parse_args(argv)
 
 
@@ -350,14 +355,19 @@ def score_test(result: FinetuneResult, positive: str, n_boot: int, seed: int) ->
     }
 
 
-def run(setup: Setup, data: Data, strategy: str, seed: int, work: Path) -> dict[str, Any]:
+def run(
+    setup: Setup, data: Data, strategy: str, seed: int, work: Path, train_missing: bool = True
+) -> dict[str, Any]:
     """One (dataset, strategy, seed) run, or its saved ``summary.json``. A failure is reported
-    (and its traceback kept in ``error.txt``), not saved, so that a rerun tries again."""
+    (and its traceback kept in ``error.txt``), not saved, so that a rerun tries again. With
+    ``train_missing`` false, a run not finished yet is returned as ``{"missing": True}``."""
     folder = work / data.name / data.backbone / data.init / strategy / f"seed{seed}"
     summary_file = folder / "summary.json"
     if summary_file.is_file():
         return with_uncached(json.loads(summary_file.read_text(encoding="utf-8")), folder, data)
     base = {"dataset": data.name, "strategy": strategy, "seed": seed, "init": data.init}
+    if not train_missing:
+        return {**base, "missing": True}
     try:
         result, search = train(setup, data, strategy, seed, folder)
     except (MedtlError, ValueError, RuntimeError) as exc:
@@ -585,7 +595,11 @@ def footer(command: str) -> list[str]:
 
 
 def results_section(
-    setup: Setup, datasets: list[Data], runs: list[dict[str, Any]], command: str
+    setup: Setup,
+    datasets: list[Data],
+    runs: list[dict[str, Any]],
+    command: str,
+    missing: Sequence[dict[str, Any]] = (),
 ) -> str:
     s = setup.search
     lines = [
@@ -606,6 +620,14 @@ def results_section(
         "search plus the retrain); wall s likewise.",
         "",
     ]
+    if missing:
+        names = ", ".join(f"{r['dataset']} {r['strategy']} seed {r['seed']}" for r in missing)
+        lines += [
+            f"**Partial: {len(missing)} of {len(missing) + len(runs)} runs have not been run yet** "
+            f"({names}); the tables below hold the finished ones, and a verdict needs both BioTune "
+            "schedules.",
+            "",
+        ]
     for data in datasets:
         lines += dataset_block(data, [r for r in runs if r["dataset"] == data.name], setup)
     lines += [*footer(command), RESULTS_MARKERS[1]]
@@ -670,16 +692,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = image_sizes(args.image_size, setup.tiny)
     datasets = [load_data(name, args, setup, sizes[name]) for name in args.datasets]
     runs = [  # seed by seed, so that an interrupted run has every strategy once
-        run(setup, data, strategy, seed, args.work)
+        run(setup, data, strategy, seed, args.work, not args.report_only)
         for data in datasets
         for seed in args.seeds
         for strategy in args.strategies
     ]
+    missing = [r for r in runs if r.get("missing")]
+    runs = [r for r in runs if not r.get("missing")]
     runs.sort(key=lambda r: (args.datasets.index(r["dataset"]), STRATEGIES.index(r["strategy"])))
     command = "python benchmarks/finetune_compare.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    results = results_section(setup, datasets, runs, command.strip())
+    results = results_section(setup, datasets, runs, command.strip(), missing)
     print(results)
     write_marked_section(args.out_results, results, *RESULTS_MARKERS, "Results")
     write_marked_section(

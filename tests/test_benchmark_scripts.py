@@ -105,6 +105,13 @@ def test_finetune_compare_dry_run(tmp_path: Path) -> None:
     assert summary.stat().st_mtime_ns == before
     assert results.read_text(encoding="utf-8").count(script.RESULTS_MARKERS[0]) == 1
 
+    # --report-only trains nothing: a seed never run is listed as missing, not trained
+    script.main([*argv[:2], "0", "1", *argv[3:], "--report-only"])
+    assert not (summary.parent.parent / "seed1").exists()
+    text = results.read_text(encoding="utf-8")
+    assert re.search(r"\*\*Partial: 12 of 24 runs have not been run yet\*\*", text)
+    assert "breastmnist biotune-halving seed 1" in text
+
 
 @pytest.mark.slow
 def test_pretrain_benefit_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
