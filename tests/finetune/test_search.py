@@ -23,6 +23,8 @@ from medtl.finetune import search as bt
 from medtl.finetune.loop import FinetuneConfig
 from medtl.models import build_classifier
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ["left", "right"]
 SPLITS = {"train": 12, "val": 8, "test": 4}
 
@@ -322,8 +324,6 @@ from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
 from medtl.finetune import search as bt
 from medtl.finetune.loop import FinetuneConfig
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 a = json.loads(sys.argv[1])
 cfg, ft, data = bt.BioTuneConfig(**a["cfg"]), FinetuneConfig(**a["ft"]), DataConfig(**a["data"])
 manifest = Manifest.load(a["manifest"])
