@@ -6,6 +6,7 @@ previous stage wrote to the run folder, so any stage can be rerun, resumed or re
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -250,8 +251,6 @@ def run_report(ctx: RunContext) -> Path:
 
 def track_evaluation(path: Path) -> None:
     """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``."""
-    import json
-
     for entry in json.loads(path.read_text())["entries"]:
         if entry["status"] != "ok":
             continue

@@ -32,8 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medtl.io import finite, write_json
 
-log = logging.getLogger(__name__)
-
 LOG_FILE = "log.jsonl"
 STATE_FILE = "tracking.json"
 

@@ -14,7 +14,15 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from medtl.models import build_classifier
-from medtl.train import CHECKPOINT, Schedule, StepContext, TrainingError, fit, supervised_step
+from medtl.train import (
+    CHECKPOINT,
+    FitResult,
+    Schedule,
+    StepContext,
+    TrainingError,
+    fit,
+    supervised_step,
+)
 
 
 class Blobs(Dataset):
@@ -115,30 +123,30 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
-def test_early_stopping_restores_best_weights(tmp_path: Path) -> None:
-    scores = iter([0.5, 0.9, 0.7, 0.6, 0.8, 0.99])
-    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+def _fit_scored(
+    model: torch.nn.Module, scores: list[float], sched: Schedule, out: Path, **kwargs: Any
+) -> FitResult:
+    """``fit`` whose validation returns ``scores`` in turn as the monitored ``val_score``."""
+    feed = iter(scores)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return {"val_score": next(scores)}
+        return {"val_score": next(feed)}
+
+    return fit(
+        model, supervised_step, _groups(model), Blobs(), sched, out,
+        evaluate=evaluate, monitor="val_score", progress=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_early_stopping_restores_best_weights(tmp_path: Path) -> None:
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def remember(model: torch.nn.Module, epoch: int, record: dict[str, float]) -> None:
         snapshots[epoch + 1] = {k: v.clone() for k, v in model.state_dict().items()}
 
     model = _model()
     sched = Schedule(epochs=6, batch_size=16, patience=2)
-    r = fit(
-        model,
-        supervised_step,
-        _groups(model),
-        Blobs(),
-        sched,
-        tmp_path,
-        evaluate=evaluate,
-        monitor="val_score",
-        on_epoch_end=remember,
-        progress=False,
-    )
+    r = _fit_scored(model, [0.5, 0.9, 0.7, 0.6, 0.8, 0.99], sched, tmp_path, on_epoch_end=remember)
     assert r.stopped_early and r.best_epoch == 2 and len(r.history) == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[2][k])
@@ -215,24 +223,8 @@ def test_ddp_two_processes_follow_one_process(tmp_path: Path) -> None:
 
 
 def test_min_epochs_holds_off_early_stopping(tmp_path: Path) -> None:
-    scores = iter([0.5, 0.5, 0.5, 0.5, 0.6, 0.6])
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return {"val_score": next(scores)}
-
-    model = _model()
     sched = Schedule(epochs=6, batch_size=16, patience=2, min_epochs=5)
-    r = fit(
-        model,
-        supervised_step,
-        _groups(model),
-        Blobs(),
-        sched,
-        tmp_path,
-        evaluate=evaluate,
-        monitor="val_score",
-        progress=False,
-    )
+    r = _fit_scored(_model(), [0.5, 0.5, 0.5, 0.5, 0.6, 0.6], sched, tmp_path)
     assert (
         len(r.history) == 6 and r.best_epoch == 5
     )  # without min_epochs it would stop after epoch 3

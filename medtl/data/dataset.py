@@ -363,8 +363,8 @@ def channel_stats(
 def input_stats(
     manifest: Manifest, root: str | Path, data_cfg: DataConfig
 ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """``data.loader.normalize``: the training split's per-channel mean / std, or ``None`` for
-    the backbone's own (both logged)."""
+    """``data.loader.normalize``: the training split's per-channel mean / std (logged), or
+    ``None`` for the backbone's own."""
     if data_cfg.normalize != "dataset":
         return None, None
     mean, std = channel_stats(manifest, root, data_cfg)
