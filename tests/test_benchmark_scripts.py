@@ -86,8 +86,12 @@ def test_finetune_compare_dry_run(tmp_path: Path) -> None:
         assert len(rows) == 2, f"{strategy}: no test AUROC with a CI on both datasets"
     assert "| ResNet-18 (28) | 0.901 | 0.863 |" in section
     assert "| Google AutoML Vision | 0.919 | 0.861 |" in section
-    assert len(re.findall(r"Search epoch-equivalents, halving / reference: \*\*\d", section)) == 2
-    assert len(re.findall(r"\*\*Target \(halving reaches .*: (met|not met)\.\*\*", section)) == 2
+    assert len(re.findall(r"Whole searches, halving / reference: \d", section)) == 2
+    assert len(re.findall(r"At equal validation fitness, search seed 0: .* (\*\*ratio \d|never)", section)) == 2  # fmt: skip
+    assert len(re.findall(r"\*\*Target \(halving reaches .*: (met|not met) \(ratio", section)) == 2
+    for name in ("busi", "breastmnist"):  # the anytime curves of both schedules
+        figure = f"finetune_compare_{name}_schedules.png"
+        assert f"(img/{figure})" in section and (results.parent / "img" / figure).is_file()
     assert re.search(r"\*\*Target \(best recipe beats ResNet-18 \(28\).*: (met|not met)\.\*\*", section)  # fmt: skip
     perf_text = perf.read_text(encoding="utf-8")
     assert script.PERF_MARKERS[0] in perf_text and "| BUSI | biotune-halving | 1 |" in perf_text
@@ -111,6 +115,17 @@ def test_finetune_compare_dry_run(tmp_path: Path) -> None:
     text = results.read_text(encoding="utf-8")
     assert re.search(r"\*\*Partial: 12 of 24 runs have not been run yet\*\*", text)
     assert "breastmnist biotune-halving seed 1" in text
+
+    # --search-seeds 0: seed 1 retrains search seed 0's genome, no second search
+    script.main([*argv[:2], "0", "1", *argv[3:], "--datasets", "breastmnist", "--strategies",
+                 "biotune-halving", "--search-seeds", "0"])  # fmt: skip
+    seed1 = summary.parent.parent / "seed1"
+    shared = json.loads((seed1 / "summary.json").read_text(encoding="utf-8"))
+    assert shared["search"]["shared_from_seed"] == 0 and not (seed1 / "search").exists()
+    assert shared["search"]["strategy_options"] == saved["search"]["strategy_options"]
+    assert shared["epoch_equivalents"] > saved["search"]["epoch_equivalents"]  # search + retrain
+    text = results.read_text(encoding="utf-8")
+    assert "| biotune-halving | 1 (genome of search 0) | " in text
 
 
 @pytest.mark.slow
