@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 from pathlib import Path
@@ -61,7 +62,12 @@ def test_fit_learns_and_writes_history(tmp_path: Path) -> None:
     assert (tmp_path / CHECKPOINT).is_file()
 
 
-def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "stop", [7, 5, 10], ids=["mid-epoch", "epoch-last-step", "epoch-2-last-step"]
+)
+def test_resume_equals_uninterrupted(tmp_path: Path, stop: int) -> None:
+    """Killed mid-epoch, or after an epoch's last step but before its end-of-epoch work (48
+    samples in batches of 10: 5 steps an epoch), the resumed run ends bit-equal."""
     sched = Schedule(epochs=3, lr=2e-3, batch_size=10, checkpoint_every=2)
     full = _model()
     fit(
@@ -77,8 +83,8 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
         tmp_path / "b",
         seed=5,
         progress=False,
-        stop_after_steps=7,
-    )  # killed in the middle of epoch 2
+        stop_after_steps=stop,
+    )
     assert r.extra["interrupted"]
     resumed = _model(seed=123)  # whatever the fresh init, the checkpoint decides
     fit(
@@ -93,6 +99,12 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     )
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+    def history(run: str) -> list[dict[str, str]]:  # wall seconds left out
+        with open(tmp_path / run / "history.csv", newline="") as f:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+    assert history("b") == history("a") and len(history("b")) == 3  # no epoch lost or repeated
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
