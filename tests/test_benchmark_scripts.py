@@ -154,3 +154,32 @@ def test_pretrain_benefit_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert re.search(r"^\| entropy \| 0\.5 \| 0\.25 \| \d\.\d{4} \| 1 \| ", text, flags=re.M)
     assert re.search(r"^\| scratch \| – \| – \| – \| 1 \| ", text, flags=re.M)  # quoted main run
     assert (tmp_path / "work/pretrain_entropy_T0.5_R0.25/encoder.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_breastmnist_recipes_tiny(tmp_path: Path) -> None:
+    """Two seeds of the ResNet-18 recipe at toy scale: per-seed rows with CIs, the ensemble of
+    both, the verdict; a second call with ``--report-only`` trains nothing and says the same."""
+    root, manifest = fake_breastmnist(tmp_path)
+    out = tmp_path / "results.md"
+    tiny = [
+        f"data.manifest={manifest}", "finetune.backbone=medtl_tiny_convnext",
+        "data.loader.image_size=32", "finetune.epochs=1", "finetune.batch_size=8",
+        "evaluate.n_boot=100",
+    ]  # fmt: skip
+    argv = [
+        "--recipes", "breastmnist_resnet18", "--seeds", "0", "1", "--data-root", str(root),
+        "--work", str(tmp_path / "work"), "--out-results", str(out),
+        *[x for o in tiny for x in ("--set", o)],
+    ]  # fmt: skip
+    script = load_script("breastmnist_recipes")
+    script.main(argv)
+    text = out.read_text(encoding="utf-8")
+    for seed in ("0", "1", "ensemble of 2"):
+        assert re.search(rf"^\| `breastmnist_resnet18` \| {seed} \| \d\.\d+ \[", text, re.M), seed
+    assert re.search(r"\*\*Target \(best recipe beats .*\): (met|not met)\*\*", text)
+    evaluation = tmp_path / "work/breastmnist_resnet18/ensemble/evaluation.json"
+    before = evaluation.stat().st_mtime_ns
+    script.main([*argv, "--report-only"])
+    assert evaluation.stat().st_mtime_ns == before
+    assert out.read_text(encoding="utf-8").count(script.MARKERS[0]) == 1
