@@ -133,6 +133,7 @@ class Data:
     init: str  # "scratch" or "encoder-<sha8>": runs from different inits never share a folder
     cuts: Cuts
     blocks: list[str]
+    min_epochs: int | None = None  # the halving schedule's first rung, when not the preset's
 
     @property
     def val_ratio(self) -> float:
@@ -170,6 +171,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=PX",
         help="input side per dataset (default busi=128 breastmnist=64)",
+    )
+    add(
+        "--halving-min-epochs",
+        nargs="+",
+        default=[],
+        metavar="NAME=N",
+        help="epochs of the halving schedule's first rung per dataset (default: the preset's); "
+        "runs with another value live in their own folders (biotune-halving-minN)",
     )
     add(
         "--weights",
@@ -212,14 +221,20 @@ def make_setup(args: argparse.Namespace) -> Setup:
     return Setup("medtl_tiny_convnext", 1, 1, args.lr, 8, 50, search, True, seeds)
 
 
+def named_ints(items: Sequence[str], option: str) -> dict[str, int]:
+    """``["busi=5"]`` -> ``{"busi": 5}``; anything else exits naming the option."""
+    out = {}
+    for item in items:
+        name, _, n = item.partition("=")
+        if name not in DATASETS or not n.isdigit():
+            sys.exit(f"{option} {item!r}: use NAME=N with NAME in {', '.join(DATASETS)}")
+        out[name] = int(n)
+    return out
+
+
 def image_sizes(items: Sequence[str], tiny: bool) -> dict[str, int]:
     sizes = {name: (32 if tiny else spec.image_size) for name, spec in DATASETS.items()}
-    for item in items:
-        name, _, px = item.partition("=")
-        if name not in DATASETS or not px.isdigit():
-            sys.exit(f"--image-size {item!r}: use NAME=PX with NAME in {', '.join(DATASETS)}")
-        sizes[name] = int(px)
-    return sizes
+    return {**sizes, **named_ints(items, "--image-size")}
 
 
 def resolve_weights(name: str, given: str | None, tiny: bool) -> Path | None:
@@ -264,7 +279,10 @@ def load_data(name: str, args: argparse.Namespace, setup: Setup, size: int) -> D
     rows = len(manifest.split("train")) + len(manifest.split("val"))
     cuts = Cuts.of(model, blocks, sample, rows)
     blocks_named = [b.name for b in blocks]
-    return Data(name, spec, root, manifest, config, backbone, weights, init, cuts, blocks_named)
+    min_epochs = named_ints(args.halving_min_epochs, "--halving-min-epochs").get(name)
+    return Data(
+        name, spec, root, manifest, config, backbone, weights, init, cuts, blocks_named, min_epochs
+    )  # fmt: skip
 
 
 def finetune_config(setup: Setup, data: Data, strategy: str) -> FinetuneConfig:
@@ -354,7 +372,8 @@ def train(
             ft, *args, folder / "final", seed=seed, weights=data.weights, progress=False
         )
         return retrained, search
-    cfg = BioTuneConfig(**setup.search, schedule=SCHEDULES[strategy], seed=seed)
+    extra = {"min_epochs": data.min_epochs} if data.min_epochs is not None else {}
+    cfg = BioTuneConfig(**setup.search, schedule=SCHEDULES[strategy], seed=seed, **extra)
     result = biotune_search(cfg, ft, *args, folder / "search", data.weights, progress=False)
     assert result.finetune is not None
     return result.finetune, search_summary(result)
@@ -381,7 +400,10 @@ def score_test(result: FinetuneResult, positive: str, n_boot: int, seed: int) ->
 
 
 def run_folder(work: Path, data: Data, strategy: str, seed: int) -> Path:
-    return work / data.name / data.backbone / data.init / strategy / f"seed{seed}"
+    name = strategy
+    if strategy == "biotune-halving" and data.min_epochs is not None:
+        name += f"-min{data.min_epochs}"
+    return work / data.name / data.backbone / data.init / name / f"seed{seed}"
 
 
 def run(
@@ -726,7 +748,14 @@ def dataset_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[
     if searched:
         lines += [
             f"BioTune searches on {data.spec.title} (fitness and search cost from the candidates, "
-            "trained without augmentation; retrain = the best genome fine-tuned as the other rows):",
+            "trained without augmentation; retrain = the best genome fine-tuned as the other rows)"
+            + (
+                f"; here the halving schedule's first rung trains {data.min_epochs} epochs "
+                f"(`--halving-min-epochs {data.name}={data.min_epochs}`), not the preset's "
+                f"{BioTuneConfig(**setup.search).min_epochs}:"
+                if data.min_epochs is not None
+                else ":"
+            ),
             "",
             "| schedule | search seed | best val fitness | best val bal. acc. | search epoch-eq. | same trials, prefix recomputed every epoch | search s | trials trained / looked up | retrain epoch-eq. | retrain s | retrain val bal. acc. |",
             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
