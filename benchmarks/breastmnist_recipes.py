@@ -27,7 +27,8 @@ import torch
 import yaml
 
 from medtl.cli import main as medtl
-from medtl.io import write_marked_section
+from medtl.io import atomic_write_text, write_marked_section
+from medtl.report.tables import fmt_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- breastmnist_recipes:start -->", "<!-- breastmnist_recipes:end -->")
@@ -100,11 +101,16 @@ def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) 
     out = args.work / recipe / "ensemble"
     evaluation = out / "evaluation.json"
     seeds = [r["seed"] for r in runs]
-    stamp = out / "SEEDS"
-    if not args.report_only and (
-        not evaluation.is_file()
-        or stamp.read_text(encoding="utf-8").split() != list(map(str, seeds))
-    ):
+    stamp = out / "SEEDS"  # the seeds the saved evaluation averaged
+
+    def current() -> bool:
+        return (
+            evaluation.is_file()
+            and stamp.is_file()
+            and stamp.read_text(encoding="utf-8").split() == list(map(str, seeds))
+        )
+
+    if not args.report_only and not current():
         models = [x for r in runs for x in ("--model", f"{r['model_dir']}@seed{r['seed']}")]
         data = f"{run_manifest(runs[0]['model_dir'].parent)}:{args.data_root}@breastmnist"
         code = medtl(
@@ -112,8 +118,8 @@ def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) 
              "--positive", "malignant", "--ensemble"]
         )  # fmt: skip
         if code == 0:
-            stamp.write_text(" ".join(map(str, seeds)) + "\n", encoding="utf-8")
-    if not evaluation.is_file():
+            atomic_write_text(stamp, " ".join(map(str, seeds)) + "\n")
+    if not current():  # never an ensemble of other seeds
         return {}
     found = {k: v for k, v in entry_metrics(evaluation).items() if "ensemble" in k}
     return (
@@ -123,10 +129,6 @@ def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) 
     )
 
 
-def fmt(entry: dict[str, Any]) -> str:
-    return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
-
-
 def mean_sd(values: Sequence[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}" if values else "–"
@@ -134,7 +136,6 @@ def mean_sd(values: Sequence[float]) -> str:
 
 
 def section(
-    args: argparse.Namespace,
     results: dict[str, list[dict[str, Any]]],
     ensembles: dict[str, dict[str, Any]],
     command: str,
@@ -156,15 +157,15 @@ def section(
         for r in runs:
             m = r["metrics"]
             lines.append(
-                f"| `{recipe}` | {r['seed']} | {fmt(m['macro_auroc'])} | {fmt(m['balanced_accuracy'])} | "
-                f"{fmt(m['accuracy'])} | {r['val_bacc']:.3f} | {r['best_epoch']} / {r['epochs_run']} | {r['seconds']:.0f} |"
+                f"| `{recipe}` | {r['seed']} | {fmt_entry(m['macro_auroc'])} | {fmt_entry(m['balanced_accuracy'])} | "
+                f"{fmt_entry(m['accuracy'])} | {r['val_bacc']:.3f} | {r['best_epoch']} / {r['epochs_run']} | {r['seconds']:.0f} |"
             )
         ens = ensembles.get(recipe)
         if ens:
             m = ens["metrics"]
             lines.append(
-                f"| `{recipe}` | ensemble of {len(ens['seeds'])} | {fmt(m['macro_auroc'])} | "
-                f"{fmt(m['balanced_accuracy'])} | {fmt(m['accuracy'])} | | | |"
+                f"| `{recipe}` | ensemble of {len(ens['seeds'])} | {fmt_entry(m['macro_auroc'])} | "
+                f"{fmt_entry(m['balanced_accuracy'])} | {fmt_entry(m['accuracy'])} | | | |"
             )
         if runs:
             summary.append((recipe, runs))
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python benchmarks/breastmnist_recipes.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    text = section(args, results, ensembles, command.strip())
+    text = section(results, ensembles, command.strip())
     print(text)
     write_marked_section(args.out_results, text, *MARKERS, "Results")
 
