@@ -7,6 +7,11 @@ be done once and right: seeding, data order, the learning-rate schedule, checkpo
 atomically every N steps, exact resume, the NaN guard, validation and early stopping, the
 progress bar, and DistributedDataParallel.
 
+The loop reads at once because its parts are small typed pieces: :class:`LoopState` (where a run
+is; what a checkpoint holds), :class:`Checkpointer` (atomic save and exact restore),
+:class:`EarlyStopping` (best weights and patience), :func:`check_finite` (the NaN guard) and the
+caller's :class:`Hooks`; ``_Loop`` strings them together epoch by epoch.
+
 Reproducibility: the data order of epoch ``e`` is a permutation drawn from ``(seed, e)``; the
 random augmentation of sample ``i`` in epoch ``e`` is seeded from ``(seed, e, i)``; each step
 reseeds torch from ``(seed, step)`` and hands the step a per-sample seed list. A run resumed from
@@ -23,7 +28,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +222,136 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+# -- the loop's typed state and its pluggable pieces --------------------------------------------
+@dataclass
+class LoopState:
+    """Where a run is. Saved in every checkpoint as plain types (loads with ``weights_only``)."""
+
+    seed: int
+    n: int  # training samples; a checkpoint of another data size is refused
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches finished in the current epoch
+    step: int = 0  # optimizer steps in all
+    samples: int = 0  # samples seen in all (global)
+    running: float = 0.0  # the current epoch's summed loss (so a resumed epoch reports the
+    seen: int = 0  # same mean as an uninterrupted one) and its sample count
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: Path) -> LoopState:
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in raw]
+        if missing:
+            raise TrainingError(
+                f"checkpoint {where} lacks the loop state {missing}; delete it to start over"
+            )
+        return cls(**{k: raw[k] for k in names})
+
+
+@dataclass
+class Checkpointer:
+    """Model, optimizer, loop state and best weights in one file, written atomically by rank 0
+    (as timm's ``CheckpointSaver`` owns checkpoint files); restores them on resume."""
+
+    path: Path | None
+    rank: int = 0
+    ddp: bool = False
+
+    def restore(
+        self, state: LoopState, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+        if self.path is None or not self.path.is_file():
+            return state, None
+        loaded = load_checkpoint(self.path)
+        saved = loaded["state"]
+        if saved.get("seed") != state.seed or saved.get("n") != state.n:
+            raise TrainingError(
+                f"checkpoint {self.path} belongs to another run (seed or data size differ); "
+                "use another output folder or delete it"
+            )
+        unwrap(model).load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        state = LoopState.from_dict(saved, self.path)
+        log.info("resumed from %s at epoch %d, batch %d", self.path, state.epoch, state.batch)
+        return state, loaded.get("best")
+
+    def save(
+        self,
+        state: LoopState,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        best: dict[str, torch.Tensor] | None,
+    ) -> None:
+        if self.path is not None and self.rank == 0:
+            save_checkpoint(self.path, model, optimizer, state.to_dict(), best)
+        if self.ddp:
+            dist.barrier()
+
+    def last_good(self) -> str:
+        if self.path is not None and self.path.is_file():
+            return f"the last good checkpoint is {self.path}"
+        return "no checkpoint was written yet"
+
+
+@dataclass
+class EarlyStopping:
+    """Keeps the weights of the best epoch by ``monitor`` (maximised) and says when ``patience``
+    epochs in a row have not beaten it (never before ``min_epochs``)."""
+
+    monitor: str | None
+    patience: int | None = None
+    min_epochs: int = 0
+    best: dict[str, torch.Tensor] | None = None
+
+    def update(self, state: LoopState, record: dict[str, float], model: nn.Module) -> None:
+        if self.monitor is None:
+            return
+        if self.monitor not in record:
+            raise TrainingError(f"monitored metric {self.monitor!r} is not among {sorted(record)}")
+        score = float(record[self.monitor])
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_epoch, state.bad_epochs = score, int(record["epoch"]), 0
+            self.best = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        else:
+            state.bad_epochs += 1
+
+    def should_stop(self, state: LoopState) -> bool:
+        return (
+            self.patience is not None
+            and self.monitor is not None
+            and state.bad_epochs >= self.patience
+            and state.epoch >= self.min_epochs
+        )
+
+
+def check_finite(loss: torch.Tensor, state: LoopState, saver: Checkpointer) -> None:
+    """The NaN guard: a non-finite loss stops the run, naming where and what is kept."""
+    if torch.isfinite(loss.detach()).all():
+        return
+    raise TrainingError(
+        f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step}; "
+        f"{saver.last_good()}. Lower the learning rate, enable gradient clipping (grad_clip) "
+        "or check the data"
+    )
+
+
+@dataclass
+class Hooks:
+    """What a caller plugs into the loop: validation and per-epoch callbacks."""
+
+    evaluate: Evaluate | None = None  # on the unwrapped model in eval mode, after every epoch
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None  # e.g. Auto-RGN's lr weights
+    on_epoch_end: Callable[[nn.Module, int, dict[str, float]], None] | None = None  # pictures
+    train_mode: Callable[[nn.Module], None] | None = None  # after ``model.train()``
+
+
 # -- the loop ---------------------------------------------------------------------------------------
 def fit(
     model: nn.Module,
@@ -261,171 +396,188 @@ def fit(
     for g in groups:
         g["params"] = list(g["params"])
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    ddp = world > 1
-    wrapped = nn.parallel.DistributedDataParallel(model) if ddp else model
-    n = len(data)  # type: ignore[arg-type]
-    per_epoch = steps_per_epoch(n, schedule.batch_size)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "batch": 0,
-        "step": 0,
-        "samples": 0,
-        "history": [],
-        "running": 0.0,
-        "seen": 0,
-        "best_score": None,
-        "best_epoch": None,
-        "bad_epochs": 0,
-        "seconds": 0.0,
-        "seed": seed,
-        "n": n,
-    }
-    best_weights: dict[str, torch.Tensor] | None = None
-    ckpt = out / CHECKPOINT if out is not None else None
-    if ckpt is not None and resume and ckpt.is_file():
-        loaded = load_checkpoint(ckpt)
-        if loaded["state"].get("seed") != seed or loaded["state"].get("n") != n:
-            raise TrainingError(
-                f"checkpoint {ckpt} belongs to another run (seed or data size differ); "
-                "use another output folder or delete it"
-            )
-        unwrap(wrapped).load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        state = loaded["state"]
-        best_weights = loaded.get("best")
-        log.info("resumed from %s at epoch %d, batch %d", ckpt, state["epoch"], state["batch"])
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    saver = Checkpointer(out / CHECKPOINT if out is not None else None, rank, world > 1)
+    state = LoopState(seed=seed, n=len(data))  # type: ignore[arg-type]
+    best = None
+    if resume:
+        state, best = saver.restore(state, wrapped, optimizer)
+    loop = _Loop(
+        wrapped,
+        step,
+        optimizer,
+        EpochSeeded(data, seed),
+        schedule,
+        device,
+        Hooks(evaluate, on_epoch_start, on_epoch_end, train_mode),
+        saver,
+        EarlyStopping(monitor, schedule.patience, schedule.min_epochs, best),
+        state,
+        out,
+        progress and rank == 0,
+        rank,
+        world,
+    )
+    return loop.run(stop_after_steps)
 
-    seeded = EpochSeeded(data, seed)
-    started = time.perf_counter() - state["seconds"]
-    steps_this_call = 0
-    stopped_early = False
 
-    def checkpoint() -> None:
-        if ckpt is not None and rank == 0:
-            state["seconds"] = time.perf_counter() - started
-            save_checkpoint(ckpt, wrapped, optimizer, dict(state), best_weights)
-        if ddp:
-            dist.barrier()
+@dataclass
+class _Loop:
+    """One call of :func:`fit`: the epochs, their steps and their end-of-epoch work."""
 
-    while state["epoch"] < schedule.epochs:
-        epoch = state["epoch"]
-        if on_epoch_start is not None:
-            on_epoch_start(unwrap(wrapped), epoch)
-        sampler = OrderSampler(
-            n, schedule.batch_size, seed, epoch, True, state["batch"], rank, world
-        )
-        local_sizes = [len(b) for b in sampler.batches()]
-        global_sizes = [
-            min(schedule.batch_size, n - (state["batch"] + k) * schedule.batch_size)
-            for k in range(len(local_sizes))
-        ]
+    model: nn.Module  # wrapped in DistributedDataParallel under DDP
+    step_fn: Step
+    optimizer: torch.optim.Optimizer
+    data: EpochSeeded
+    schedule: Schedule
+    device: torch.device
+    hooks: Hooks
+    saver: Checkpointer
+    stopper: EarlyStopping
+    state: LoopState
+    out: Path | None
+    show_progress: bool
+    rank: int = 0
+    world: int = 1
+    lr: float = 0.0
+    steps_this_call: int = 0
+    stopped_early: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.started -= self.state.seconds
+        self.per_epoch = steps_per_epoch(self.state.n, self.schedule.batch_size)
+
+    @property
+    def net(self) -> nn.Module:
+        return unwrap(self.model)
+
+    def run(self, stop_after_steps: int | None) -> FitResult:
+        while self.state.epoch < self.schedule.epochs:
+            seconds = self.train_epoch(stop_after_steps)
+            if seconds is None:
+                return self.result(interrupted=True)
+            self.end_epoch(seconds)
+        if self.stopper.best is not None:
+            self.net.load_state_dict(self.stopper.best)
+        return self.result()
+
+    def checkpoint(self) -> None:
+        self.state.seconds = time.perf_counter() - self.started
+        self.saver.save(self.state, self.model, self.optimizer, self.stopper.best)
+
+    def loader(self, epoch: int) -> tuple[DataLoader, list[int], list[int]]:
+        """This process's batches of the epoch from the resume point, with the local and the
+        global size of each."""
+        n, size, done = self.state.n, self.schedule.batch_size, self.state.batch
+        sampler = OrderSampler(n, size, self.state.seed, epoch, True, done, self.rank, self.world)
+        local = [len(b) for b in sampler.batches()]
+        global_ = [min(size, n - (done + k) * size) for k in range(len(local))]
         loader = DataLoader(
-            seeded,
+            self.data,
             batch_sampler=_BatchSampler(sampler),
-            num_workers=schedule.num_workers,
+            num_workers=self.schedule.num_workers,
             collate_fn=default_collate,
         )
-        wrapped.train()
-        if train_mode is not None:
-            train_mode(unwrap(wrapped))
-        bar = _progress(
-            len(local_sizes), f"epoch {epoch + 1}/{schedule.epochs}", progress and rank == 0
-        )
-        # The epoch's running loss lives in the state, so an epoch resumed mid-way reports the
-        # same mean as an uninterrupted one.
-        if state["batch"] == 0:
-            state["running"], state["seen"] = 0.0, 0
-        t0, seen_at_start = time.perf_counter(), state["seen"]
-        lr = schedule.lr_at(max(state["step"] - 1, 0), per_epoch)  # if no batch is left to resume
+        return loader, local, global_
+
+    def train_epoch(self, stop_after_steps: int | None) -> float | None:
+        """The epoch's remaining steps; its seconds, or None when stopped after
+        ``stop_after_steps`` (checkpointed)."""
+        state, epoch = self.state, self.state.epoch
+        if self.hooks.on_epoch_start is not None:
+            self.hooks.on_epoch_start(self.net, epoch)
+        loader, local, global_ = self.loader(epoch)
+        self.model.train()
+        if self.hooks.train_mode is not None:
+            self.hooks.train_mode(self.net)
+        bar = _progress(len(local), f"epoch {epoch + 1}/{self.schedule.epochs}", self.show_progress)
+        if state.batch == 0:
+            state.running, state.seen = 0.0, 0
+        t0, seen_at_start = time.perf_counter(), state.seen
+        self.lr = self.schedule.lr_at(max(state.step - 1, 0), self.per_epoch)  # none left
         for k, batch in enumerate(loader):
-            lr = schedule.lr_at(state["step"], per_epoch)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            torch.manual_seed(mix_seed(seed, state["step"]))
-            batch = _to_device(batch, device)
-            ctx = StepContext(
-                epoch, state["step"], [int(s) for s in batch.pop("sample_seed")], device
-            )
-            with _autocast(device, schedule.amp):
-                result = step(wrapped, batch, ctx)
-            loss = result["loss"]
-            if not torch.isfinite(loss.detach()).all():
-                where = f"epoch {epoch + 1}, step {state['step']}"
-                kept = (
-                    f"the last good checkpoint is {ckpt}"
-                    if ckpt is not None and ckpt.is_file()
-                    else "no checkpoint was written yet"
-                )
-                raise TrainingError(
-                    f"loss became {loss.item()} at {where}; {kept}. Lower the learning rate, "
-                    "enable gradient clipping (grad_clip) or check the data"
-                )
-            scale = local_sizes[k] * world / global_sizes[k]  # exact global mean under DDP
-            optimizer.zero_grad(set_to_none=True)
-            (loss * scale).backward()
-            if schedule.grad_clip:
-                nn.utils.clip_grad_norm_(wrapped.parameters(), schedule.grad_clip)
-            optimizer.step()
-            state["step"] += 1
-            state["batch"] += 1
-            state["samples"] += global_sizes[k]
-            state["running"] += float(loss.detach()) * local_sizes[k]
-            state["seen"] += local_sizes[k]
-            steps_this_call += 1
+            self.train_step(batch, local[k], global_[k])
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{state['running'] / state['seen']:.4f}",
-                img_s=f"{(state['seen'] - seen_at_start) * world / max(1e-9, time.perf_counter() - t0):.0f}",
-            )
-            if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+            img_s = (state.seen - seen_at_start) * self.world / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{state.running / state.seen:.4f}", img_s=f"{img_s:.0f}")
+            if stop_after_steps is not None and self.steps_this_call >= stop_after_steps:
                 bar.close()
-                checkpoint()
-                return _result(state, stopped_early, started, extra={"interrupted": True})
-            if state["step"] % schedule.checkpoint_every == 0:
-                checkpoint()
+                self.checkpoint()
+                return None
+            if state.step % self.schedule.checkpoint_every == 0:
+                self.checkpoint()
         bar.close()
+        return time.perf_counter() - t0
+
+    def train_step(self, batch: dict[str, Any], local: int, global_: int) -> None:
+        state = self.state
+        self.lr = self.schedule.lr_at(state.step, self.per_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr * g.get("lr_scale", 1.0)
+        torch.manual_seed(mix_seed(state.seed, state.step))
+        batch = _to_device(batch, self.device)
+        seeds = [int(s) for s in batch.pop("sample_seed")]
+        ctx = StepContext(state.epoch, state.step, seeds, self.device)
+        with _autocast(self.device, self.schedule.amp):
+            loss = self.step_fn(self.model, batch, ctx)["loss"]
+        check_finite(loss, state, self.saver)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * (local * self.world / global_)).backward()  # exact global mean under DDP
+        if self.schedule.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.grad_clip)
+        self.optimizer.step()
+        state.step, state.batch, state.samples = (
+            state.step + 1,
+            state.batch + 1,
+            state.samples + global_,
+        )
+        state.running += float(loss.detach()) * local
+        state.seen += local
+        self.steps_this_call += 1
+
+    def end_epoch(self, seconds: float) -> None:
+        """Validation, the best weights, history, logs, hooks, early stopping, a checkpoint."""
+        state, epoch = self.state, self.state.epoch
         record = {
             "epoch": epoch + 1,
-            "train_loss": _global_mean(state["running"], state["seen"], device, ddp),
-            "lr": lr,
-            "seconds": time.perf_counter() - t0,
+            "train_loss": _global_mean(state.running, state.seen, self.device, self.world > 1),
+            "lr": self.lr,
+            "seconds": seconds,
         }
-        if evaluate is not None:
-            unwrap(wrapped).eval()
+        if self.hooks.evaluate is not None:
+            self.net.eval()
             with torch.no_grad():
-                record.update(evaluate(unwrap(wrapped)))
-        if monitor is not None:
-            if monitor not in record:
-                raise TrainingError(f"monitored metric {monitor!r} is not among {sorted(record)}")
-            score = float(record[monitor])
-            if state["best_score"] is None or score > state["best_score"]:
-                state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
-                best_weights = {
-                    k: v.detach().clone().cpu() for k, v in unwrap(wrapped).state_dict().items()
-                }
-            else:
-                state["bad_epochs"] += 1
-        state["history"].append(record)
-        if rank == 0:
-            per_epoch_s = (time.perf_counter() - started) / (epoch + 1)
-            report_epoch(record, schedule.epochs, per_epoch_s * (schedule.epochs - epoch - 1))
-        if on_epoch_end is not None:
-            on_epoch_end(unwrap(wrapped), epoch, record)
-        state["epoch"], state["batch"] = epoch + 1, 0
-        if out is not None and rank == 0:
-            write_history(out / "history.csv", state["history"])
-        if (
-            schedule.patience is not None
-            and monitor is not None
-            and state["bad_epochs"] >= schedule.patience
-            and epoch + 1 >= schedule.min_epochs
-        ):
-            stopped_early = True
-            state["epoch"] = schedule.epochs  # finished: a resume does not train further
-        checkpoint()
-    if best_weights is not None:
-        unwrap(wrapped).load_state_dict(best_weights)
-    return _result(state, stopped_early, started)
+                record.update(self.hooks.evaluate(self.net))
+        self.stopper.update(state, record, self.net)
+        state.history.append(record)
+        if self.rank == 0:
+            per_epoch_s = (time.perf_counter() - self.started) / (epoch + 1)
+            report_epoch(
+                record, self.schedule.epochs, per_epoch_s * (self.schedule.epochs - epoch - 1)
+            )
+        if self.hooks.on_epoch_end is not None:
+            self.hooks.on_epoch_end(self.net, epoch, record)
+        state.epoch, state.batch = epoch + 1, 0
+        if self.out is not None and self.rank == 0:
+            write_history(self.out / "history.csv", state.history)
+        if self.stopper.should_stop(state):
+            self.stopped_early = True
+            state.epoch = self.schedule.epochs  # finished: a resume does not train further
+        self.checkpoint()
+
+    def result(self, interrupted: bool = False) -> FitResult:
+        s = self.state
+        return FitResult(
+            list(s.history),
+            s.best_epoch,
+            s.best_score,
+            self.stopped_early,
+            s.step,
+            s.samples,
+            time.perf_counter() - self.started,
+            {"interrupted": True} if interrupted else {},
+        )
 
 
 def report_epoch(record: dict[str, float], epochs: int, eta_s: float) -> None:
@@ -455,21 +607,6 @@ def duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _result(
-    state: dict[str, Any], stopped_early: bool, started: float, extra: dict[str, Any] | None = None
-) -> FitResult:
-    return FitResult(
-        list(state["history"]),
-        state["best_epoch"],
-        state["best_score"],
-        stopped_early,
-        state["step"],
-        state["samples"],
-        time.perf_counter() - started,
-        extra or {},
-    )
 
 
 class _BatchSampler(Sampler[list[int]]):

@@ -17,7 +17,9 @@ from torch.utils.data import Dataset
 from medtl.models import build_classifier
 from medtl.train import (
     CHECKPOINT,
+    EarlyStopping,
     FitResult,
+    LoopState,
     Schedule,
     StepContext,
     TrainingError,
@@ -240,3 +242,46 @@ def test_min_epochs_holds_off_early_stopping(tmp_path: Path) -> None:
     assert (
         len(r.history) == 6 and r.best_epoch == 5
     )  # without min_epochs it would stop after epoch 3
+
+
+def test_loop_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """The typed loop state is what the checkpoint holds, key for key, and reads back equal."""
+    model = _model()
+    sched = Schedule(epochs=2, lr=1e-3, batch_size=16)
+    fit(model, supervised_step, _groups(model), Blobs(), sched, tmp_path, progress=False)
+    raw = torch.load(tmp_path / CHECKPOINT, weights_only=True)["state"]
+    state = LoopState.from_dict(raw, tmp_path / CHECKPOINT)
+    assert state.to_dict() == raw
+    assert (state.epoch, state.step, state.samples, state.n) == (2, 6, 96, 48)
+
+
+def test_checkpoint_without_loop_state_is_one_clear_error(tmp_path: Path) -> None:
+    model = _model()
+    sched = Schedule(epochs=1, lr=1e-3, batch_size=16)
+    fit(model, supervised_step, _groups(model), Blobs(), sched, tmp_path, progress=False)
+    payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    del payload["state"]["history"]
+    torch.save(payload, tmp_path / CHECKPOINT)
+    sched = Schedule(epochs=2, lr=1e-3, batch_size=16)
+    with pytest.raises(TrainingError, match=r"lacks the loop state \['history'\]"):
+        fit(model, supervised_step, _groups(model), Blobs(), sched, tmp_path, progress=False)
+
+
+def test_early_stopping_keeps_the_best_and_waits_for_min_epochs() -> None:
+    net = torch.nn.Linear(2, 1)
+    stop = EarlyStopping("auc", patience=2, min_epochs=5)
+    state = LoopState(seed=0, n=4)
+    for epoch, auc in enumerate([0.6, 0.8, 0.7, 0.7], start=1):
+        if epoch == 2:
+            with torch.no_grad():
+                net.weight.fill_(3.0)
+        else:
+            with torch.no_grad():
+                net.weight.fill_(-1.0)
+        stop.update(state, {"epoch": epoch, "auc": auc}, net)
+        state.epoch = epoch
+    assert (state.best_epoch, state.best_score, state.bad_epochs) == (2, 0.8, 2)
+    assert stop.best is not None and bool((stop.best["weight"] == 3.0).all())
+    assert not stop.should_stop(state)  # patience met, but min_epochs not yet
+    state.epoch = 5
+    assert stop.should_stop(state)
