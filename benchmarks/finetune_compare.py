@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import platform
-import sqlite3
 import statistics
 import sys
 import traceback
@@ -52,10 +51,18 @@ from medtl.errors import MedtlError
 from medtl.finetune.blocks import blocks_of
 from medtl.finetune.loop import FinetuneConfig, FinetuneResult, finetune
 from medtl.finetune.prefix import Cuts
-from medtl.finetune.search import BioTuneConfig, SearchResult, biotune_search
+from medtl.finetune.search import (
+    BioTuneConfig,
+    SearchResult,
+    SearchTask,
+    biotune_search,
+    read_trials,
+    retrain_genome,
+)
 from medtl.io import atomic_write_bytes, atomic_write_text, write_json, write_marked_section
 from medtl.metrics import evaluate_predictions
 from medtl.models import build_classifier
+from medtl.report.tables import fmt_entry, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -319,23 +326,22 @@ def epoch_equivalents(meta: dict[str, Any], data: Data) -> float:
 
 
 def search_counts(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as con:
-        total, reused = con.execute(
-            "SELECT COUNT(*), COALESCE(SUM(reused), 0) FROM trials"
-        ).fetchone()
-    return {"trials": int(total), "trained": int(total - reused), "looked_up": int(reused)}
+    trials = read_trials(db)
+    reused = sum(t.reused for t in trials)
+    return {"trials": len(trials), "trained": len(trials) - reused, "looked_up": reused}
 
 
 def uncached_epoch_equivalents(db: Path, data: Data) -> float:
     """What the trials the search trained would cost with the frozen prefix recomputed every
     epoch, as the reference BioTune code does (no cache fills): caching is exact, so this is the
     same search at the reference code's price."""
-    with sqlite3.connect(db) as con:
-        rows = con.execute(
-            "SELECT first_trainable, epochs_trained FROM trials "
-            "WHERE reused = 0 AND status IN ('done', 'failed') AND epochs_trained IS NOT NULL"
-        ).fetchall()
-    return sum(e * data.cuts.epoch_cost(int(k), False, data.val_ratio) for k, e in rows)
+    trained = [
+        t for t in read_trials(db) if not t.reused and t.finished and t.epochs_trained is not None
+    ]
+    return math.fsum(  # exact, so independent of the order the trials are read in
+        t.epochs_trained * data.cuts.epoch_cost(t.first_trainable, False, data.val_ratio)
+        for t in trained
+    )
 
 
 def search_summary(result: SearchResult) -> dict[str, Any]:
@@ -360,20 +366,15 @@ def train(
     args = (data.manifest, data.root, data.config)
     if strategy not in SCHEDULES:
         return finetune(ft, *args, folder, seed=seed, weights=data.weights, progress=False), None
+    extra = {"min_epochs": data.min_epochs} if data.min_epochs is not None else {}
+    cfg = BioTuneConfig(**setup.search, schedule=SCHEDULES[strategy], seed=seed, **extra)
     if setup.search_seeds is not None and seed not in setup.search_seeds:
         source = run(setup, data, strategy, setup.search_seeds[0], work)
         if "error" in source or source.get("missing"):
             raise MedtlError(f"search seed {setup.search_seeds[0]} has no result to retrain")
         search = {**source["search"], "shared_from_seed": source["seed"]}
-        ft = ft.model_copy(
-            update={"strategy": "genome", "strategy_options": search["strategy_options"]}
-        )
-        retrained = finetune(
-            ft, *args, folder / "final", seed=seed, weights=data.weights, progress=False
-        )
-        return retrained, search
-    extra = {"min_epochs": data.min_epochs} if data.min_epochs is not None else {}
-    cfg = BioTuneConfig(**setup.search, schedule=SCHEDULES[strategy], seed=seed, **extra)
+        task = SearchTask(cfg, ft, *args, folder, data.weights, progress=False)
+        return retrain_genome(task, search["strategy_options"]), search
     result = biotune_search(cfg, ft, *args, folder / "search", data.weights, progress=False)
     assert result.finetune is not None
     return result.finetune, search_summary(result)
@@ -449,8 +450,8 @@ def run(
     summary = with_uncached(summary, folder, data)
     write_json(summary_file, summary)
     print(
-        f"{data.name} {strategy} seed {seed}: test macro AUROC {fmt(summary['macro_auroc'])}, "
-        f"balanced accuracy {fmt(summary['balanced_accuracy'])}; "
+        f"{data.name} {strategy} seed {seed}: test macro AUROC {fmt_entry(summary['macro_auroc'])}, "
+        f"balanced accuracy {fmt_entry(summary['balanced_accuracy'])}; "
         f"{summary['epoch_equivalents']:.1f} epoch-eq., {summary['seconds']:.0f} s",
         flush=True,
     )
@@ -473,17 +474,14 @@ def stage_curve(db: Path) -> list[tuple[float, float]]:
     mean fitness over the seeds that rung trains. Stage granularity charges a stage's whole cost
     before its results count, whatever order its trials ran in, so the curve never flatters a
     schedule."""
-    with sqlite3.connect(db) as con:
-        rows = con.execute(
-            "SELECT generation, rung, idx, fitness, COALESCE(epoch_equivalents, 0) FROM trials "
-            "WHERE status = 'done' ORDER BY generation, rung, idx"
-        ).fetchall()
-    if not rows:
+    done = [t for t in read_trials(db) if t.status == "done"]
+    if not done:
         return []
-    top = max(r[1] for r in rows)
+    top = max(t.rung for t in done)
     stages: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
-    for g, rung, idx, fitness, ee in rows:
-        stages.setdefault((g, rung), []).append((idx, float(fitness), float(ee)))
+    for t in done:
+        ee = float(t.epoch_equivalents or 0)
+        stages.setdefault((t.generation, t.rung), []).append((t.idx, float(t.fitness), ee))
     curve, spent, best = [], 0.0, math.inf
     for (_, rung), trials in sorted(stages.items()):
         spent += sum(ee for *_, ee in trials)
@@ -567,20 +565,6 @@ def value(entry: dict[str, Any] | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def fmt(entry: dict[str, Any] | None) -> str:
-    if math.isnan(value(entry)):
-        return "n/a"
-    assert entry is not None
-    return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
-
-
-def mean_sd(values: Sequence[float], digits: int = 3) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "n/a"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def mean(values: Sequence[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.mean(values) if values else math.nan
@@ -598,7 +582,7 @@ def run_row(r: dict[str, Any]) -> str:
     if r.get("search") and "shared_from_seed" in r["search"]:
         seed += f" (genome of search {r['search']['shared_from_seed']})"
     return (
-        f"| {r['strategy']} | {seed} | {fmt(r['macro_auroc'])} | {fmt(r['balanced_accuracy'])} | "
+        f"| {r['strategy']} | {seed} | {fmt_entry(r['macro_auroc'])} | {fmt_entry(r['balanced_accuracy'])} | "
         f"{value(r['accuracy']):.3f} | {r['val_bacc']:.3f} | {r['epoch_equivalents']:.1f} | {r['seconds']:.0f} |"
     )
 

@@ -63,6 +63,7 @@ from medtl.finetune.search.driver import (
     biotune_search,
     open_store,
     retrain_best,
+    retrain_genome,
     run_worker,
     search_to_the_end,
     work,
@@ -92,6 +93,6 @@ __all__ = [
     "BioTuneConfig", "Rung", "Runner", "Search", "SearchResult", "SearchTask", "Standing",
     "Trial", "TrialStore", "advance", "biotune_search", "first_trainable", "generation_epochs",
     "genome_key", "knowledge", "open_store", "per_generation", "plot_search", "read_trials",
-    "retrain_best", "run_worker", "rungs", "search_to_the_end", "store_path", "summarise",
+    "retrain_best", "retrain_genome", "run_worker", "rungs", "search_to_the_end", "store_path", "summarise",
     "work", "worker_id", "write_trials_csv",
 ]  # fmt: skip

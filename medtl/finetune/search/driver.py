@@ -263,7 +263,13 @@ def search_to_the_end(task: SearchTask) -> SearchResult:
 
 def retrain_best(task: SearchTask, result: SearchResult) -> FinetuneResult:
     """The best genome fine-tuned with ``task.ft`` (strategy ``genome``) into ``out/final``."""
-    options = {"strategy": "genome", "strategy_options": result.strategy_options}
+    return retrain_genome(task, result.strategy_options)
+
+
+def retrain_genome(task: SearchTask, genome_options: dict[str, Any]) -> FinetuneResult:
+    """The genome of ``genome_options`` (``{"genes": [...], "threshold": t}``) fine-tuned with
+    ``task.ft`` under seed ``task.cfg.seed`` into ``out/final``: a search's retrain."""
+    options = {"strategy": "genome", "strategy_options": genome_options}
     return finetune(
         task.ft.model_copy(update=options), task.manifest, task.root, task.data_cfg,
         task.out / "final", seed=task.cfg.seed, weights=task.weights, device=task.device,
