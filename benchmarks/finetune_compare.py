@@ -56,8 +56,10 @@ from medtl.finetune.search import (
     SearchResult,
     SearchTask,
     biotune_search,
+    cost_to_reach,
     read_trials,
     retrain_genome,
+    stage_curve,
 )
 from medtl.io import atomic_write_bytes, atomic_write_text, write_json, write_marked_section
 from medtl.metrics import evaluate_predictions
@@ -162,6 +164,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="BioTune searches only for these seeds (default: every seed); any other seed "
         "retrains the genome found by the first search seed with its own training seed",
     )
+    add_dataset_options(parser)
+    add("--work", type=Path, default=ROOT / "benchmarks/out/finetune_compare")
+    add("--out-results", type=Path, default=ROOT / "docs/results.md")
+    add("--out-performance", type=Path, default=ROOT / "docs/performance.md")
+    add("--dry-run-tiny", action="store_true", help="toy scale: test backbone, 32 px, 1 epoch")
+    add(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the tables from the finished runs and list the missing ones",
+    )
+    return parser.parse_args(argv)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """Backbone, training, input size, init and data location per dataset."""
+    add = parser.add_argument
     add("--backbone", default="convnext_atto", help="timm backbone of every dataset")
     add(
         "--breastmnist-backbone",
@@ -200,16 +218,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, spec in DATASETS.items():
         add(f"--{name}-root", type=Path, default=spec.root, help=f"{spec.title} data root")
         add(f"--{name}-manifest", type=Path, default=spec.manifest, help=f"{spec.title} manifest")
-    add("--work", type=Path, default=ROOT / "benchmarks/out/finetune_compare")
-    add("--out-results", type=Path, default=ROOT / "docs/results.md")
-    add("--out-performance", type=Path, default=ROOT / "docs/performance.md")
-    add("--dry-run-tiny", action="store_true", help="toy scale: test backbone, 32 px, 1 epoch")
-    add(
-        "--report-only",
-        action="store_true",
-        help="train nothing: write the tables from the finished runs and list the missing ones",
-    )
-    return parser.parse_args(argv)
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -428,11 +436,31 @@ def run(
         print(f"{data.name} {strategy} seed {seed}: FAILED: {exc}", flush=True)
         why = f"{type(exc).__name__}: {exc}".splitlines()[0].replace("|", "/")
         return {**base, "error": why}
+    summary = with_uncached(run_summary(base, data, result, search, setup.n_boot), folder, data)
+    write_json(summary_file, summary)
+    print(
+        f"{data.name} {strategy} seed {seed}: test macro AUROC {fmt_entry(summary['macro_auroc'])}, "
+        f"balanced accuracy {fmt_entry(summary['balanced_accuracy'])}; "
+        f"{summary['epoch_equivalents']:.1f} epoch-eq., {summary['seconds']:.0f} s",
+        flush=True,
+    )
+    return summary
+
+
+def run_summary(
+    base: dict[str, Any],
+    data: Data,
+    result: FinetuneResult,
+    search: dict[str, Any] | None,
+    n_boot: int,
+) -> dict[str, Any]:
+    """What a finished run records: its training, its search (BioTune), the compute of both
+    and the test figures."""
     meta = result.meta
     train_ee = epoch_equivalents(meta, data)
     search_ee = search["epoch_equivalents"] if search else 0.0
     search_s = search["seconds"] if search else 0.0
-    summary = {
+    return {
         **base,
         "weights": str(data.weights) if data.weights else None,
         "backbone": data.backbone,
@@ -445,17 +473,8 @@ def run(
         "search": search,
         "epoch_equivalents": search_ee + train_ee,
         "seconds": search_s + meta["seconds"],
-        **score_test(result, data.spec.positive, setup.n_boot, seed),
+        **score_test(result, data.spec.positive, n_boot, base["seed"]),
     }
-    summary = with_uncached(summary, folder, data)
-    write_json(summary_file, summary)
-    print(
-        f"{data.name} {strategy} seed {seed}: test macro AUROC {fmt_entry(summary['macro_auroc'])}, "
-        f"balanced accuracy {fmt_entry(summary['balanced_accuracy'])}; "
-        f"{summary['epoch_equivalents']:.1f} epoch-eq., {summary['seconds']:.0f} s",
-        flush=True,
-    )
-    return summary
 
 
 def with_uncached(summary: dict[str, Any], folder: Path, data: Data) -> dict[str, Any]:
@@ -465,38 +484,6 @@ def with_uncached(summary: dict[str, Any], folder: Path, data: Data) -> dict[str
         summary["search"]["epoch_equivalents_uncached"] = uncached_epoch_equivalents(db, data)
         summary["search"]["trials_db"] = str(db)
     return summary
-
-
-def stage_curve(db: Path) -> list[tuple[float, float]]:
-    """A search's best-so-far fitness against the epoch-equivalents it had spent, one point per
-    finished stage (generation, rung), in the order the stages ran. Only members evaluated at the
-    top rung count (the ones the search can choose; all of them in ``reference``), each with its
-    mean fitness over the seeds that rung trains. Stage granularity charges a stage's whole cost
-    before its results count, whatever order its trials ran in, so the curve never flatters a
-    schedule."""
-    done = [t for t in read_trials(db) if t.status == "done"]
-    if not done:
-        return []
-    top = max(t.rung for t in done)
-    stages: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
-    for t in done:
-        ee = float(t.epoch_equivalents or 0)
-        stages.setdefault((t.generation, t.rung), []).append((t.idx, float(t.fitness), ee))
-    curve, spent, best = [], 0.0, math.inf
-    for (_, rung), trials in sorted(stages.items()):
-        spent += sum(ee for *_, ee in trials)
-        if rung == top:
-            members: dict[int, list[float]] = {}
-            for idx, fitness, _ in trials:
-                members.setdefault(idx, []).append(fitness)
-            best = min(best, *(statistics.fmean(f) for f in members.values()))
-        curve.append((spent, best))
-    return curve
-
-
-def cost_to_reach(curve: Sequence[tuple[float, float]], fitness: float) -> float | None:
-    """Epoch-equivalents spent when the best-so-far fitness first reached ``fitness``."""
-    return next((spent for spent, best in curve if best <= fitness + 1e-9), None)
 
 
 def own_searches(runs: Sequence[dict[str, Any]], strategy: str) -> list[dict[str, Any]]:
@@ -516,8 +503,8 @@ def equal_fitness(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if not Path(h["search"].get("trials_db", "")).is_file():
             continue
-        ref_curve = stage_curve(Path(r["search"]["trials_db"]))
-        halv_curve = stage_curve(Path(h["search"]["trials_db"]))
+        ref_curve = stage_curve(read_trials(Path(r["search"]["trials_db"])))
+        halv_curve = stage_curve(read_trials(Path(h["search"]["trials_db"])))
         target = ref_curve[-1][1]
         ee_ref, ee_halv = cost_to_reach(ref_curve, target), cost_to_reach(halv_curve, target)
         out.append({
@@ -609,10 +596,18 @@ def search_row(r: dict[str, Any]) -> str:
 def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
     """Target 1: halving reaches the reference's best val fitness with at most a quarter of
     the epoch-equivalents the reference spent to reach it (the issue's figure: the ratio at
-    equal validation fitness, from :func:`stage_curve`), beside the whole searches' ratio."""
+    equal validation fitness, from the searches' stage curves), beside the whole searches'
+    ratio."""
     ref, halv = own_searches(runs, "biotune-reference"), own_searches(runs, "biotune-halving")
     if not ref or not halv:
         return "- Target (halving ≤ 1/4 of reference's epoch-equivalents at equal validation fitness): not measured (a schedule is missing or failed)."
+    pairs = equal_fitness(runs)
+    lines = [*whole_search_lines(ref, halv), *(pair_line(p) for p in pairs), target_line(pairs)]
+    return "\n".join(lines)
+
+
+def whole_search_lines(ref: Sequence[dict[str, Any]], halv: Sequence[dict[str, Any]]) -> list[str]:
+    """The whole searches compared: epoch-equivalents and best validation fitness."""
     # the reference schedule recomputes the frozen prefix every epoch, as the reference code does
     ee_ref = mean([r["search"]["epoch_equivalents"] for r in ref])
     ee_halv = mean([r["search"]["epoch_equivalents"] for r in halv])
@@ -625,8 +620,7 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
         if low <= fit_halv <= high
         else ("below (better than)" if fit_halv < low else "above (worse than)")
     )
-    pairs = equal_fitness(runs)
-    lines = [
+    return [
         f"- Whole searches, halving / reference: {ee_halv / ee_ref:.3f} of the epoch-equivalents "
         f"({ee_halv:.1f} for medtl's schedule with frozen-prefix caching vs {ee_ref:.1f} for the "
         f"reference schedule, which recomputes the frozen prefix every epoch as the reference code "
@@ -636,19 +630,26 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
         f"reference {low:.4f}..{high:.4f} (min..max over search seeds): halving is {where} the "
         "reference's range.",
     ]
-    for p in pairs:
-        reached = (
-            f"halving first reached it after {p['halving']:.1f} (of {p['halving_total']:.1f}): "
-            f"**ratio {p['ratio']:.3f}**"
-            if p["ratio"] is not None
-            else f"halving never reached it in {p['halving_total']:.1f}"
-        )
-        lines.append(
-            f"- At equal validation fitness, search seed {p['seed']}: the reference's best fitness "
-            f"{p['target']:.4f} took it {p['ref']:.1f} epoch-equivalents (of {p['ref_total']:.1f}); "
-            f"{reached}. Costs counted stage by stage (a generation's or rung's whole cost is spent "
-            "before its results count), members at the top rung only."
-        )
+
+
+def pair_line(p: dict[str, Any]) -> str:
+    """One search seed at equal validation fitness (an entry of :func:`equal_fitness`)."""
+    reached = (
+        f"halving first reached it after {p['halving']:.1f} (of {p['halving_total']:.1f}): "
+        f"**ratio {p['ratio']:.3f}**"
+        if p["ratio"] is not None
+        else f"halving never reached it in {p['halving_total']:.1f}"
+    )
+    return (
+        f"- At equal validation fitness, search seed {p['seed']}: the reference's best fitness "
+        f"{p['target']:.4f} took it {p['ref']:.1f} epoch-equivalents (of {p['ref_total']:.1f}); "
+        f"{reached}. Costs counted stage by stage (a generation's or rung's whole cost is spent "
+        "before its results count), members at the top rung only."
+    )
+
+
+def target_line(pairs: Sequence[dict[str, Any]]) -> str:
+    """The verdict on target 1 over the search seeds of :func:`equal_fitness`."""
     ratios = [p["ratio"] for p in pairs]
     if not pairs:
         verdict = "not measured (the trial stores are missing)"
@@ -659,11 +660,10 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
             + ", ".join("never" if x is None else f"{x:.3f}" for x in ratios)
             + f" over {len(pairs)} search seed(s); one search seed is a single draw, not a spread)"
         )
-    lines.append(
+    return (
         "- **Target (halving reaches the reference's fitness with ≤ 1/4 of its "
         f"epoch-equivalents): {verdict}.**"
     )
-    return "\n".join(lines)
 
 
 def auc_verdict(runs: Sequence[dict[str, Any]]) -> str:
@@ -694,10 +694,22 @@ def auc_verdict(runs: Sequence[dict[str, Any]]) -> str:
 
 # -- sections -----------------------------------------------------------------------------------
 def dataset_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[str]:
+    """A dataset's section: its runs, their seed spread, the MedMNIST rows (BreastMNIST) and
+    the BioTune searches."""
+    lines = run_tables(data, runs)
+    if data.name == "breastmnist":
+        lines += medmnist_block(runs)
+    if any(own_searches(runs, s) for s in SCHEDULES):
+        lines += search_block(data, runs, setup)
+    return lines
+
+
+def run_tables(data: Data, runs: list[dict[str, Any]]) -> list[str]:
+    """The dataset's description, a row per run and a row per strategy over seeds."""
     counts = data.manifest.counts()
     n = {s: sum(counts.get(s, {}).values()) for s in ("train", "val", "test")}
     init = "from scratch" if data.weights is None else f"from `{data.weights.name}` ({data.init})"
-    lines = [
+    return [
         f"### {data.spec.title}",
         "",
         f"{data.spec.source} (train {n['train']}, val {n['val']}, test {n['test']}; classes "
@@ -715,45 +727,51 @@ def dataset_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[
         *[seed_row(s, ok(runs, s)) for s in STRATEGIES if ok(runs, s)],
         "",
     ]
-    if data.name == "breastmnist":
-        lines += [
-            "MedMNIST v2 reference rows, BreastMNIST test set, as published (Yang et al., "
-            "*MedMNIST v2*, Scientific Data 10:41, 2023); their ACC is plain accuracy (the "
-            "'test accuracy' column above), not balanced accuracy:",
-            "",
-            "| model | test AUC | test ACC |",
-            "|---|---:|---:|",
-            *[f"| {m} | {auc:.3f} | {acc:.3f} |" for m, auc, acc in MEDMNIST_V2],
-            "",
-            auc_verdict(runs),
-            "",
-        ]
+
+
+def medmnist_block(runs: list[dict[str, Any]]) -> list[str]:
+    """The published MedMNIST v2 rows and the verdict on target 2."""
+    return [
+        "MedMNIST v2 reference rows, BreastMNIST test set, as published (Yang et al., "
+        "*MedMNIST v2*, Scientific Data 10:41, 2023); their ACC is plain accuracy (the "
+        "'test accuracy' column above), not balanced accuracy:",
+        "",
+        "| model | test AUC | test ACC |",
+        "|---|---:|---:|",
+        *[f"| {m} | {auc:.3f} | {acc:.3f} |" for m, auc, acc in MEDMNIST_V2],
+        "",
+        auc_verdict(runs),
+        "",
+    ]
+
+
+def search_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[str]:
+    """The BioTune searches: a row per search, the schedules' verdict and their figure."""
     searched = [r for s in SCHEDULES for r in own_searches(runs, s)]
-    if searched:
+    lines = [
+        f"BioTune searches on {data.spec.title} (fitness and search cost from the candidates, "
+        "trained without augmentation; retrain = the best genome fine-tuned as the other rows)"
+        + (
+            f"; here the halving schedule's first rung trains {data.min_epochs} epochs "
+            f"(`--halving-min-epochs {data.name}={data.min_epochs}`), not the preset's "
+            f"{BioTuneConfig(**setup.search).min_epochs}:"
+            if data.min_epochs is not None
+            else ":"
+        ),
+        "",
+        "| schedule | search seed | best val fitness | best val bal. acc. | search epoch-eq. | same trials, prefix recomputed every epoch | search s | trials trained / looked up | retrain epoch-eq. | retrain s | retrain val bal. acc. |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        *[search_row(r) for r in searched],
+        "",
+        schedule_verdict(runs),
+        "",
+    ]
+    if equal_fitness(runs):
         lines += [
-            f"BioTune searches on {data.spec.title} (fitness and search cost from the candidates, "
-            "trained without augmentation; retrain = the best genome fine-tuned as the other rows)"
-            + (
-                f"; here the halving schedule's first rung trains {data.min_epochs} epochs "
-                f"(`--halving-min-epochs {data.name}={data.min_epochs}`), not the preset's "
-                f"{BioTuneConfig(**setup.search).min_epochs}:"
-                if data.min_epochs is not None
-                else ":"
-            ),
-            "",
-            "| schedule | search seed | best val fitness | best val bal. acc. | search epoch-eq. | same trials, prefix recomputed every epoch | search s | trials trained / looked up | retrain epoch-eq. | retrain s | retrain val bal. acc. |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-            *[search_row(r) for r in searched],
-            "",
-            schedule_verdict(runs),
+            f"![Best validation fitness so far against search epoch-equivalents, {data.spec.title}]"
+            f"(img/{schedule_figure(data)})",
             "",
         ]
-        if equal_fitness(runs):
-            lines += [
-                f"![Best validation fitness so far against search epoch-equivalents, {data.spec.title}]"
-                f"(img/{schedule_figure(data)})",
-                "",
-            ]
     return lines
 
 
@@ -776,25 +794,11 @@ def results_section(
     command: str,
     missing: Sequence[dict[str, Any]] = (),
 ) -> str:
-    s = setup.search
     lines = [
         RESULTS_MARKERS[0],
         "## Fine-tuning strategies compared (`benchmarks/finetune_compare.py`)",
         "",
-        f"Every run: up to {setup.epochs} epochs, batch {setup.batch_size}, AdamW lr {setup.lr} with "
-        f"cosine decay and 1 warm-up epoch, light augmentation, early stopping on validation balanced "
-        f"accuracy (patience {setup.patience}). Strategies: `full`, `linear` (head only), `autorgn` "
-        "(Auto-RGN), `lora` (rank 4, adapters merged after training) and BioTune with the "
-        "reference-faithful schedule (`biotune-reference`) or medtl's successive halving "
-        f"(`biotune-halving`), both with the `{s['preset']}` preset ({describe_search(s)}); for BioTune "
-        "the seed is the search seed and the row is the retrained best genome; a row marked "
-        "'genome of search s' retrains search seed s's genome with its own training seed (the "
-        "search is run once and its cost is counted in each such row). Test figures: macro "
-        f"AUROC (one-vs-rest) and balanced accuracy on the **test split** with 95% CIs from {setup.n_boot} "
-        "group-bootstrap resamples, after temperature scaling fitted on validation. Epoch-equivalents "
-        "are FLOP-weighted (one forward + backward pass of the whole model over the training split; "
-        "frozen prefixes count their forward only, validation passes are included; for BioTune the "
-        "search plus the retrain); wall s likewise.",
+        method_paragraph(setup),
         "",
     ]
     if missing:
@@ -809,6 +813,27 @@ def results_section(
         lines += dataset_block(data, [r for r in runs if r["dataset"] == data.name], setup)
     lines += [*footer(command), RESULTS_MARKERS[1]]
     return "\n".join(lines)
+
+
+def method_paragraph(setup: Setup) -> str:
+    """How every run trains and is scored."""
+    s = setup.search
+    return (
+        f"Every run: up to {setup.epochs} epochs, batch {setup.batch_size}, AdamW lr {setup.lr} with "
+        f"cosine decay and 1 warm-up epoch, light augmentation, early stopping on validation balanced "
+        f"accuracy (patience {setup.patience}). Strategies: `full`, `linear` (head only), `autorgn` "
+        "(Auto-RGN), `lora` (rank 4, adapters merged after training) and BioTune with the "
+        "reference-faithful schedule (`biotune-reference`) or medtl's successive halving "
+        f"(`biotune-halving`), both with the `{s['preset']}` preset ({describe_search(s)}); for BioTune "
+        "the seed is the search seed and the row is the retrained best genome; a row marked "
+        "'genome of search s' retrains search seed s's genome with its own training seed (the "
+        "search is run once and its cost is counted in each such row). Test figures: macro "
+        f"AUROC (one-vs-rest) and balanced accuracy on the **test split** with 95% CIs from {setup.n_boot} "
+        "group-bootstrap resamples, after temperature scaling fitted on validation. Epoch-equivalents "
+        "are FLOP-weighted (one forward + backward pass of the whole model over the training split; "
+        "frozen prefixes count their forward only, validation passes are included; for BioTune the "
+        "search plus the retrain); wall s likewise."
+    )
 
 
 def describe_search(search: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -241,6 +243,31 @@ def test_the_read_api_gives_back_typed_trials_as_written(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="does not exist"):
         bt.read_trials(tmp_path / "none.db")
     assert not (tmp_path / "none.db").exists()
+
+
+def _trial(g: int, r: int, idx: int, fitness: float, ee: float, seed: int = 0) -> bt.Trial:
+    return bt.Trial(
+        id=0, generation=g, idx=idx, rung=r, seed=seed, genome=(0.5, 0.5), genome_key="k",
+        budget_epochs=1, first_trainable=0, order_key=0, status="done", reused=ee == 0,
+        val_bacc=1 - fitness, fitness=fitness, trainable_fraction=1.0, cached=False,
+        epochs_trained=ee, epoch_cost=1.0, epoch_equivalents=ee, seconds=0.0, worker=None,
+        heartbeat=None, error=None,
+    )  # fmt: skip
+
+
+def test_the_stage_curve_charges_each_stage_before_its_results_count() -> None:
+    trials = [
+        _trial(0, 0, 0, 0.4, 1.0), _trial(0, 0, 1, 0.3, 1.0),  # rung 0: not choosable
+        _trial(0, 1, 1, 0.2, 2.0), _trial(0, 1, 1, 0.4, 2.0, seed=1),  # top rung: mean 0.3
+        _trial(1, 0, 0, 0.1, 1.0), _trial(1, 0, 1, 0.3, 0.0),  # member 1 looked up: free
+        _trial(1, 1, 0, 0.1, 2.0), _trial(1, 1, 0, 0.2, 2.0, seed=1),  # mean 0.15
+    ]  # fmt: skip
+    pending = dataclasses.replace(trials[0], generation=2, status="pending", fitness=None)
+    curve = bt.stage_curve([*reversed(trials), pending])  # any order in, stage order out
+    assert [spent for spent, _ in curve] == [2.0, 6.0, 7.0, 11.0]
+    assert [best for _, best in curve] == pytest.approx([math.inf, 0.3, 0.3, 0.15])
+    assert bt.cost_to_reach(curve, 0.3) == 6.0 and bt.cost_to_reach(curve, 0.15) == 11.0
+    assert bt.cost_to_reach(curve, 0.1) is None and bt.stage_curve([pending]) == []
 
 
 def test_a_store_refuses_another_search(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import csv
 import dataclasses
 import io
 import json
+import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,38 @@ def per_generation(trials: Sequence[Trial]) -> list[dict[str, float]]:
             scores.append(float(np.mean([t.fitness for t in group if t.rung == high])))
         out.append({"generation": g, "best": min(scores), "median": float(np.median(scores))})
     return out
+
+
+def stage_curve(trials: Sequence[Trial]) -> list[tuple[float, float]]:
+    """A search's best-so-far fitness against the epoch-equivalents it had spent, one point per
+    stage (generation, rung) with a done trial, in the order the stages ran. Only members
+    evaluated at the top rung count (the ones the search can choose; all of them in
+    ``reference``), each with its mean fitness over the seeds that rung trains. Stage
+    granularity charges a stage's whole cost before its results count, whatever order its
+    trials ran in, so the curve never flatters a schedule."""
+    done = [t for t in trials if t.status == "done"]
+    if not done:
+        return []
+    top = max(t.rung for t in done)
+    stages: dict[tuple[int, int], list[Trial]] = {}
+    for t in sorted(done, key=lambda t: (t.generation, t.rung, t.idx)):
+        stages.setdefault((t.generation, t.rung), []).append(t)
+    curve, spent, best = [], 0.0, math.inf
+    for (_, rung), group in sorted(stages.items()):
+        spent += sum(float(t.epoch_equivalents or 0) for t in group)
+        if rung == top:
+            members: dict[int, list[float]] = {}
+            for t in group:
+                members.setdefault(t.idx, []).append(float(t.fitness))  # type: ignore[arg-type]
+            best = min(best, *(statistics.fmean(f) for f in members.values()))
+        curve.append((spent, best))
+    return curve
+
+
+def cost_to_reach(curve: Sequence[tuple[float, float]], fitness: float) -> float | None:
+    """Epoch-equivalents spent when the best-so-far fitness first reached ``fitness``
+    (``None``: never)."""
+    return next((spent for spent, best in curve if best <= fitness + 1e-9), None)
 
 
 def write_trials_csv(blocks: Sequence[str], trials: Sequence[Trial], path: Path) -> None:
