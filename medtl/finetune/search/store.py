@@ -173,8 +173,12 @@ class TrialStore:
         return np.array([json.loads(r[0]) for r in rows], dtype=np.float64)
 
     # -- reading trials ---------------------------------------------------------------------------
-    def rows(self, where: str = "1", params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """Raw ``trials`` rows matching ``where``, in (generation, rung, idx, seed) order."""
+    def rows(self) -> list[sqlite3.Row]:
+        """Every ``trials`` row as stored (columns by name), in (generation, rung, idx, seed)
+        order; :meth:`trials` gives them typed."""
+        return self._select("1", ())
+
+    def _select(self, where: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         return self.db.execute(
             f"SELECT * FROM trials WHERE {where} ORDER BY generation, rung, idx, seed", params
         ).fetchall()
@@ -188,7 +192,7 @@ class TrialStore:
             if v is not None
         )
         params = [v for v in (generation, rung) if v is not None]
-        return [Trial.of(r) for r in self.rows(where or "1", params)]
+        return [Trial.of(r) for r in self._select(where or "1", params)]
 
     def stage(self) -> tuple[int, int] | None:
         """``(generation, rung)`` of the latest trials, or ``None`` before the first."""
