@@ -28,7 +28,7 @@ import yaml
 
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
-from medtl.report.tables import fmt_entry
+from medtl.report.tables import fmt_entry, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- breastmnist_recipes:start -->", "<!-- breastmnist_recipes:end -->")
@@ -129,12 +129,6 @@ def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) 
     )
 
 
-def mean_sd(values: Sequence[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "–"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def section(
     results: dict[str, list[dict[str, Any]]],
     ensembles: dict[str, dict[str, Any]],
@@ -177,9 +171,9 @@ def section(
         "|---|---:|---|---|---|---|",
     ]
     for recipe, runs in summary:
-        cols = [mean_sd([r["metrics"][k]["value"] for r in runs]) for k in METRICS]
+        cols = [mean_sd([r["metrics"][k]["value"] for r in runs], missing="–") for k in METRICS]
         lines.append(
-            f"| `{recipe}` | {len(runs)} | {' | '.join(cols)} | {mean_sd([r['val_bacc'] for r in runs])} |"
+            f"| `{recipe}` | {len(runs)} | {' | '.join(cols)} | {mean_sd([r['val_bacc'] for r in runs], missing='–')} |"
         )
     lines += [
         "",

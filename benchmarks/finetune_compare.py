@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import platform
-import sqlite3
 import statistics
 import sys
 import traceback
@@ -52,10 +51,20 @@ from medtl.errors import MedtlError
 from medtl.finetune.blocks import blocks_of
 from medtl.finetune.loop import FinetuneConfig, FinetuneResult, finetune
 from medtl.finetune.prefix import Cuts
-from medtl.finetune.search import BioTuneConfig, SearchResult, biotune_search
+from medtl.finetune.search import (
+    BioTuneConfig,
+    SearchResult,
+    SearchTask,
+    biotune_search,
+    cost_to_reach,
+    read_trials,
+    retrain_genome,
+    stage_curve,
+)
 from medtl.io import atomic_write_bytes, atomic_write_text, write_json, write_marked_section
 from medtl.metrics import evaluate_predictions
 from medtl.models import build_classifier
+from medtl.report.tables import fmt_entry, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -155,6 +164,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="BioTune searches only for these seeds (default: every seed); any other seed "
         "retrains the genome found by the first search seed with its own training seed",
     )
+    add_dataset_options(parser)
+    add("--work", type=Path, default=ROOT / "benchmarks/out/finetune_compare")
+    add("--out-results", type=Path, default=ROOT / "docs/results.md")
+    add("--out-performance", type=Path, default=ROOT / "docs/performance.md")
+    add("--dry-run-tiny", action="store_true", help="toy scale: test backbone, 32 px, 1 epoch")
+    add(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the tables from the finished runs and list the missing ones",
+    )
+    return parser.parse_args(argv)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """Backbone, training, input size, init and data location per dataset."""
+    add = parser.add_argument
     add("--backbone", default="convnext_atto", help="timm backbone of every dataset")
     add(
         "--breastmnist-backbone",
@@ -193,16 +218,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, spec in DATASETS.items():
         add(f"--{name}-root", type=Path, default=spec.root, help=f"{spec.title} data root")
         add(f"--{name}-manifest", type=Path, default=spec.manifest, help=f"{spec.title} manifest")
-    add("--work", type=Path, default=ROOT / "benchmarks/out/finetune_compare")
-    add("--out-results", type=Path, default=ROOT / "docs/results.md")
-    add("--out-performance", type=Path, default=ROOT / "docs/performance.md")
-    add("--dry-run-tiny", action="store_true", help="toy scale: test backbone, 32 px, 1 epoch")
-    add(
-        "--report-only",
-        action="store_true",
-        help="train nothing: write the tables from the finished runs and list the missing ones",
-    )
-    return parser.parse_args(argv)
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -319,23 +334,22 @@ def epoch_equivalents(meta: dict[str, Any], data: Data) -> float:
 
 
 def search_counts(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as con:
-        total, reused = con.execute(
-            "SELECT COUNT(*), COALESCE(SUM(reused), 0) FROM trials"
-        ).fetchone()
-    return {"trials": int(total), "trained": int(total - reused), "looked_up": int(reused)}
+    trials = read_trials(db)
+    reused = sum(t.reused for t in trials)
+    return {"trials": len(trials), "trained": len(trials) - reused, "looked_up": reused}
 
 
 def uncached_epoch_equivalents(db: Path, data: Data) -> float:
     """What the trials the search trained would cost with the frozen prefix recomputed every
     epoch, as the reference BioTune code does (no cache fills): caching is exact, so this is the
     same search at the reference code's price."""
-    with sqlite3.connect(db) as con:
-        rows = con.execute(
-            "SELECT first_trainable, epochs_trained FROM trials "
-            "WHERE reused = 0 AND status IN ('done', 'failed') AND epochs_trained IS NOT NULL"
-        ).fetchall()
-    return sum(e * data.cuts.epoch_cost(int(k), False, data.val_ratio) for k, e in rows)
+    trained = [
+        t for t in read_trials(db) if not t.reused and t.finished and t.epochs_trained is not None
+    ]
+    return math.fsum(  # exact, so independent of the order the trials are read in
+        t.epochs_trained * data.cuts.epoch_cost(t.first_trainable, False, data.val_ratio)
+        for t in trained
+    )
 
 
 def search_summary(result: SearchResult) -> dict[str, Any]:
@@ -360,20 +374,15 @@ def train(
     args = (data.manifest, data.root, data.config)
     if strategy not in SCHEDULES:
         return finetune(ft, *args, folder, seed=seed, weights=data.weights, progress=False), None
+    extra = {"min_epochs": data.min_epochs} if data.min_epochs is not None else {}
+    cfg = BioTuneConfig(**setup.search, schedule=SCHEDULES[strategy], seed=seed, **extra)
     if setup.search_seeds is not None and seed not in setup.search_seeds:
         source = run(setup, data, strategy, setup.search_seeds[0], work)
         if "error" in source or source.get("missing"):
             raise MedtlError(f"search seed {setup.search_seeds[0]} has no result to retrain")
         search = {**source["search"], "shared_from_seed": source["seed"]}
-        ft = ft.model_copy(
-            update={"strategy": "genome", "strategy_options": search["strategy_options"]}
-        )
-        retrained = finetune(
-            ft, *args, folder / "final", seed=seed, weights=data.weights, progress=False
-        )
-        return retrained, search
-    extra = {"min_epochs": data.min_epochs} if data.min_epochs is not None else {}
-    cfg = BioTuneConfig(**setup.search, schedule=SCHEDULES[strategy], seed=seed, **extra)
+        task = SearchTask(cfg, ft, *args, folder, data.weights, progress=False)
+        return retrain_genome(task, search["strategy_options"]), search
     result = biotune_search(cfg, ft, *args, folder / "search", data.weights, progress=False)
     assert result.finetune is not None
     return result.finetune, search_summary(result)
@@ -427,11 +436,31 @@ def run(
         print(f"{data.name} {strategy} seed {seed}: FAILED: {exc}", flush=True)
         why = f"{type(exc).__name__}: {exc}".splitlines()[0].replace("|", "/")
         return {**base, "error": why}
+    summary = with_uncached(run_summary(base, data, result, search, setup.n_boot), folder, data)
+    write_json(summary_file, summary)
+    print(
+        f"{data.name} {strategy} seed {seed}: test macro AUROC {fmt_entry(summary['macro_auroc'])}, "
+        f"balanced accuracy {fmt_entry(summary['balanced_accuracy'])}; "
+        f"{summary['epoch_equivalents']:.1f} epoch-eq., {summary['seconds']:.0f} s",
+        flush=True,
+    )
+    return summary
+
+
+def run_summary(
+    base: dict[str, Any],
+    data: Data,
+    result: FinetuneResult,
+    search: dict[str, Any] | None,
+    n_boot: int,
+) -> dict[str, Any]:
+    """What a finished run records: its training, its search (BioTune), the compute of both
+    and the test figures."""
     meta = result.meta
     train_ee = epoch_equivalents(meta, data)
     search_ee = search["epoch_equivalents"] if search else 0.0
     search_s = search["seconds"] if search else 0.0
-    summary = {
+    return {
         **base,
         "weights": str(data.weights) if data.weights else None,
         "backbone": data.backbone,
@@ -444,17 +473,8 @@ def run(
         "search": search,
         "epoch_equivalents": search_ee + train_ee,
         "seconds": search_s + meta["seconds"],
-        **score_test(result, data.spec.positive, setup.n_boot, seed),
+        **score_test(result, data.spec.positive, n_boot, base["seed"]),
     }
-    summary = with_uncached(summary, folder, data)
-    write_json(summary_file, summary)
-    print(
-        f"{data.name} {strategy} seed {seed}: test macro AUROC {fmt(summary['macro_auroc'])}, "
-        f"balanced accuracy {fmt(summary['balanced_accuracy'])}; "
-        f"{summary['epoch_equivalents']:.1f} epoch-eq., {summary['seconds']:.0f} s",
-        flush=True,
-    )
-    return summary
 
 
 def with_uncached(summary: dict[str, Any], folder: Path, data: Data) -> dict[str, Any]:
@@ -464,41 +484,6 @@ def with_uncached(summary: dict[str, Any], folder: Path, data: Data) -> dict[str
         summary["search"]["epoch_equivalents_uncached"] = uncached_epoch_equivalents(db, data)
         summary["search"]["trials_db"] = str(db)
     return summary
-
-
-def stage_curve(db: Path) -> list[tuple[float, float]]:
-    """A search's best-so-far fitness against the epoch-equivalents it had spent, one point per
-    finished stage (generation, rung), in the order the stages ran. Only members evaluated at the
-    top rung count (the ones the search can choose; all of them in ``reference``), each with its
-    mean fitness over the seeds that rung trains. Stage granularity charges a stage's whole cost
-    before its results count, whatever order its trials ran in, so the curve never flatters a
-    schedule."""
-    with sqlite3.connect(db) as con:
-        rows = con.execute(
-            "SELECT generation, rung, idx, fitness, COALESCE(epoch_equivalents, 0) FROM trials "
-            "WHERE status = 'done' ORDER BY generation, rung, idx"
-        ).fetchall()
-    if not rows:
-        return []
-    top = max(r[1] for r in rows)
-    stages: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
-    for g, rung, idx, fitness, ee in rows:
-        stages.setdefault((g, rung), []).append((idx, float(fitness), float(ee)))
-    curve, spent, best = [], 0.0, math.inf
-    for (_, rung), trials in sorted(stages.items()):
-        spent += sum(ee for *_, ee in trials)
-        if rung == top:
-            members: dict[int, list[float]] = {}
-            for idx, fitness, _ in trials:
-                members.setdefault(idx, []).append(fitness)
-            best = min(best, *(statistics.fmean(f) for f in members.values()))
-        curve.append((spent, best))
-    return curve
-
-
-def cost_to_reach(curve: Sequence[tuple[float, float]], fitness: float) -> float | None:
-    """Epoch-equivalents spent when the best-so-far fitness first reached ``fitness``."""
-    return next((spent for spent, best in curve if best <= fitness + 1e-9), None)
 
 
 def own_searches(runs: Sequence[dict[str, Any]], strategy: str) -> list[dict[str, Any]]:
@@ -518,8 +503,8 @@ def equal_fitness(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if not Path(h["search"].get("trials_db", "")).is_file():
             continue
-        ref_curve = stage_curve(Path(r["search"]["trials_db"]))
-        halv_curve = stage_curve(Path(h["search"]["trials_db"]))
+        ref_curve = stage_curve(read_trials(Path(r["search"]["trials_db"])))
+        halv_curve = stage_curve(read_trials(Path(h["search"]["trials_db"])))
         target = ref_curve[-1][1]
         ee_ref, ee_halv = cost_to_reach(ref_curve, target), cost_to_reach(halv_curve, target)
         out.append({
@@ -567,20 +552,6 @@ def value(entry: dict[str, Any] | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def fmt(entry: dict[str, Any] | None) -> str:
-    if math.isnan(value(entry)):
-        return "n/a"
-    assert entry is not None
-    return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
-
-
-def mean_sd(values: Sequence[float], digits: int = 3) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}" if values else "n/a"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def mean(values: Sequence[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.mean(values) if values else math.nan
@@ -598,7 +569,7 @@ def run_row(r: dict[str, Any]) -> str:
     if r.get("search") and "shared_from_seed" in r["search"]:
         seed += f" (genome of search {r['search']['shared_from_seed']})"
     return (
-        f"| {r['strategy']} | {seed} | {fmt(r['macro_auroc'])} | {fmt(r['balanced_accuracy'])} | "
+        f"| {r['strategy']} | {seed} | {fmt_entry(r['macro_auroc'])} | {fmt_entry(r['balanced_accuracy'])} | "
         f"{value(r['accuracy']):.3f} | {r['val_bacc']:.3f} | {r['epoch_equivalents']:.1f} | {r['seconds']:.0f} |"
     )
 
@@ -625,10 +596,18 @@ def search_row(r: dict[str, Any]) -> str:
 def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
     """Target 1: halving reaches the reference's best val fitness with at most a quarter of
     the epoch-equivalents the reference spent to reach it (the issue's figure: the ratio at
-    equal validation fitness, from :func:`stage_curve`), beside the whole searches' ratio."""
+    equal validation fitness, from the searches' stage curves), beside the whole searches'
+    ratio."""
     ref, halv = own_searches(runs, "biotune-reference"), own_searches(runs, "biotune-halving")
     if not ref or not halv:
         return "- Target (halving ≤ 1/4 of reference's epoch-equivalents at equal validation fitness): not measured (a schedule is missing or failed)."
+    pairs = equal_fitness(runs)
+    lines = [*whole_search_lines(ref, halv), *(pair_line(p) for p in pairs), target_line(pairs)]
+    return "\n".join(lines)
+
+
+def whole_search_lines(ref: Sequence[dict[str, Any]], halv: Sequence[dict[str, Any]]) -> list[str]:
+    """The whole searches compared: epoch-equivalents and best validation fitness."""
     # the reference schedule recomputes the frozen prefix every epoch, as the reference code does
     ee_ref = mean([r["search"]["epoch_equivalents"] for r in ref])
     ee_halv = mean([r["search"]["epoch_equivalents"] for r in halv])
@@ -641,8 +620,7 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
         if low <= fit_halv <= high
         else ("below (better than)" if fit_halv < low else "above (worse than)")
     )
-    pairs = equal_fitness(runs)
-    lines = [
+    return [
         f"- Whole searches, halving / reference: {ee_halv / ee_ref:.3f} of the epoch-equivalents "
         f"({ee_halv:.1f} for medtl's schedule with frozen-prefix caching vs {ee_ref:.1f} for the "
         f"reference schedule, which recomputes the frozen prefix every epoch as the reference code "
@@ -652,19 +630,26 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
         f"reference {low:.4f}..{high:.4f} (min..max over search seeds): halving is {where} the "
         "reference's range.",
     ]
-    for p in pairs:
-        reached = (
-            f"halving first reached it after {p['halving']:.1f} (of {p['halving_total']:.1f}): "
-            f"**ratio {p['ratio']:.3f}**"
-            if p["ratio"] is not None
-            else f"halving never reached it in {p['halving_total']:.1f}"
-        )
-        lines.append(
-            f"- At equal validation fitness, search seed {p['seed']}: the reference's best fitness "
-            f"{p['target']:.4f} took it {p['ref']:.1f} epoch-equivalents (of {p['ref_total']:.1f}); "
-            f"{reached}. Costs counted stage by stage (a generation's or rung's whole cost is spent "
-            "before its results count), members at the top rung only."
-        )
+
+
+def pair_line(p: dict[str, Any]) -> str:
+    """One search seed at equal validation fitness (an entry of :func:`equal_fitness`)."""
+    reached = (
+        f"halving first reached it after {p['halving']:.1f} (of {p['halving_total']:.1f}): "
+        f"**ratio {p['ratio']:.3f}**"
+        if p["ratio"] is not None
+        else f"halving never reached it in {p['halving_total']:.1f}"
+    )
+    return (
+        f"- At equal validation fitness, search seed {p['seed']}: the reference's best fitness "
+        f"{p['target']:.4f} took it {p['ref']:.1f} epoch-equivalents (of {p['ref_total']:.1f}); "
+        f"{reached}. Costs counted stage by stage (a generation's or rung's whole cost is spent "
+        "before its results count), members at the top rung only."
+    )
+
+
+def target_line(pairs: Sequence[dict[str, Any]]) -> str:
+    """The verdict on target 1 over the search seeds of :func:`equal_fitness`."""
     ratios = [p["ratio"] for p in pairs]
     if not pairs:
         verdict = "not measured (the trial stores are missing)"
@@ -675,11 +660,10 @@ def schedule_verdict(runs: Sequence[dict[str, Any]]) -> str:
             + ", ".join("never" if x is None else f"{x:.3f}" for x in ratios)
             + f" over {len(pairs)} search seed(s); one search seed is a single draw, not a spread)"
         )
-    lines.append(
+    return (
         "- **Target (halving reaches the reference's fitness with ≤ 1/4 of its "
         f"epoch-equivalents): {verdict}.**"
     )
-    return "\n".join(lines)
 
 
 def auc_verdict(runs: Sequence[dict[str, Any]]) -> str:
@@ -710,10 +694,22 @@ def auc_verdict(runs: Sequence[dict[str, Any]]) -> str:
 
 # -- sections -----------------------------------------------------------------------------------
 def dataset_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[str]:
+    """A dataset's section: its runs, their seed spread, the MedMNIST rows (BreastMNIST) and
+    the BioTune searches."""
+    lines = run_tables(data, runs)
+    if data.name == "breastmnist":
+        lines += medmnist_block(runs)
+    if any(own_searches(runs, s) for s in SCHEDULES):
+        lines += search_block(data, runs, setup)
+    return lines
+
+
+def run_tables(data: Data, runs: list[dict[str, Any]]) -> list[str]:
+    """The dataset's description, a row per run and a row per strategy over seeds."""
     counts = data.manifest.counts()
     n = {s: sum(counts.get(s, {}).values()) for s in ("train", "val", "test")}
     init = "from scratch" if data.weights is None else f"from `{data.weights.name}` ({data.init})"
-    lines = [
+    return [
         f"### {data.spec.title}",
         "",
         f"{data.spec.source} (train {n['train']}, val {n['val']}, test {n['test']}; classes "
@@ -731,45 +727,51 @@ def dataset_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[
         *[seed_row(s, ok(runs, s)) for s in STRATEGIES if ok(runs, s)],
         "",
     ]
-    if data.name == "breastmnist":
-        lines += [
-            "MedMNIST v2 reference rows, BreastMNIST test set, as published (Yang et al., "
-            "*MedMNIST v2*, Scientific Data 10:41, 2023); their ACC is plain accuracy (the "
-            "'test accuracy' column above), not balanced accuracy:",
-            "",
-            "| model | test AUC | test ACC |",
-            "|---|---:|---:|",
-            *[f"| {m} | {auc:.3f} | {acc:.3f} |" for m, auc, acc in MEDMNIST_V2],
-            "",
-            auc_verdict(runs),
-            "",
-        ]
+
+
+def medmnist_block(runs: list[dict[str, Any]]) -> list[str]:
+    """The published MedMNIST v2 rows and the verdict on target 2."""
+    return [
+        "MedMNIST v2 reference rows, BreastMNIST test set, as published (Yang et al., "
+        "*MedMNIST v2*, Scientific Data 10:41, 2023); their ACC is plain accuracy (the "
+        "'test accuracy' column above), not balanced accuracy:",
+        "",
+        "| model | test AUC | test ACC |",
+        "|---|---:|---:|",
+        *[f"| {m} | {auc:.3f} | {acc:.3f} |" for m, auc, acc in MEDMNIST_V2],
+        "",
+        auc_verdict(runs),
+        "",
+    ]
+
+
+def search_block(data: Data, runs: list[dict[str, Any]], setup: Setup) -> list[str]:
+    """The BioTune searches: a row per search, the schedules' verdict and their figure."""
     searched = [r for s in SCHEDULES for r in own_searches(runs, s)]
-    if searched:
+    lines = [
+        f"BioTune searches on {data.spec.title} (fitness and search cost from the candidates, "
+        "trained without augmentation; retrain = the best genome fine-tuned as the other rows)"
+        + (
+            f"; here the halving schedule's first rung trains {data.min_epochs} epochs "
+            f"(`--halving-min-epochs {data.name}={data.min_epochs}`), not the preset's "
+            f"{BioTuneConfig(**setup.search).min_epochs}:"
+            if data.min_epochs is not None
+            else ":"
+        ),
+        "",
+        "| schedule | search seed | best val fitness | best val bal. acc. | search epoch-eq. | same trials, prefix recomputed every epoch | search s | trials trained / looked up | retrain epoch-eq. | retrain s | retrain val bal. acc. |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        *[search_row(r) for r in searched],
+        "",
+        schedule_verdict(runs),
+        "",
+    ]
+    if equal_fitness(runs):
         lines += [
-            f"BioTune searches on {data.spec.title} (fitness and search cost from the candidates, "
-            "trained without augmentation; retrain = the best genome fine-tuned as the other rows)"
-            + (
-                f"; here the halving schedule's first rung trains {data.min_epochs} epochs "
-                f"(`--halving-min-epochs {data.name}={data.min_epochs}`), not the preset's "
-                f"{BioTuneConfig(**setup.search).min_epochs}:"
-                if data.min_epochs is not None
-                else ":"
-            ),
-            "",
-            "| schedule | search seed | best val fitness | best val bal. acc. | search epoch-eq. | same trials, prefix recomputed every epoch | search s | trials trained / looked up | retrain epoch-eq. | retrain s | retrain val bal. acc. |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-            *[search_row(r) for r in searched],
-            "",
-            schedule_verdict(runs),
+            f"![Best validation fitness so far against search epoch-equivalents, {data.spec.title}]"
+            f"(img/{schedule_figure(data)})",
             "",
         ]
-        if equal_fitness(runs):
-            lines += [
-                f"![Best validation fitness so far against search epoch-equivalents, {data.spec.title}]"
-                f"(img/{schedule_figure(data)})",
-                "",
-            ]
     return lines
 
 
@@ -792,25 +794,11 @@ def results_section(
     command: str,
     missing: Sequence[dict[str, Any]] = (),
 ) -> str:
-    s = setup.search
     lines = [
         RESULTS_MARKERS[0],
         "## Fine-tuning strategies compared (`benchmarks/finetune_compare.py`)",
         "",
-        f"Every run: up to {setup.epochs} epochs, batch {setup.batch_size}, AdamW lr {setup.lr} with "
-        f"cosine decay and 1 warm-up epoch, light augmentation, early stopping on validation balanced "
-        f"accuracy (patience {setup.patience}). Strategies: `full`, `linear` (head only), `autorgn` "
-        "(Auto-RGN), `lora` (rank 4, adapters merged after training) and BioTune with the "
-        "reference-faithful schedule (`biotune-reference`) or medtl's successive halving "
-        f"(`biotune-halving`), both with the `{s['preset']}` preset ({describe_search(s)}); for BioTune "
-        "the seed is the search seed and the row is the retrained best genome; a row marked "
-        "'genome of search s' retrains search seed s's genome with its own training seed (the "
-        "search is run once and its cost is counted in each such row). Test figures: macro "
-        f"AUROC (one-vs-rest) and balanced accuracy on the **test split** with 95% CIs from {setup.n_boot} "
-        "group-bootstrap resamples, after temperature scaling fitted on validation. Epoch-equivalents "
-        "are FLOP-weighted (one forward + backward pass of the whole model over the training split; "
-        "frozen prefixes count their forward only, validation passes are included; for BioTune the "
-        "search plus the retrain); wall s likewise.",
+        method_paragraph(setup),
         "",
     ]
     if missing:
@@ -825,6 +813,27 @@ def results_section(
         lines += dataset_block(data, [r for r in runs if r["dataset"] == data.name], setup)
     lines += [*footer(command), RESULTS_MARKERS[1]]
     return "\n".join(lines)
+
+
+def method_paragraph(setup: Setup) -> str:
+    """How every run trains and is scored."""
+    s = setup.search
+    return (
+        f"Every run: up to {setup.epochs} epochs, batch {setup.batch_size}, AdamW lr {setup.lr} with "
+        f"cosine decay and 1 warm-up epoch, light augmentation, early stopping on validation balanced "
+        f"accuracy (patience {setup.patience}). Strategies: `full`, `linear` (head only), `autorgn` "
+        "(Auto-RGN), `lora` (rank 4, adapters merged after training) and BioTune with the "
+        "reference-faithful schedule (`biotune-reference`) or medtl's successive halving "
+        f"(`biotune-halving`), both with the `{s['preset']}` preset ({describe_search(s)}); for BioTune "
+        "the seed is the search seed and the row is the retrained best genome; a row marked "
+        "'genome of search s' retrains search seed s's genome with its own training seed (the "
+        "search is run once and its cost is counted in each such row). Test figures: macro "
+        f"AUROC (one-vs-rest) and balanced accuracy on the **test split** with 95% CIs from {setup.n_boot} "
+        "group-bootstrap resamples, after temperature scaling fitted on validation. Epoch-equivalents "
+        "are FLOP-weighted (one forward + backward pass of the whole model over the training split; "
+        "frozen prefixes count their forward only, validation passes are included; for BioTune the "
+        "search plus the retrain); wall s likewise."
+    )
 
 
 def describe_search(search: dict[str, Any]) -> str:

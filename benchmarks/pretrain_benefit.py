@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from medtl.finetune.loop import FinetuneConfig, finetune
 from medtl.io import write_json, write_marked_section
 from medtl.metrics import evaluate_predictions
 from medtl.pretrain.loop import PretrainConfig, pretrain
+from medtl.report.tables import fmt_entry, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- pretrain_benefit:start -->", "<!-- pretrain_benefit:end -->"
@@ -130,8 +130,8 @@ def run_finetune(
     }
     write_json(summary_file, summary)
     print(
-        f"finetune {init} seed {seed}: test macro AUROC {fmt(summary['macro_auroc'])}, "
-        f"balanced accuracy {fmt(summary['balanced_accuracy'])} ({summary['seconds']:.0f}s)",
+        f"finetune {init} seed {seed}: test macro AUROC {fmt_entry(summary['macro_auroc'])}, "
+        f"balanced accuracy {fmt_entry(summary['balanced_accuracy'])} ({summary['seconds']:.0f}s)",
         flush=True,
     )
     return summary
@@ -153,18 +153,6 @@ def parse_setting(text: str) -> tuple[float, float]:
     return setting
 
 
-def fmt(entry: dict[str, Any] | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "n/a"
-    return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "n/a"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def report(
     args: argparse.Namespace,
     runs: list[dict[str, Any]],
@@ -174,7 +162,7 @@ def report(
     rows, summary = [], []
     for r in runs:
         rows.append(
-            f"| {r['init']} | {r['seed']} | {fmt(r['macro_auroc'])} | {fmt(r['balanced_accuracy'])} | "
+            f"| {r['init']} | {r['seed']} | {fmt_entry(r['macro_auroc'])} | {fmt_entry(r['balanced_accuracy'])} | "
             f"{r['val_bacc']:.3f} | {r['best_epoch']}/{r['epochs_run']} | {r['seconds']:.0f} |"
         )
     for init in ("scratch", "random", "entropy"):
@@ -285,7 +273,7 @@ def ablation_row(
     t, r = (f"{setting[0]:g}", f"{setting[1]:g}") if setting else ("–", "–")
     auroc = mean_sd([x["macro_auroc"]["value"] for x in runs]) if runs else "not run"
     bacc = mean_sd([x["balanced_accuracy"]["value"] for x in runs]) if runs else "not run"
-    per_seed = "; ".join(f"{x['seed']}: {fmt(x['macro_auroc'])}" for x in runs)
+    per_seed = "; ".join(f"{x['seed']}: {fmt_entry(x['macro_auroc'])}" for x in runs)
     shown = f"{loss:.4f}" if loss is not None else "–"
     return f"| {init} | {t} | {r} | {shown} | {len(runs)} | {auroc} | {bacc} | {per_seed} |"
 

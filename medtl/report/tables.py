@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterator
+import statistics
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from medtl.report.load import EntryView, Evaluation, as_float
@@ -68,6 +69,15 @@ def fmt_p(p: Any) -> str:
 def fmt_count(value: Any) -> str:
     x = as_float(value)
     return str(int(x)) if math.isfinite(x) else "n/a"
+
+
+def mean_sd(values: Iterable[float | None], digits: int = 3, missing: str = "n/a") -> str:
+    """``mean ± SD`` of the defined values (None and NaN left out), the sample SD: a spread
+    over seeds, not a confidence interval. One value is written alone, none as ``missing``."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if len(xs) < 2:
+        return f"{xs[0]:.{digits}f}" if xs else missing
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def pretty(name: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from medtl.errors import ConfigError
 from medtl.finetune import blocks_of, plan
 from medtl.finetune import search as bt
 from medtl.finetune.loop import FinetuneConfig
+from medtl.finetune.search import candidate
 from medtl.models import build_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,6 +209,67 @@ def test_trials_of_a_dead_worker_are_reclaimed(tmp_path: Path) -> None:
     store.close()
 
 
+def test_the_read_api_gives_back_typed_trials_as_written(tmp_path: Path) -> None:
+    store = bt.TrialStore(tmp_path / "t.db")
+    genomes = {(0, 0): [0.1, 0.9, 0.5], (0, 1): [0.7, 0.2, 0.4], (1, 0): [0.1, 0.9, 0.5]}
+    with store.transaction():
+        for (g, idx), genome in genomes.items():
+            store.insert(
+                generation=g, idx=idx, rung=0, seed=3, genome=json.dumps(genome),
+                genome_key=bt.genome_key(genome), budget_epochs=2,
+                first_trainable=bt.first_trainable(genome), order_key=idx, status="pending",
+                reused=int(g == 1),
+            )  # fmt: skip
+    first = store.claim("w")
+    assert first is not None
+    result = {"val_bacc": 0.75, "fitness": 0.25, "trainable_fraction": 0.5, "cached": 1}
+    store.finish(int(first["id"]), "w", "done", {**result, "epochs_trained": 2.0})
+    store.close()
+
+    trials = bt.read_trials(tmp_path / "t.db")
+    assert [(t.generation, t.idx) for t in trials] == list(genomes)
+    done, pending, reused = trials
+    assert done.genome == (0.1, 0.9, 0.5) and done.first_trainable == 1
+    assert done.status == "done" and done.finished and not pending.finished
+    assert (done.val_bacc, done.fitness, done.trainable_fraction) == (0.75, 0.25, 0.5)
+    assert done.cached is True and done.reused is False and done.epochs_trained == 2.0
+    assert done.worker == "w" and done.budget_epochs == 2 and done.seed == 3
+    assert pending.cached is None and pending.fitness is None and pending.worker is None
+    assert reused.reused is True and reused.genome_key == done.genome_key
+    store = bt.TrialStore(tmp_path / "t.db")
+    assert store.trials(generation=0, rung=0) == [done, pending]
+    assert store.trials(generation=1) == [reused] and store.trials(rung=1) == []
+    store.close()
+    with pytest.raises(ConfigError, match="does not exist"):
+        bt.read_trials(tmp_path / "none.db")
+    assert not (tmp_path / "none.db").exists()
+
+
+def _trial(g: int, r: int, idx: int, fitness: float, ee: float, seed: int = 0) -> bt.Trial:
+    return bt.Trial(
+        id=0, generation=g, idx=idx, rung=r, seed=seed, genome=(0.5, 0.5), genome_key="k",
+        budget_epochs=1, first_trainable=0, order_key=0, status="done", reused=ee == 0,
+        val_bacc=1 - fitness, fitness=fitness, trainable_fraction=1.0, cached=False,
+        epochs_trained=ee, epoch_cost=1.0, epoch_equivalents=ee, seconds=0.0, worker=None,
+        heartbeat=None, error=None,
+    )  # fmt: skip
+
+
+def test_the_stage_curve_charges_each_stage_before_its_results_count() -> None:
+    trials = [
+        _trial(0, 0, 0, 0.4, 1.0), _trial(0, 0, 1, 0.3, 1.0),  # rung 0: not choosable
+        _trial(0, 1, 1, 0.2, 2.0), _trial(0, 1, 1, 0.4, 2.0, seed=1),  # top rung: mean 0.3
+        _trial(1, 0, 0, 0.1, 1.0), _trial(1, 0, 1, 0.3, 0.0),  # member 1 looked up: free
+        _trial(1, 1, 0, 0.1, 2.0), _trial(1, 1, 0, 0.2, 2.0, seed=1),  # mean 0.15
+    ]  # fmt: skip
+    pending = dataclasses.replace(trials[0], generation=2, status="pending", fitness=None)
+    curve = bt.stage_curve([*reversed(trials), pending])  # any order in, stage order out
+    assert [spent for spent, _ in curve] == [2.0, 6.0, 7.0, 11.0]
+    assert [best for _, best in curve] == pytest.approx([math.inf, 0.3, 0.3, 0.15])
+    assert bt.cost_to_reach(curve, 0.3) == 6.0 and bt.cost_to_reach(curve, 0.15) == 11.0
+    assert bt.cost_to_reach(curve, 0.1) is None and bt.stage_curve([pending]) == []
+
+
 def test_a_store_refuses_another_search(tmp_path: Path) -> None:
     store = bt.TrialStore(tmp_path / "t.db")
     store.bind({"seed": 0})
@@ -266,7 +330,7 @@ def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
     for row in manifest.split("test"):
         (root / row.path).rename(root / f"{row.path}.hidden")
     built: list[str] = []
-    real_build, real_fit = bt.build_dataset, bt.fit
+    real_build, real_fit = candidate.build_dataset, candidate.fit
 
     def build(m: Manifest, split: str, *args: Any, **kwargs: Any) -> Any:
         built.append(split)
@@ -285,20 +349,20 @@ def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
 
         return real_fit(*args, evaluate=die_in_epoch_two, **kwargs)
 
-    monkeypatch.setattr(bt, "build_dataset", build)
+    monkeypatch.setattr(candidate, "build_dataset", build)
     parts = tmp_path / "parts"
     try:
         assert (
             bt.run_worker(cfg, FT, manifest, root, DATA, parts, progress=False, max_trials=3) == 3
         )
         assert sum(r["status"] == "done" for r in _rows(parts)) == 3
-        monkeypatch.setattr(bt, "fit", killed)
+        monkeypatch.setattr(candidate, "fit", killed)
         with pytest.raises(KeyboardInterrupt):
             bt.biotune_search(cfg, FT, manifest, root, DATA, parts, progress=False, retrain=False)
         pending = [r for r in _rows(parts) if r["budget_epochs"] == 2 and r["status"] == "pending"]
         assert len(pending) == 2 and pending[0]["worker"] is None  # released, not lost
         assert len(list((parts / "trials").glob("*/checkpoint.pt"))) == 1  # epoch 1 kept
-        monkeypatch.setattr(bt, "fit", real_fit)
+        monkeypatch.setattr(candidate, "fit", real_fit)
         resumed = bt.biotune_search(
             cfg, FT, manifest, root, DATA, parts, progress=False, retrain=False
         )

@@ -1,0 +1,131 @@
+"""BioTune (Davila et al., IEEE Access 2025): an evolutionary search over which blocks of a
+backbone to fine-tune and at which learning rate, scored on the validation split only.
+
+A genome holds one gene in [0, 1] per block of :func:`~medtl.finetune.blocks.blocks_of` (stem ..
+head) and a threshold gene last; the ``genome`` strategy decodes it (a block trains iff its gene
+exceeds the threshold, at ``10 ** (2 * (gene - 0.5))`` times the base rate). The search minimises
+``fitness = 1 - mean over seeds of the best validation balanced accuracy``; the operators live
+in :mod:`medtl.finetune.evolution`, the frozen-prefix feature cache in
+:mod:`medtl.finetune.prefix`.
+
+Two evaluation schedules share the search space and the population settings:
+
+- ``reference``: every member of every generation (carried elites included) trains for up to
+  ``max_epochs`` with early stopping (``patience``) for every seed: a plain :func:`fit`.
+- ``halving``: successive halving within each generation (:func:`rungs`). All members train
+  ``min_epochs``; the best ``1/eta`` train ``eta`` times longer, ... up to ``max_epochs``, where
+  the survivors train for every seed. Each rung is a fresh run with a cosine schedule over its
+  own epochs and no early stopping, so it spends exactly its epochs. A genome already evaluated
+  at a rung and seed is looked up in the trial store, not retrained (the validation split is
+  fixed, so the result would be the same), and pending trials run ordered by their frozen
+  prefix so that cached prefix features are reused.
+
+Compute is counted in epoch-equivalents: FLOPs actually run over those of one forward and
+backward pass of the whole model over the training split, with backward = 2 x forward (so a
+forward pass is 1/3). With first trainable block ``k``, ``s_k`` the share of the forward FLOPs
+from block ``k`` on (torch's ``FlopCounterMode`` per segment; parameter shares for families
+without segments) and ``v = n_val / n_train``, one epoch and its validation pass cost
+``(1 + 2 s_k) / 3 + v / 3`` uncached (the frozen prefix runs forward only) and
+``s_k (1 + v / 3)`` cached; filling the cache costs ``(1 - s_k) / 3 * (1 + v)``, once per
+process and prefix (see :class:`~medtl.finetune.prefix.Cuts`).
+
+The package: :mod:`~medtl.finetune.search.config` (the recipe section, presets, rungs),
+:mod:`~medtl.finetune.search.store` (the trial store and its typed read API),
+:mod:`~medtl.finetune.search.candidate` (training one candidate),
+:mod:`~medtl.finetune.search.driver` (workers and the generation driver) and
+:mod:`~medtl.finetune.search.results` (the best genome, ``trials.csv``, ``search.png``).
+
+Trials live in SQLite (``storage = "sqlite:///PATH"``; WAL, busy timeout). Workers claim
+pending trials atomically; the process that finds a stage complete creates the next one in the
+same kind of transaction. A stopped or killed search resumes where it was and reaches the same
+result, as every random choice is seeded from ``(seed, generation)`` and training is
+deterministic. The test split is never read here; :func:`biotune_search` retrains the best
+genome with :func:`~medtl.finetune.loop.finetune`, which writes test predictions once, after
+the choice.
+"""
+
+from __future__ import annotations
+
+from medtl.finetune.search.candidate import Runner, Search, SearchTask
+from medtl.finetune.search.config import (
+    PRESETS,
+    RETRAIN_ONLY,
+    SCHEDULE_KEYS,
+    BioTuneConfig,
+    Rung,
+    first_trainable,
+    generation_epochs,
+    genome_key,
+    rungs,
+)
+from medtl.finetune.search.driver import (
+    advance,
+    biotune_search,
+    open_store,
+    retrain_best,
+    retrain_genome,
+    run_worker,
+    search_to_the_end,
+    work,
+)
+from medtl.finetune.search.results import (
+    SearchResult,
+    Standing,
+    cost_to_reach,
+    knowledge,
+    per_generation,
+    plot_search,
+    stage_curve,
+    summarise,
+    write_trials_csv,
+)
+from medtl.finetune.search.store import (
+    RESULT_FIELDS,
+    SCHEMA,
+    SQLITE,
+    Trial,
+    TrialStore,
+    read_trials,
+    store_path,
+    worker_id,
+)
+
+__all__ = [
+    "PRESETS",
+    "RESULT_FIELDS",
+    "RETRAIN_ONLY",
+    "SCHEDULE_KEYS",
+    "SCHEMA",
+    "SQLITE",
+    "BioTuneConfig",
+    "Rung",
+    "Runner",
+    "Search",
+    "SearchResult",
+    "SearchTask",
+    "Standing",
+    "Trial",
+    "TrialStore",
+    "advance",
+    "biotune_search",
+    "cost_to_reach",
+    "first_trainable",
+    "generation_epochs",
+    "genome_key",
+    "knowledge",
+    "open_store",
+    "per_generation",
+    "plot_search",
+    "read_trials",
+    "retrain_best",
+    "retrain_genome",
+    "run_worker",
+    "rungs",
+    "search_to_the_end",
+    "stage_curve",
+    "store_path",
+    "summarise",
+    "work",
+    "worker_id",
+    "write_trials_csv",
+]  # fmt: skip

@@ -1,0 +1,229 @@
+"""What a search found, from its trial store: the best genome, the Pareto front, the compute
+spent, ``trials.csv`` and ``search.png``."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medtl.errors import ConfigError
+from medtl.finetune import evolution as ea
+from medtl.finetune.loop import FinetuneResult
+from medtl.finetune.search.candidate import Search
+from medtl.finetune.search.config import Rung
+from medtl.finetune.search.store import Trial, TrialStore
+from medtl.io import atomic_write_bytes, atomic_write_text
+
+CSV_COLUMNS = (
+    "generation", "idx", "rung", "seed", "budget_epochs", "status", "reused", "val_bacc",
+    "fitness", "trainable_fraction", "cached", "epochs_trained", "epoch_cost",
+    "epoch_equivalents", "seconds", "worker", "genome_key",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Standing:
+    """What is known of one genome: the highest rung with a result for every seed that rung
+    needs, its fitness there (1 - mean val balanced accuracy) and its trainable fraction."""
+
+    rung: int
+    fitness: float
+    trainable_fraction: float
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The chosen genome, the Pareto front and what the search spent."""
+
+    blocks: list[str]
+    best_genes: list[float]
+    best_threshold: float
+    best_fitness: float
+    best_val_bacc: float
+    best_trainable_fraction: float
+    pareto: list[dict[str, Any]]
+    generations: list[dict[str, float]]
+    epoch_equivalents: float
+    epochs_trained: float
+    trial_seconds: float  # summed over trials (all workers)
+    seconds: float  # wall time of this call's search phase
+    trials_db: Path
+    trials_csv: Path
+    plot: Path
+    finetune: FinetuneResult | None = None
+
+    @property
+    def strategy_options(self) -> dict[str, Any]:
+        """The ``genome`` strategy options that replay the best genome."""
+        return {"genes": list(self.best_genes), "threshold": self.best_threshold}
+
+    def summary(self) -> dict[str, Any]:
+        skip = {"finetune"}
+        return {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in self.__dict__.items()
+            if k not in skip
+        }
+
+
+def knowledge(
+    trials: Sequence[Trial], search_rungs: Sequence[Rung], seeds: Sequence[int]
+) -> dict[str, Standing]:
+    """Per genome key, its :class:`Standing` over all generations' finished trials."""
+    groups: dict[str, list[Trial]] = {}
+    for t in trials:
+        if t.finished:
+            groups.setdefault(t.genome_key, []).append(t)
+    known = {}
+    for key, group in groups.items():
+        for r in reversed(range(len(search_rungs))):
+            rung = search_rungs[r]
+            got = {t.seed: t for t in group if t.budget_epochs == rung.epochs}
+            need = seeds[: rung.seeds]
+            if all(s in got for s in need):
+                bacc = float(np.mean([got[s].val_bacc for s in need]))
+                fraction = float(got[need[0]].trainable_fraction)  # type: ignore[arg-type]
+                known[key] = Standing(r, 1.0 - bacc, fraction)
+                break
+    return known
+
+
+def summarise(search: Search, store: TrialStore, seconds: float) -> SearchResult:
+    """The best genome (lowest fitness at the last rung; earliest on ties), the Pareto front of
+    (fitness, trainable fraction) and the compute spent, from a finished store."""
+    trials = store.trials()
+    known = knowledge(trials, search.rungs, search.seeds)
+    first: dict[str, Trial] = {}
+    for t in trials:
+        first.setdefault(t.genome_key, t)
+    top = len(search.rungs) - 1
+    finals = [(v.fitness, first[k].id, k) for k, v in known.items() if v.rung == top]
+    if not finals:
+        raise ConfigError(f"{store.path} holds no finished candidate; run the search to the end")
+    _, _, best = min(finals)
+    genome, standing = list(first[best].genome), known[best]
+    points = np.array([[known[k].fitness, known[k].trainable_fraction] for _, _, k in finals])
+    pareto = [
+        _candidate(search.blocks, first[finals[i][2]], known[finals[i][2]])
+        for i in ea.pareto_front(points)
+    ]
+    return SearchResult(
+        search.blocks, genome[:-1], genome[-1], standing.fitness, 1.0 - standing.fitness,
+        standing.trainable_fraction, sorted(pareto, key=lambda c: c["fitness"]),
+        per_generation(trials), _total(trials, "epoch_equivalents"),
+        _total(trials, "epochs_trained"), _total(trials, "seconds"), seconds, store.path,
+        search.out / "trials.csv", search.out / "search.png",
+    )  # fmt: skip
+
+
+def _candidate(blocks: Sequence[str], first: Trial, standing: Standing) -> dict[str, Any]:
+    genome = list(first.genome)
+    return {
+        "genes": genome[:-1], "threshold": genome[-1], "fitness": standing.fitness,
+        "val_bacc": 1.0 - standing.fitness, "trainable_fraction": standing.trainable_fraction,
+        "trainable_blocks": [b for b, g in zip(blocks, genome, strict=False) if g > genome[-1]],
+    }  # fmt: skip
+
+
+def _total(trials: Sequence[Trial], field: str) -> float:
+    return float(sum(getattr(t, field) or 0.0 for t in trials))
+
+
+def per_generation(trials: Sequence[Trial]) -> list[dict[str, float]]:
+    """Best and median fitness per generation, each member at the highest rung it reached."""
+    out = []
+    for g in sorted({t.generation for t in trials}):
+        members: dict[int, list[Trial]] = {}
+        for t in trials:
+            if t.generation == g:
+                members.setdefault(t.idx, []).append(t)
+        scores = []
+        for group in members.values():
+            high = max(t.rung for t in group)
+            scores.append(float(np.mean([t.fitness for t in group if t.rung == high])))
+        out.append({"generation": g, "best": min(scores), "median": float(np.median(scores))})
+    return out
+
+
+def stage_curve(trials: Sequence[Trial]) -> list[tuple[float, float]]:
+    """A search's best-so-far fitness against the epoch-equivalents it had spent, one point per
+    stage (generation, rung) with a done trial, in the order the stages ran. Only members
+    evaluated at the top rung count (the ones the search can choose; all of them in
+    ``reference``), each with its mean fitness over the seeds that rung trains. Stage
+    granularity charges a stage's whole cost before its results count, whatever order its
+    trials ran in, so the curve never flatters a schedule."""
+    done = [t for t in trials if t.status == "done"]
+    if not done:
+        return []
+    top = max(t.rung for t in done)
+    stages: dict[tuple[int, int], list[Trial]] = {}
+    for t in sorted(done, key=lambda t: (t.generation, t.rung, t.idx)):
+        stages.setdefault((t.generation, t.rung), []).append(t)
+    curve, spent, best = [], 0.0, math.inf
+    for (_, rung), group in sorted(stages.items()):
+        spent += sum(float(t.epoch_equivalents or 0) for t in group)
+        if rung == top:
+            members: dict[int, list[float]] = {}
+            for t in group:
+                members.setdefault(t.idx, []).append(float(t.fitness))  # type: ignore[arg-type]
+            best = min(best, *(statistics.fmean(f) for f in members.values()))
+        curve.append((spent, best))
+    return curve
+
+
+def cost_to_reach(curve: Sequence[tuple[float, float]], fitness: float) -> float | None:
+    """Epoch-equivalents spent when the best-so-far fitness first reached ``fitness``
+    (``None``: never)."""
+    return next((spent for spent, best in curve if best <= fitness + 1e-9), None)
+
+
+def write_trials_csv(blocks: Sequence[str], trials: Sequence[Trial], path: Path) -> None:
+    """Every trial with its genome, per-block genes and the strategy options replaying it
+    (flags written as 0/1, as stored)."""
+    genes = [f"gene_{b}" for b in blocks]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*CSV_COLUMNS, "first_trainable", *genes, "threshold", "strategy_options"])
+    for t in trials:
+        genome = list(t.genome)
+        options = json.dumps({"genes": genome[:-1], "threshold": genome[-1]})
+        cells = [getattr(t, c) for c in CSV_COLUMNS]
+        cells = [int(c) if isinstance(c, bool) else c for c in cells]
+        writer.writerow([*cells, blocks[t.first_trainable], *genome, options])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_search(result: SearchResult, path: Path) -> None:
+    """Left: best and median fitness per generation. Right: the chosen learning-rate
+    multiplier of each block (log scale); frozen blocks as grey bands labelled "frozen"."""
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    gens = [g["generation"] for g in result.generations]
+    for key, style in (("best", "o-"), ("median", "s--")):
+        left.plot(gens, [g[key] for g in result.generations], style, label=key)
+    left.set(xlabel="generation", ylabel="fitness (1 - val balanced accuracy)", xticks=gens)
+    left.legend()
+    x = np.arange(len(result.blocks))
+    for i, gene in enumerate(result.best_genes):
+        if gene > result.best_threshold:
+            right.bar(i, 10 ** (2 * (gene - 0.5)), color="#0072B2")
+        else:
+            right.axvspan(i - 0.4, i + 0.4, color="#DDDDDD", lw=0)
+            right.text(i, 0.13, "frozen", ha="center", rotation=90, fontsize=8)
+    right.axhline(1.0, color="black", lw=0.6)
+    right.set(yscale="log", ylim=(0.1, 10), ylabel="learning-rate multiplier", xticks=x)
+    right.set_xticklabels(result.blocks, rotation=45)
+    right.set_title(f"best genome, threshold {result.best_threshold:.2f}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
