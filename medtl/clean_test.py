@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medtl.data.leaks import TestLeaks
+from medtl.data.leaks import SplitLeaks
 from medtl.errors import DataError
 from medtl.metrics import (
     bootstrap_entry,
@@ -120,7 +120,7 @@ def _value(metrics: dict[str, Any], name: str) -> float:
 def evaluate_with_leaks(
     test: Predictions,
     val: Predictions | None,
-    leaks: TestLeaks | None,
+    leaks: SplitLeaks | None,
     policy: str,
     positive: str | None,
     n_boot: int,
@@ -175,7 +175,7 @@ RESPLIT_NOTE = (
 )
 
 
-def _keep_note(leaks: TestLeaks) -> str:
+def _keep_note(leaks: SplitLeaks) -> str:
     return (
         f"{len(leaks.leaking)} of {leaks.n_test} official test images share an exact or "
         f"near-duplicate cluster or a lesion / patient group ({leaks.n_groups} in all) with "
@@ -183,7 +183,7 @@ def _keep_note(leaks: TestLeaks) -> str:
     )
 
 
-def _drop_note(leaks: TestLeaks) -> str:
+def _drop_note(leaks: SplitLeaks) -> str:
     return (
         f"data.leaks=drop: figures on the clean subset only ({leaks.n_clean} of {leaks.n_test} "
         f"official test images); {len(leaks.leaking)} images sharing a duplicate cluster or "

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
 from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
-from medtl.data.leaks import TestLeaks, find_test_leaks, read_audit_clusters
+from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
 from medtl.errors import DataError, MedtlError
 from medtl.io import write_json
@@ -312,7 +312,7 @@ def _predict(
     return meta, test, val
 
 
-def _test_leaks(data: DataSpec, split: str) -> TestLeaks | None:
+def _test_leaks(data: DataSpec, split: str) -> SplitLeaks | None:
     """The official test images that leak (share a duplicate cluster or group with train /
     val), from the manifest's groups and the audit beside it; None for other splits."""
     if split != "test":

@@ -39,7 +39,7 @@ RESPLIT_SOURCE = "resplit"
 
 
 @dataclass(frozen=True)
-class TestLeaks:
+class SplitLeaks:
     """Which official test rows share a duplicate cluster or a lesion / patient group with
     train or val. ``leaking`` holds manifest row ids; ``n_groups`` counts the shared groups."""
 
@@ -112,7 +112,7 @@ def merged_groups(rows: Sequence[Row], clusters: Iterable[Sequence[str]] = ()) -
     return [names[components[i]] for i in range(len(rows))]
 
 
-def find_test_leaks(manifest: Manifest, clusters: Iterable[Sequence[str]] = ()) -> TestLeaks:
+def find_test_leaks(manifest: Manifest, clusters: Iterable[Sequence[str]] = ()) -> SplitLeaks:
     """Test rows whose group (with ``clusters`` merged in) has a member in train or val."""
     groups = merged_groups(manifest.rows, clusters)
     outside = {g for g, r in zip(groups, manifest.rows, strict=True) if r.split != "test"}
@@ -125,7 +125,7 @@ def find_test_leaks(manifest: Manifest, clusters: Iterable[Sequence[str]] = ()) 
         g for g, r in zip(groups, manifest.rows, strict=True) if r.split == "test" and g in outside
     }
     n_test = sum(r.split == "test" for r in manifest.rows)
-    return TestLeaks(manifest.meta.split_source, n_test, frozenset(leaking), len(shared))
+    return SplitLeaks(manifest.meta.split_source, n_test, frozenset(leaking), len(shared))
 
 
 def resplit(

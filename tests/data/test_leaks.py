@@ -130,7 +130,7 @@ def test_carve_is_unchanged_where_no_group_touches_test() -> None:
 
 
 def test_carve_refuses_when_every_training_group_touches_test() -> None:
-    with pytest.raises(DataError, match="data.leaks=resplit"):
+    with pytest.raises(DataError, match=r"data\.leaks=resplit"):
         carve_validation(["a"] * 4, ["g", "g", "h", "h"], ["train", "test"] * 2, 0.2, seed=0)
 
 
@@ -195,3 +195,24 @@ def test_breastmnist_official_split_leaks_are_counted() -> None:
     counts = split_leak_counts(manifest, audit)
     assert counts["exact_clusters_across_splits"] == 1
     assert counts["leaking_test_images"] == len(find_test_leaks(manifest).leaking) > 0
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop", "resplit"])
+def test_the_run_folder_manifest_of_each_policy(
+    planted: Planted, policy: str, tmp_path: Path
+) -> None:
+    """keep and drop train on the official split (validation carved); resplit on a seeded
+    group-aware split written to ``data/resplit.csv``, where nothing leaks."""
+    from medtl.recipe import DataSection
+    from medtl.runs import RESPLIT_FILE, ensure_manifest
+
+    section = DataSection(adapter="brain_tumor_mri", manifest=str(planted.path), leaks=policy)
+    manifest = ensure_manifest(section, planted.root, tmp_path)
+    if policy == "resplit":
+        assert manifest.meta.split_source == "resplit"
+        assert Manifest.load(tmp_path / RESPLIT_FILE).sha256 == manifest.sha256
+        assert not find_test_leaks(manifest).leaking
+    else:
+        assert manifest.sha256 == planted.manifest.sha256
+        assert not (tmp_path / RESPLIT_FILE).exists()
+        assert len(find_test_leaks(manifest).leaking) == 4
