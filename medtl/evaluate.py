@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -82,6 +82,11 @@ class ReportConfig(BaseModel):
     thumbnails: bool = Field(
         True,
         description="show thumbnails of the most confident errors (false: no images in the report)",
+    )
+    rank_by: Literal["clean", "official"] = Field(
+        "clean",
+        description="test set the leaderboard ranks by where an official split leaks: clean "
+        "(official test images without a duplicate or group in train / val) or official",
     )
 
 

@@ -244,7 +244,7 @@ def run_report(ctx: RunContext) -> Path:
             spec = DataSpec.parse(text)
             if spec.root is not None:
                 roots[spec.name] = spec.root
-    result = build_report(ctx.out / "evaluate", stage.folder, roots)
+    result = build_report(ctx.out / "evaluate", stage.folder, roots, cfg.rank_by)
     with ctx.tracker.scope("report"):
         log_artifact(Path(result.html))
     stage.mark_done()
