@@ -176,6 +176,12 @@ RESPLIT_NOTE = (
 
 
 def _keep_note(leaks: SplitLeaks) -> str:
+    if not leaks.leaking:
+        return (
+            f"None of the {leaks.n_test} official test images shares an exact or near-duplicate "
+            "cluster or a lesion / patient group with train or val: the clean subset is the "
+            "whole official test split."
+        )
     return (
         f"{len(leaks.leaking)} of {leaks.n_test} official test images share an exact or "
         f"near-duplicate cluster or a lesion / patient group ({leaks.n_groups} in all) with "
