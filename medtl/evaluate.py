@@ -26,7 +26,7 @@ from medtl import __version__
 from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
-from medtl.errors import DataError, MedtlError
+from medtl.errors import ConfigError, DataError, MedtlError
 from medtl.io import write_json
 from medtl.predictions import Predictions
 
@@ -142,6 +142,10 @@ class DataSpec:
     root: Path | None
     name: str
     leaks: str = "keep"  # data.leaks: keep | drop (resplit is a manifest made before)
+
+    def __post_init__(self) -> None:
+        if self.leaks not in ("keep", "drop", "resplit"):
+            raise ConfigError(f"leaks policy {self.leaks!r} is not keep, drop or resplit")
 
     @classmethod
     def parse(cls, text: str) -> DataSpec:

@@ -252,17 +252,23 @@ def run_report(ctx: RunContext) -> Path:
 
 
 def track_evaluation(path: Path) -> None:
-    """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``."""
+    """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``
+    (a leaking official test split's clean subset as ``<dataset>/test_clean/...``)."""
     for entry in json.loads(path.read_text())["entries"]:
         if entry["status"] != "ok":
             continue
-        overall = entry["metrics"]["overall"]
+        clean = (entry.get("leaks") or {}).get("clean_metrics") or {}
         figures: dict[str, float] = {}
-        for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
-            for part in ("value", "ci_low", "ci_high"):
-                value = (overall.get(name) or {}).get(part)
-                if value is not None:
-                    figures[f"{entry['dataset']}/{entry['split']}/{name}/{part}"] = value
+        for split, metrics in (
+            (entry["split"], entry["metrics"]),
+            (f"{entry['split']}_clean", clean),
+        ):
+            overall = metrics.get("overall") or {}
+            for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
+                for part in ("value", "ci_low", "ci_high"):
+                    value = (overall.get(name) or {}).get(part)
+                    if value is not None:
+                        figures[f"{entry['dataset']}/{split}/{name}/{part}"] = value
         log_summary(figures)
 
 

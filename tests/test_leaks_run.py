@@ -12,6 +12,7 @@ from medtl.data.manifest import Manifest
 from medtl.pipeline import open_run, run_all
 from medtl.recipe import load_recipe
 from tests.data.test_leaks import Planted, make_planted
+from tests.test_tracking import scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -56,6 +57,8 @@ def test_keep_and_drop_train_on_the_official_split(
     assert not (tmp_path / "run" / "data" / "resplit.csv").exists()
     report = (tmp_path / "run" / "report" / "report.html").read_text()
     assert "Official test split vs clean test subset" in report
+    tracked = scalars(tmp_path / "run" / "tensorboard" / "evaluate")
+    assert ("leaks/test_clean/accuracy/value" in tracked) == (policy == "keep")
 
 
 def test_resplit_trains_and_tests_on_a_group_aware_split(planted: Planted, tmp_path: Path) -> None:
