@@ -156,6 +156,14 @@ def _payload(
     }
 
 
+def _leaks_payload(record: Any) -> Any:
+    """The entry's leaks record without the row ids of the leaking images (the evaluation
+    folder keeps them; the report shows no identifiers)."""
+    if not isinstance(record, dict):
+        return record
+    return {k: v for k, v in record.items() if k != "leaking_ids"}
+
+
 def _failure(entry: EntryView) -> dict[str, Any]:
     return {
         "model": entry.model,
@@ -176,7 +184,7 @@ def _entry_payload(entry: EntryView, gallery: Gallery) -> dict[str, Any]:
         **{k: entry.record.get(k) for k in keep},
         "model_meta": entry.record.get("model_meta"),
         "data": entry.record.get("data"),
-        "leaks": entry.record.get("leaks"),
+        "leaks": _leaks_payload(entry.record.get("leaks")),
         "metrics": entry.metrics,
         "notes": all_notes(entry),
         "gallery": gallery.to_dict(),

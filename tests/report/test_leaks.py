@@ -37,7 +37,10 @@ def test_leaderboard_ranks_by_the_chosen_test_set_and_says_so(
     evaluation: Path, tmp_path: Path, rank_by: str, n: int
 ) -> None:
     result = build_report(evaluation, tmp_path, rank_by=rank_by)
-    board = json.loads(result.json.read_text())["leaderboard"]
+    payload = json.loads(result.json.read_text())
+    board = payload["leaderboard"]
+    leaks = payload["entries"][0]["leaks"]
+    assert leaks["n_leaking"] == 4 and "leaking_ids" not in leaks  # no identifiers
     assert {(r["test_set"], r["n"]) for r in board} == {(rank_by, n)}
     html = result.html.read_text()
     said = "the <b>clean test subset</b>" if rank_by == "clean" else "the <b>official test split"
