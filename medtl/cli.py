@@ -275,6 +275,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
     from medtl.pipeline import pick_device
 
@@ -286,7 +288,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     path = evaluate(
         [ModelSpec.parse(m) for m in args.model],
-        [DataSpec.parse(d) for d in args.data],
+        [replace(DataSpec.parse(d), leaks=args.leaks) for d in args.data],
         Path(args.out),
         cfg,
         seed=args.seed,
@@ -322,6 +324,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         Path(args.evaluation),
         Path(args.out),
         {k: Path(str(v)) for k, v in roots.items()} if roots else None,
+        args.rank_by,
     )
     print(f"report: {result.html}")
     return 0
@@ -505,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ensemble", action="store_true", help="also evaluate the models' averaged probabilities"
     )
+    p.add_argument(
+        "--leaks",
+        choices=["keep", "drop"],
+        default="keep",
+        help="official test images sharing a duplicate or group with train / val: keep (official "
+        "and clean figures side by side, default) or drop (clean subset only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
@@ -520,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DATASET=ROOT",
         help="data root per dataset name, for the thumbnails of confident errors",
+    )
+    p.add_argument(
+        "--rank-by",
+        choices=["clean", "official"],
+        default="clean",
+        help="where an official test split leaks, rank the leaderboard on the clean subset "
+        "(default) or on the official split",
     )
     p.set_defaults(func=cmd_report)
 

@@ -17,15 +17,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
 from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
+from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
-from medtl.errors import DataError, MedtlError
+from medtl.errors import ConfigError, DataError, MedtlError
 from medtl.io import write_json
 from medtl.predictions import Predictions
 
@@ -82,6 +83,11 @@ class ReportConfig(BaseModel):
         True,
         description="show thumbnails of the most confident errors (false: no images in the report)",
     )
+    rank_by: Literal["clean", "official"] = Field(
+        "clean",
+        description="test set the leaderboard ranks by where an official split leaks: clean "
+        "(official test images without a duplicate or group in train / val) or official",
+    )
 
 
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
@@ -135,6 +141,11 @@ class DataSpec:
     manifest: Path
     root: Path | None
     name: str
+    leaks: str = "keep"  # data.leaks: keep | drop (resplit is a manifest made before)
+
+    def __post_init__(self) -> None:
+        if self.leaks not in ("keep", "drop", "resplit"):
+            raise ConfigError(f"leaks policy {self.leaks!r} is not keep, drop or resplit")
 
     @classmethod
     def parse(cls, text: str) -> DataSpec:
@@ -185,6 +196,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, float]]] = {}
+    specs = {data.name: data for data in datasets}
     for spec, data in itertools.product(models, datasets):
         for split in cfg.splits:
             entry, pred, temperature = _evaluate_one(
@@ -195,7 +207,7 @@ def evaluate(
                 kept.setdefault((data.name, split), []).append((spec.name, pred, temperature))
     if cfg.ensemble:
         entries += [
-            _ensemble_entry(key, members, out, cfg, seed)
+            _ensemble_entry(key, members, out, cfg, seed, specs[key[0]])
             for key, members in kept.items()
             if len(members) > 1
         ]
@@ -228,7 +240,7 @@ def _evaluate_one(
     device: str,
     progress: bool,
 ) -> tuple[dict[str, Any], Predictions | None, float]:
-    from medtl.metrics import evaluate_predictions
+    from medtl.clean_test import evaluate_with_leaks
 
     entry: dict[str, Any] = {
         "model": spec.name,
@@ -242,6 +254,16 @@ def _evaluate_one(
     try:
         meta, test, val = _predict(spec, data, split, cfg, device, progress)
         temperature = float(meta.get("temperature", 1.0))
+        test, metrics, leaks = evaluate_with_leaks(
+            test,
+            val,
+            _test_leaks(data, split),
+            data.leaks,
+            cfg.positive,
+            cfg.n_boot,
+            seed,
+            temperature,
+        )
         test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
         test.save(test_file)
         entry.update(
@@ -250,10 +272,12 @@ def _evaluate_one(
             val_predictions=str(spec.folder / "predictions_val.csv") if val is not None else None,
             temperature=temperature,
             calibrator=meta.get("calibrator", {"name": "none"}),
-            metrics=evaluate_predictions(test, val, cfg.positive, cfg.n_boot, seed, temperature),
+            metrics=metrics,
             model_meta=meta,
             data=_data_summary(Manifest.load(data.manifest)),
         )
+        if leaks is not None:
+            entry["leaks"] = leaks
         return entry, test, temperature
     except MedtlError as exc:
         entry["error"] = str(exc).strip().splitlines()[-1]
@@ -297,6 +321,14 @@ def _predict(
     return meta, test, val
 
 
+def _test_leaks(data: DataSpec, split: str) -> SplitLeaks | None:
+    """The official test images that leak (share a duplicate cluster or group with train /
+    val), from the manifest's groups and the audit beside it; None for other splits."""
+    if split != "test":
+        return None
+    return find_test_leaks(Manifest.load(data.manifest), read_audit_clusters(data.manifest))
+
+
 def _data_summary(manifest: Manifest) -> dict[str, Any]:
     counts = manifest.counts()
     return {
@@ -312,8 +344,10 @@ def _ensemble_entry(
     out: Path,
     cfg: EvaluateConfig,
     seed: int,
+    data: DataSpec,
 ) -> dict[str, Any]:
-    from medtl.metrics import ensemble, evaluate_predictions
+    from medtl.clean_test import evaluate_with_leaks
+    from medtl.metrics import ensemble
 
     dataset, split = key
     name = "ensemble(" + " + ".join(m[0] for m in members) + ")"
@@ -329,6 +363,9 @@ def _ensemble_entry(
     try:
         pred = ensemble([m[1] for m in members], temperatures=[m[2] for m in members])
         pred.model = name
+        pred, metrics, leaks = evaluate_with_leaks(
+            pred, None, _test_leaks(data, split), data.leaks, cfg.positive, cfg.n_boot, seed, 1.0
+        )
         path = out / "predictions" / f"{safe_name('ensemble', dataset, split)}.csv"
         pred.save(path)
         entry.update(
@@ -337,9 +374,11 @@ def _ensemble_entry(
             val_predictions=None,
             temperature=1.0,
             calibrator={"name": "members calibrated"},
-            metrics=evaluate_predictions(pred, None, cfg.positive, cfg.n_boot, seed, 1.0),
+            metrics=metrics,
             model_meta={"strategy": "ensemble", "members": [m[0] for m in members]},
         )
+        if leaks is not None:
+            entry["leaks"] = leaks
     except MedtlError as exc:
         entry["error"] = str(exc)
     return entry

@@ -18,7 +18,7 @@ import torch
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.recipe import Recipe
-from medtl.runs import Stage, data_root, ensure_manifest, start_run
+from medtl.runs import RESPLIT_FILE, Stage, data_root, ensure_manifest, start_run
 from medtl.tracking import Tracker, TrackingConfig, log_artifact, log_summary, log_to_run_folder
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,14 @@ def run_evaluate(ctx: RunContext) -> Path:
         ctx.recipe.section("evaluate") if ctx.recipe.has("evaluate") else EvaluateConfig()
     )
     manifest_path = _manifest_path(ctx)
+    leaks = ctx.recipe.section("data").leaks
     stage = Stage(
         ctx.out / "evaluate",
         {
             "config": cfg.model_dump(mode="json"),
             "model": _done_key(ctx.out / "calibrate"),
             "manifest": ctx.manifest.sha256,
+            **({"leaks": leaks} if leaks != "keep" else {}),
         },
     )
     if stage.done():
@@ -201,7 +203,7 @@ def run_evaluate(ctx: RunContext) -> Path:
         f"{ctx.recipe.name}/{ctx.recipe.section('finetune').strategy}/seed{ctx.recipe.seed}",
     )
     data = [
-        DataSpec(manifest_path, ctx.root, ctx.recipe.name),
+        DataSpec(manifest_path, ctx.root, ctx.recipe.name, leaks),
         *(DataSpec.parse(e) for e in cfg.external),
     ]
     path = evaluate(
@@ -242,7 +244,7 @@ def run_report(ctx: RunContext) -> Path:
             spec = DataSpec.parse(text)
             if spec.root is not None:
                 roots[spec.name] = spec.root
-    result = build_report(ctx.out / "evaluate", stage.folder, roots)
+    result = build_report(ctx.out / "evaluate", stage.folder, roots, cfg.rank_by)
     with ctx.tracker.scope("report"):
         log_artifact(Path(result.html))
     stage.mark_done()
@@ -250,22 +252,30 @@ def run_report(ctx: RunContext) -> Path:
 
 
 def track_evaluation(path: Path) -> None:
-    """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``."""
+    """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``
+    (a leaking official test split's clean subset as ``<dataset>/test_clean/...``)."""
     for entry in json.loads(path.read_text())["entries"]:
         if entry["status"] != "ok":
             continue
-        overall = entry["metrics"]["overall"]
+        clean = (entry.get("leaks") or {}).get("clean_metrics") or {}
         figures: dict[str, float] = {}
-        for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
-            for part in ("value", "ci_low", "ci_high"):
-                value = (overall.get(name) or {}).get(part)
-                if value is not None:
-                    figures[f"{entry['dataset']}/{entry['split']}/{name}/{part}"] = value
+        for split, metrics in (
+            (entry["split"], entry["metrics"]),
+            (f"{entry['split']}_clean", clean),
+        ):
+            overall = metrics.get("overall") or {}
+            for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
+                for part in ("value", "ci_low", "ci_high"):
+                    value = (overall.get(name) or {}).get(part)
+                    if value is not None:
+                        figures[f"{entry['dataset']}/{split}/{name}/{part}"] = value
         log_summary(figures)
 
 
 def _manifest_path(ctx: RunContext) -> Path:
     section = ctx.recipe.section("data")
+    if (ctx.out / RESPLIT_FILE).is_file() and ctx.manifest.meta.split_source == "resplit":
+        return ctx.out / RESPLIT_FILE
     if section.manifest and Path(section.manifest).is_file():
         return Path(section.manifest)
     return ctx.out / "data" / "manifest.csv"

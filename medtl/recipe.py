@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medtl.data.adapters import ADAPTERS
 from medtl.data.audit import DEFAULT_NEAR_BITS
 from medtl.data.dataset import DataConfig
+from medtl.data.leaks import LeakPolicy
 from medtl.data.split import DEFAULT_RATIOS, check_ratios
 from medtl.errors import ConfigError
 from medtl.evaluate import CalibrateConfig, EvaluateConfig, ReportConfig
@@ -51,6 +52,12 @@ class DataSection(Strict):
     )
     loader: DataConfig = Field(
         default_factory=DataConfig, description="image size, channels, caching, ..."
+    )
+    leaks: LeakPolicy = Field(
+        "keep",
+        description="official test images sharing a duplicate cluster or lesion / patient group "
+        "with train or val: keep (report official and clean test side by side), drop (clean "
+        "test only), resplit (ignore the official split; a seeded group-aware split)",
     )
 
     @field_validator("adapter")

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from medtl import __version__
+from medtl.data.leaks import OFFICIAL_SOURCES, read_audit_clusters, resplit
 from medtl.data.manifest import Manifest
 from medtl.errors import DataError
 from medtl.io import atomic_write_text, write_json
@@ -78,9 +79,28 @@ def check_manifest_path(section: DataSection) -> None:
         )
 
 
+RESPLIT_FILE = "data/resplit.csv"
+
+
 def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
     """The recipe's manifest (which must exist), or, when the recipe names none, one prepared
-    into ``out/data/manifest.csv``."""
+    into ``out/data/manifest.csv``; with ``data.leaks: resplit`` and an official split, that
+    manifest split again by group into ``out/data/resplit.csv``."""
+    manifest = _source_manifest(section, root, out, workers)
+    if section.leaks != "resplit" or manifest.meta.split_source not in OFFICIAL_SOURCES:
+        return manifest
+    source = Path(section.manifest) if section.manifest else out / "data" / "manifest.csv"
+    clusters = read_audit_clusters(source)
+    fresh = resplit(manifest, section.split_ratios, section.split_seed, clusters)
+    target = out / RESPLIT_FILE
+    if not target.is_file() or Manifest.load(target).sha256 != fresh.sha256:
+        fresh.save(target)
+    log.info("data.leaks=resplit: official split ignored; group-aware split in %s", target)
+    return fresh
+
+
+def _source_manifest(section: DataSection, root: Path, out: Path, workers: int) -> Manifest:
+    """The recipe's named manifest, or one prepared into ``out/data/manifest.csv``."""
     check_manifest_path(section)
     if section.manifest:
         manifest = Manifest.load(section.manifest)

@@ -90,7 +90,7 @@ class ManifestMeta:
     classes: list[str]
     split_seed: int
     split_ratios: dict[str, float]
-    split_source: str  # "official", "official+carved-val" or "seeded"
+    split_source: str  # "official", "official+carved-val", "seeded" or "resplit" (data.leaks)
     adapter_options: dict[str, Any] = field(default_factory=dict)
     medtl_version: str = __version__
     format_version: int = FORMAT_VERSION
@@ -256,7 +256,7 @@ class Manifest:
                     f"row {r.id} ({r.path}) has split {r.split!r}; use train, val or test"
                 )
         for group, splits in _group_splits(self.rows).items():
-            if len(splits) > 1 and self.meta.split_source == "seeded":
+            if len(splits) > 1 and self.meta.split_source in ("seeded", "resplit"):
                 raise DataError(
                     f"group {group!r} straddles splits {sorted(splits)}; prepare the manifest "
                     "again so that a patient / lesion / duplicate cluster stays in one split"

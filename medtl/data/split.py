@@ -98,19 +98,32 @@ def carve_validation(
     val_ratio: float,
     seed: int,
 ) -> list[str]:
-    """Keep an official train/test split and carve a group-aware validation set from train."""
+    """Keep an official train/test split and carve a group-aware validation set from train.
+
+    A group with a member in the official test split (a duplicate cluster or a patient /
+    lesion that straddles the official split) stays whole in train: validation never takes a
+    member of a cluster that touches test, so nothing chosen on validation has seen a copy of
+    a test image. The validation share is taken from the remaining training groups.
+    """
     out = list(official)
     train_idx = [i for i, s in enumerate(official) if s == "train"]
     if not train_idx:
         raise DataError("the official split has no training images to carve validation from")
+    touching = {groups[i] for i, s in enumerate(official) if s == "test"}
+    free = [i for i in train_idx if groups[i] not in touching]
+    if not free:
+        raise DataError(
+            "every training image shares a duplicate cluster or group with a test image, so no "
+            "validation split can be carved; set data.leaks=resplit or a val ratio of 0"
+        )
     share = val_ratio / max(1e-9, 1 - (official.count("test") / len(official)))
-    share = min(max(share, 0.0), 0.9)
+    share = min(max(share * len(train_idx) / len(free), 0.0), 0.9)
     sub = group_split(
-        [labels[i] for i in train_idx],
-        [groups[i] for i in train_idx],
+        [labels[i] for i in free],
+        [groups[i] for i in free],
         {"train": 1 - share, "val": share, "test": 0.0},
         seed,
     )
-    for i, s in zip(train_idx, sub, strict=True):
+    for i, s in zip(free, sub, strict=True):
         out[i] = s
     return out

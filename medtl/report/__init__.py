@@ -52,13 +52,17 @@ class ReportResult:
 
 
 def build_report(
-    evaluation_dir: Path, out_dir: Path, data_roots: dict[str, Path] | None = None
+    evaluation_dir: Path,
+    out_dir: Path,
+    data_roots: dict[str, Path] | None = None,
+    rank_by: str = "clean",
 ) -> ReportResult:
     """Write ``report.html``, ``report.json`` and ``tables.csv`` for ``evaluation_dir``.
 
     ``data_roots`` maps a dataset (manifest) name to the folder its manifest paths are relative
     to; thumbnails of that dataset's errors are drawn only when it is given. Its absolute paths
-    never appear in any output. Raises :class:`~medtl.errors.DataError` only when
+    never appear in any output. ``rank_by`` (``clean`` or ``official``): the test set the
+    leaderboard ranks a dataset with a leaking official split on. Raises :class:`~medtl.errors.DataError` only when
     ``evaluation.json`` itself is missing or unreadable.
     """
     evaluation_dir, out_dir = Path(evaluation_dir), Path(out_dir)
@@ -67,7 +71,7 @@ def build_report(
     galleries = _galleries(evaluation, roots)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = all_rows(evaluation)
-    payload = _payload(evaluation, galleries, rows, created)
+    payload = _payload(evaluation, galleries, rows, created, rank_by)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ReportResult(
         out_dir / HTML_FILE,
@@ -78,11 +82,13 @@ def build_report(
     )
     write_json(result.json, strict_json(payload))
     atomic_write_text(result.csv, rows_csv(rows))
-    atomic_write_text(result.html, render_html(evaluation, galleries, created))
+    atomic_write_text(result.html, render_html(evaluation, galleries, created, rank_by))
     return result
 
 
-def render_html(evaluation: Evaluation, galleries: dict[int, Gallery], created: str) -> str:
+def render_html(
+    evaluation: Evaluation, galleries: dict[int, Gallery], created: str, rank_by: str = "clean"
+) -> str:
     """The whole HTML document."""
     ok = evaluation.ok_entries
     toc = [("leaderboard", "1. Leaderboard", 0), ("failures", "2. Failures", 0)]
@@ -91,7 +97,7 @@ def render_html(evaluation: Evaluation, galleries: dict[int, Gallery], created: 
     toc.append(("comparisons", "4. Comparisons", 0))
     parts = [
         header(evaluation, created, __version__, toc),
-        leaderboard_section(leaderboard(evaluation)),
+        leaderboard_section(leaderboard(evaluation, rank_by), rank_by),
         failures_section(evaluation),
         '<section id="models"><h2>3. Per-model results</h2><p>One section per model, dataset '
         f"and split ({len(ok)} in all).</p></section>",
@@ -129,12 +135,18 @@ def _load_manifest(path: Path) -> Manifest | str:
 
 
 def _payload(
-    evaluation: Evaluation, galleries: dict[int, Gallery], rows: list[dict[str, Any]], created: str
+    evaluation: Evaluation,
+    galleries: dict[int, Gallery],
+    rows: list[dict[str, Any]],
+    created: str,
+    rank_by: str = "clean",
 ) -> dict[str, Any]:
     """Everything ``report.json`` holds: the same numbers as the HTML and ``tables.csv``."""
-    board = [{k: v for k, v in r.items() if k != "anchor"} for r in leaderboard(evaluation)]
+    board = [
+        {k: v for k, v in r.items() if k != "anchor"} for r in leaderboard(evaluation, rank_by)
+    ]
     return {
-        "report": {"medtl_version": __version__, "created": created},
+        "report": {"medtl_version": __version__, "created": created, "ranked_by": rank_by},
         "evaluation": evaluation.header,
         "leaderboard": board,
         "failures": [_failure(e) for e in evaluation.failed_entries],
@@ -142,6 +154,14 @@ def _payload(
         "comparisons": evaluation.comparisons,
         "tables": rows,
     }
+
+
+def _leaks_payload(record: Any) -> Any:
+    """The entry's leaks record without the row ids of the leaking images (the evaluation
+    folder keeps them; the report shows no identifiers)."""
+    if not isinstance(record, dict):
+        return record
+    return {k: v for k, v in record.items() if k != "leaking_ids"}
 
 
 def _failure(entry: EntryView) -> dict[str, Any]:
@@ -164,6 +184,7 @@ def _entry_payload(entry: EntryView, gallery: Gallery) -> dict[str, Any]:
         **{k: entry.record.get(k) for k in keep},
         "model_meta": entry.record.get("model_meta"),
         "data": entry.record.get("data"),
+        "leaks": _leaks_payload(entry.record.get("leaks")),
         "metrics": entry.metrics,
         "notes": all_notes(entry),
         "gallery": gallery.to_dict(),

@@ -11,6 +11,7 @@ from medtl.data.manifest import SPLITS
 from medtl.report import plots
 from medtl.report.gallery import Gallery
 from medtl.report.html import bullet_list, ci_cell, definition_list, esc, figure, na, table
+from medtl.report.leaks import leaks_block
 from medtl.report.load import EntryView, as_float
 from medtl.report.tables import fmt, fmt_count, pretty
 
@@ -45,6 +46,7 @@ def entry_section(entry: EntryView, number: str, gallery: Gallery) -> str:
         definition_list((k, esc(v)) for k, v in run_info(entry).items()),
         f"<h3>Overall figures ({split} split)</h3>",
         overall_table(m),
+        leaks_block(entry),
         f"<h3>Per-class figures ({split} split, one-vs-rest)</h3>",
         per_class_table(m),
         confusion_block(m, entry.split),

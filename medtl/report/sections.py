@@ -98,8 +98,9 @@ def header(
 
 
 # -- leaderboard ------------------------------------------------------------------------------
-def leaderboard_section(rows: list[dict[str, Any]]) -> str:
-    """Models grouped by dataset and split, best macro AUROC first."""
+def leaderboard_section(rows: list[dict[str, Any]], rank_by: str = "clean") -> str:
+    """Models grouped by dataset and split, best macro AUROC first; says which test set
+    (official or clean) the rows of a dataset with an official split are ranked on."""
     out = ['<section id="leaderboard"><h2>1. Leaderboard</h2>']
     if not rows:
         return out[0] + "<p>No model was evaluated successfully.</p></section>"
@@ -107,7 +108,9 @@ def leaderboard_section(rows: list[dict[str, Any]]) -> str:
         "<p>Sorted by macro AUROC within each dataset and split. ECE is measured after the "
         "calibration fitted on validation. Click a model for its full section.</p>"
     )
-    header = ["Model", *[label for _, label in LEADERBOARD], "n", "Split"]
+    if any(r.get("test_set") in ("clean", "official") for r in rows):
+        out.append(_ranked_on(rank_by))
+    header = ["Model", *[label for _, label in LEADERBOARD], "n", "Split", "Test set"]
     body: list[str] = []
     for (dataset, split), group in groupby(rows, key=lambda r: (r["dataset"], r["split"])):
         body.append(
@@ -117,7 +120,7 @@ def leaderboard_section(rows: list[dict[str, Any]]) -> str:
         for row in group:
             cells = [f'<a href="#{row["anchor"]}">{esc(row["model"])}</a>']
             cells += [ci_cell(row[key]) for key, _ in LEADERBOARD]
-            cells += [na(fmt_count(row["n"])), esc(split)]
+            cells += [na(fmt_count(row["n"])), esc(split), esc(row.get("test_set") or split)]
             body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     out.append(
@@ -125,6 +128,20 @@ def leaderboard_section(rows: list[dict[str, Any]]) -> str:
         f"<tbody>{''.join(body)}</tbody></table></div></section>"
     )
     return "".join(out)
+
+
+def _ranked_on(rank_by: str) -> str:
+    which = (
+        "the <b>clean test subset</b>: the official test images that share no exact or "
+        "near-duplicate cluster and no lesion / patient group with train or val"
+        if rank_by == "clean"
+        else "the <b>official test split</b>, leaking images included"
+    )
+    return (
+        f"<p>Where a dataset ships an official split, rows are ranked by their figures on "
+        f"{which} (column Test set). Each model's section shows the official and the clean "
+        "figures side by side with their difference.</p>"
+    )
 
 
 # -- failures ---------------------------------------------------------------------------------

@@ -135,6 +135,9 @@ def entry_rows(entry: EntryView) -> Iterator[Row]:
                 yield _row(entry, f"calibration_{stage}", "", name, value)
     for cls, points in (m.get("operating_points") or {}).items():
         yield from _operating_rows(entry, cls, points)
+    from medtl.report.leaks import leak_rows  # leaks builds on this module's rows
+
+    yield from leak_rows(entry)
 
 
 def _count_row(entry: EntryView, section: str, cls: str, name: str, value: Any) -> Row:
@@ -215,20 +218,26 @@ def rows_csv(rows: list[Row]) -> str:
 
 
 # -- leaderboard ------------------------------------------------------------------------------
-def leaderboard(evaluation: Evaluation) -> list[Row]:
+def leaderboard(evaluation: Evaluation, rank_by: str = "clean") -> list[Row]:
     """One row per ok entry with the headline figures, grouped by dataset and split and
-    sorted by macro AUROC (undefined last) within each group."""
+    sorted by macro AUROC (undefined last) within each group. Where a dataset's official test
+    split leaks, ``rank_by`` chooses the clean subset's figures (default) or the official ones;
+    ``test_set`` says which a row shows."""
+    from medtl.report.leaks import ranked_metrics
+
     rows = []
     for entry in evaluation.ok_entries:
-        overall = entry.metrics.get("overall") or {}
-        after = (entry.metrics.get("calibration") or {}).get("after") or {}
+        metrics, test_set = ranked_metrics(entry, "clean" if rank_by == "clean" else "official")
+        overall = metrics.get("overall") or {}
+        after = (metrics.get("calibration") or {}).get("after") or {}
         rows.append(
             {
                 "model": entry.model,
                 "anchor": entry.anchor,
                 "dataset": entry.dataset,
                 "split": entry.split,
-                "n": entry.metrics.get("n"),
+                "test_set": test_set,
+                "n": metrics.get("n"),
                 "macro_auroc": overall.get("macro_auroc"),
                 "balanced_accuracy": overall.get("balanced_accuracy"),
                 "accuracy": overall.get("accuracy"),
