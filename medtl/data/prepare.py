@@ -14,6 +14,7 @@ from scipy.cluster.hierarchy import DisjointSet
 from medtl.data.adapters import ADAPTERS
 from medtl.data.audit import (
     DEFAULT_NEAR_BITS,
+    DEFAULT_PHASH_BITS,
     AuditReport,
     Inspection,
     Item,
@@ -68,6 +69,7 @@ def prepare(
     near_bits: int = DEFAULT_NEAR_BITS,
     workers: int = 4,
     progress: Progress | None = None,
+    phash_bits: int = DEFAULT_PHASH_BITS,
 ) -> PrepareResult:
     """Build, audit, split and save a manifest for the dataset at ``root``.
 
@@ -89,7 +91,7 @@ def prepare(
         Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples
     ]
     inspections = inspect_all(root, items, workers, progress)
-    report, clusters = build_report(items, inspections, classes, near_bits)
+    report, clusters = build_report(items, inspections, classes, near_bits, phash_bits)
     keep = [i for i, ins in enumerate(inspections) if not ins.error]
     if not keep:
         raise DataError(
@@ -120,11 +122,12 @@ def prepare(
         split_source=source,
         adapter_options=options,
         near_duplicate_bits=near_bits,
+        near_duplicate_phash_bits=phash_bits,
     )
     manifest = Manifest(rows, meta)
     for item, split in zip(items, splits, strict=True):
         item.split = split
-    report, _ = build_report(items, inspections, classes, near_bits)  # with the final splits
+    report, _ = build_report(items, inspections, classes, near_bits, phash_bits)  # final splits
     out = Path(out)
     manifest.save(out)
     audit_file = audit_path_for(out)
@@ -182,6 +185,7 @@ def audit_manifest(
     near_bits: int | None = None,
     workers: int = 4,
     progress: Progress | None = None,
+    phash_bits: int | None = None,
 ) -> AuditReport:
     """Audit an existing manifest against the files under ``root``: broken or changed files,
     duplicates (also across splits), label conflicts, masks, borders, sizes, empty classes."""
@@ -196,9 +200,17 @@ def audit_manifest(
         if near_bits is not None
         else (manifest.meta.near_duplicate_bits or DEFAULT_NEAR_BITS)
     )
+    if phash_bits is None:
+        phash_bits = manifest.meta.near_duplicate_phash_bits
     items = [
         Item(r.key, r.path, r.locator, r.label, r.mask, r.split, r.sha256) for r in manifest.rows
     ]
     inspections = inspect_all(root, items, workers, progress)
-    report, _ = build_report(items, inspections, manifest.classes, bits)
+    report, _ = build_report(
+        items,
+        inspections,
+        manifest.classes,
+        bits,
+        DEFAULT_PHASH_BITS if phash_bits is None else phash_bits,
+    )
     return report

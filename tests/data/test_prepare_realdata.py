@@ -143,6 +143,21 @@ def test_busi_near_duplicates_do_not_straddle_splits(busi: PrepareResult) -> Non
         assert len({rows[k].group for k in cluster["members"]}) == 1
 
 
+@pytest.mark.parametrize(
+    "a, b", [("benign (13).png", "benign (330).png"), ("benign (177).png", "benign (35).png")]
+)
+def test_busi_recropped_duplicates_share_a_cluster_and_split(
+    busi: PrepareResult, a: str, b: str
+) -> None:
+    """Two copies of one scan that the difference hash puts 11-13 bits apart (a shift of a
+    pixel and resampling) and the DCT hash 0-2 bits: one cluster, one group, one split."""
+    a, b = f"{BUSI}/benign/{a}", f"{BUSI}/benign/{b}"
+    assert [c for c in busi.audit.near_duplicates if a in c["members"] and b in c["members"]]
+    rows = {r.path: r for r in busi.manifest.rows}
+    assert rows[a].group == rows[b].group
+    assert rows[a].split == rows[b].split
+
+
 def test_busi_subset_masks_are_attached_not_samples(busi_subset: PrepareResult) -> None:
     m = busi_subset.manifest
     assert len(m.rows) == 45
