@@ -6,7 +6,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scipy.cluster.hierarchy import DisjointSet
@@ -135,9 +135,17 @@ def prepare(
     return PrepareResult(manifest, report, out, audit_file)
 
 
+def sample_key(path: str, locator: str = "") -> str:
+    """What names a sample in every copy of its dataset: the file name (plus where inside a
+    container file), not the folders above it, which differ between releases and layouts."""
+    name = PurePosixPath(path).name
+    return f"{name}#{locator}" if locator else name
+
+
 def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
     """Union the adapter's groups with duplicate clusters; name each group by its smallest
-    member name (an adapter group, else the row id of a sample)."""
+    member name (an adapter group, else a sample's ``sample_key``). The name is the key that
+    places the group (``group_split``), so a group keeps its split in any copy that holds it."""
     components = DisjointSet(range(len(samples)))
     first: dict[str, int] = {}
     for i, s in enumerate(samples):
@@ -148,7 +156,7 @@ def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
             components.merge(i, cluster[0])
     names: dict[int, str] = {}
     for i, s in enumerate(samples):
-        name = s.group or row_id(s.path, s.locator)
+        name = s.group or sample_key(s.path, s.locator)
         r = components[i]
         names[r] = min(names.get(r, name), name)
     return [names[components[i]] for i in range(len(samples))]
