@@ -158,6 +158,23 @@ def test_busi_recropped_duplicates_share_a_cluster_and_split(
     assert rows[a].split == rows[b].split
 
 
+def test_busi_subset_gets_the_full_sets_split_for_every_shared_image(
+    busi: PrepareResult, tmp_path: Path
+) -> None:
+    """A copy holding every third BUSI image (links to the real files): each image whose
+    duplicate cluster is the same in both copies is in the same split in both manifests."""
+    root = shared("busi")
+    for row in busi.manifest.rows[::3]:
+        link = tmp_path / "subset" / row.path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((root / row.path).resolve())
+    sub = prepare("busi", tmp_path / "subset", tmp_path / "subset.csv", seed=0, workers=2)
+    full = {r.path: r for r in busi.manifest.rows}
+    same_group = [r for r in sub.manifest.rows if r.group == full[r.path].group]
+    assert len(sub.manifest.rows) == 260 and len(same_group) > 200
+    assert all(r.split == full[r.path].split for r in same_group)
+
+
 def test_busi_subset_masks_are_attached_not_samples(busi_subset: PrepareResult) -> None:
     m = busi_subset.manifest
     assert len(m.rows) == 45
