@@ -165,7 +165,8 @@ def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
 def assign_splits(
     samples: list[Sample], groups: list[str], keep: list[int], ratios: dict[str, float], seed: int
 ) -> tuple[list[str], str]:
-    """Official splits where the dataset has them, else a seeded group-aware stratified split."""
+    """Official splits where the dataset has them, else a seeded, group-aware split that is
+    canonical per group (``group_split``)."""
     official = [samples[i].split for i in keep]
     labels = [samples[i].label or "" for i in keep]
     kept_groups = [groups[i] for i in keep]
