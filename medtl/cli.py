@@ -80,6 +80,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         near_bits=args.near_dup_bits,
         workers=args.workers,
         progress=progress_bar("reading", not show_progress(args)),
+        phash_bits=args.near_dup_phash_bits,
     )
     m = result.manifest
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in m.counts().items())
@@ -101,6 +102,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         args.near_dup_bits,
         args.workers,
         progress_bar("auditing", not show_progress(args)),
+        args.near_dup_phash_bits,
     )
     out = Path(args.output) if args.output else audit_path_for(args.manifest)
     report.save(out)
@@ -405,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="near-duplicate threshold in bits of a 256-bit difference hash (default 10)",
     )
+    p.add_argument(
+        "--near-dup-phash-bits",
+        type=int,
+        default=40,
+        help="near-duplicate threshold in bits of a 256-bit DCT hash (default 40); a pair close "
+        "on either hash is one cluster",
+    )
     p.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_prepare)
@@ -417,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="audit JSON (default: <manifest>.audit.json)")
     p.add_argument(
         "--near-dup-bits", type=int, default=None, help="default: the manifest's setting"
+    )
+    p.add_argument(
+        "--near-dup-phash-bits", type=int, default=None, help="default: the manifest's setting"
     )
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medtl.data.adapters import ADAPTERS
-from medtl.data.audit import DEFAULT_NEAR_BITS
+from medtl.data.audit import DEFAULT_NEAR_BITS, DEFAULT_PHASH_BITS
 from medtl.data.dataset import DataConfig
 from medtl.data.leaks import LeakPolicy
 from medtl.data.split import DEFAULT_RATIOS, check_ratios
@@ -49,6 +49,13 @@ class DataSection(Strict):
     )
     near_dup_bits: int = Field(
         DEFAULT_NEAR_BITS, ge=0, le=256, description="near-duplicate threshold (bits)"
+    )
+    near_dup_phash_bits: int = Field(
+        DEFAULT_PHASH_BITS,
+        ge=0,
+        le=256,
+        description="near-duplicate threshold in bits of the 256-bit DCT hash; a pair within "
+        "either threshold is one duplicate cluster",
     )
     loader: DataConfig = Field(
         default_factory=DataConfig, description="image size, channels, caching, ..."

@@ -124,6 +124,7 @@ def _source_manifest(section: DataSection, root: Path, out: Path, workers: int) 
         seed=section.split_seed,
         near_bits=section.near_dup_bits,
         workers=workers,
+        phash_bits=section.near_dup_phash_bits,
     ).manifest
 
 

@@ -183,3 +183,23 @@ def test_breastmnist_recipes_tiny(tmp_path: Path) -> None:
     script.main([*argv, "--report-only"])
     assert evaluation.stat().st_mtime_ns == before
     assert out.read_text(encoding="utf-8").count(script.MARKERS[0]) == 1
+
+
+def test_duplicate_pairs_draws_the_pairs_the_dct_hash_adds(tmp_path: Path) -> None:
+    """A smooth scan, a copy of it cropped by 2 pixels and resized back, and an unrelated image:
+    exactly the one pair within 40 DCT bits is drawn, on one sheet."""
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    (tmp_path / "a").mkdir()
+    for name, seed in (("scan", 0), ("other", 1)):
+        field = gaussian_filter(np.random.default_rng(seed).normal(size=(128, 128)), 6)
+        field = (field - field.min()) / (field.max() - field.min())
+        Image.fromarray((field * 255).astype(np.uint8)).save(tmp_path / "a" / f"{name}.png")
+    scan = Image.open(tmp_path / "a" / "scan.png")
+    scan.crop((2, 2, 128, 128)).resize((128, 128), Image.BILINEAR).save(tmp_path / "a" / "copy.png")
+    module = load_script("duplicate_pairs")
+    items, pairs = module.pairs_in_band("folder", tmp_path, {}, 0, 40, new_only=False)
+    assert [{items[a].key, items[b].key} for _, _, a, b in pairs] == [{"a/scan.png", "a/copy.png"}]
+    module.main(["folder", str(tmp_path), "--bits", "0:40", "--out", str(tmp_path / "sheets")])
+    assert [p.name for p in (tmp_path / "sheets").iterdir()] == ["pairs_00.png"]

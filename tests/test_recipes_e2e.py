@@ -66,7 +66,6 @@ TINY_SEARCH = [
 # A fixture of a few images a class needs a larger val and test share for every class to land
 # in every seeded split (and in the validation carved from an official training part).
 FIXTURE = [
-    "data.manifest=null",
     "data.split_ratios.train=0.5",
     "data.split_ratios.val=0.25",
     "data.split_ratios.test=0.25",
@@ -212,6 +211,20 @@ def test_every_recipe_has_a_fixture() -> None:
     assert not missing, f"add a layout builder to BUILDERS for {missing}"
 
 
+# The manifests a recipe may name: canonical splits of whole public datasets, with their size.
+# Development samples are not among them: a recipe must run on the full release.
+WHOLE_DATASETS = {"data_manifests/busi.csv": 780, "data_manifests/breastmnist.csv": 780}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_name_only_manifests_of_whole_datasets(recipe: Path) -> None:
+    named = recipe_yaml(recipe)["data"].get("manifest")
+    if named is None:
+        return
+    assert named in WHOLE_DATASETS, f"{recipe.name} names {named}, not a whole-dataset manifest"
+    assert len(Manifest.load(REPO / named).rows) == WHOLE_DATASETS[named]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_recipe_runs_end_to_end_on_its_layout(
     recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -220,7 +233,10 @@ def test_recipe_runs_end_to_end_on_its_layout(
     fixture = BUILDERS[raw["data"]["adapter"]](tmp_path / "data")
     out = tmp_path / "run"
     argv = ["-q", "run", str(recipe), "--data-root", str(fixture.root), "--out", str(out)]
-    tiny = TINY + FIXTURE + (TINY_SEARCH if "search" in raw else [])
+    # A recipe naming a shipped manifest (a whole public dataset) is pointed at the fixture's
+    # own; the others run as a user runs them on any copy: preparing into the run folder.
+    named = ["data.manifest=null"] if raw["data"].get("manifest") else []
+    tiny = TINY + FIXTURE + named + (TINY_SEARCH if "search" in raw else [])
     code = main([*argv, "--device", "cpu", *sets(tiny)])
     assert code == 0, capsys.readouterr().err
 
@@ -258,20 +274,17 @@ def test_busi_recipe_on_real_data_with_its_shipped_manifest(
     assert not (out / "data" / "manifest.csv").exists(), "prepared a manifest instead"
     meta = json.loads((out / "finetune" / "meta.json").read_text())
     assert meta["manifest_sha256"] == shipped.sha256
-    assert metrics["n"] == len(shipped.split("test")) == 118
+    assert metrics["n"] == len(shipped.split("test")) == 142
     assert metrics["classes"] == ["benign", "malignant", "normal"]
     assert_positive(metrics, REPO / "recipes" / "busi.yaml")
 
 
-# Every dataset of the development data (../shared/data), through the recipe of its kind and its
-# shipped manifest: (recipe, data folder, extra overrides).
+# Every dataset of the development data (../shared/data), through the recipe of its kind:
+# (recipe, data folder, extra overrides). Samples and modified copies have no shipped manifest
+# (data_manifests/ holds whole public datasets only): the run prepares one into its folder.
 REAL = {
     "brain_tumor_mri_sample": ("brain_tumor_mri", "brain_tumor_mri_sample", []),
-    "busi_original_subset": (
-        "busi",
-        "busi_original_subset",
-        ["data.manifest=data_manifests/busi_original_subset.csv"],
-    ),
+    "busi_original_subset": ("busi", "busi_original_subset", ["data.manifest=null"]),
     "covid19_radiography_sample": ("covid19_radiography", "covid19_radiography_sample", []),
     "isic2018_sample": ("isic2018", "isic2018_sample", []),
     "breastmnist": ("breastmnist", "medmnist", []),
@@ -281,11 +294,12 @@ REAL = {
         [
             "name=pneumoniamnist",
             "data.options.file=pneumoniamnist_balanced_subset.npz",
-            "data.manifest=data_manifests/pneumoniamnist_balanced_subset.csv",
+            "data.manifest=null",
             "evaluate.positive=pneumonia",
         ],
     ),
 }
+SHIPPED = {"breastmnist": "data_manifests/breastmnist.csv"}
 
 
 @pytest.mark.realdata
@@ -302,12 +316,11 @@ def test_recipe_on_each_real_dataset(
     assert main([*argv, "--device", "cpu", *sets(TINY + extra)]) == 0, capsys.readouterr().err
 
     metrics = assert_complete_run(out)
-    manifest_path = next(
-        (e.split("=", 1)[1] for e in extra if e.startswith("data.manifest=")), None
-    )
-    shipped = Manifest.load(REPO / (manifest_path or f"data_manifests/{name}.csv"))
+    prepared = out / "data" / "manifest.csv"
+    assert prepared.is_file() == (name not in SHIPPED)
+    used = Manifest.load(REPO / SHIPPED[name] if name in SHIPPED else prepared)
     meta = json.loads((out / "finetune" / "meta.json").read_text())
-    assert meta["manifest_sha256"] == shipped.sha256
-    assert metrics["n"] == len(shipped.split("test"))
-    assert metrics["classes"] == shipped.classes
+    assert meta["manifest_sha256"] == used.sha256
+    assert metrics["n"] == len(used.split("test"))
+    assert metrics["classes"] == used.classes
     assert (out / "report" / "report.html").stat().st_size > 10_000

@@ -1,10 +1,14 @@
 """The data audit: broken files, duplicates, label conflicts and suspicious images.
 
 Every image is read once through the same reader the training pipeline uses. Exact
-duplicates share a sha256; near-duplicates are within ``near_duplicate_bits`` of each other
-on a 16x16 difference hash (256 bits, ``imagehash.dhash``). Duplicate clusters become groups
-so that a split cannot leak them; clusters whose members carry different labels are label
-conflicts. The report is JSON plus a short terminal summary.
+duplicates share a sha256. Near-duplicates are seen two ways, and a pair close in either joins
+one cluster (union-find): within ``near_bits`` on a 16x16 difference hash (256 bits,
+``imagehash.dhash``), or within ``phash_bits`` on a 16x16 DCT perceptual hash (256 bits,
+``imagehash.phash``). The difference hash alone misses copies that differ by a pixel's shift
+and resampling (its signs flip in flat regions); the DCT hash keeps only low frequencies and
+joins them. Duplicate clusters become groups so that a split cannot leak them; clusters whose
+members carry different labels are label conflicts. The report is JSON plus a short terminal
+summary.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from medtl.io import sha256_bytes, sha256_file, write_json
 log = logging.getLogger(__name__)
 
 HASH_SIZE = 16  # 16x16 difference hash = 256 bits
+PHASH_SIZE = 16  # 16x16 DCT perceptual hash = 256 bits
 DEFAULT_NEAR_BITS = 10
+# Measured by looking at the pairs (docs/data.md): on BUSI every pair within 64 DCT bits shows
+# one lesion; different images come closest on PneumoniaMNIST (48 bits), Brain Tumor MRI (62)
+# and COVID-19 Radiography (68). 40 keeps a margin below all of them.
+DEFAULT_PHASH_BITS = 40
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 16, 8192, 4.0
 SIZE_OUTLIER = 4.0  # a side 4x smaller or larger than the dataset's median is reported
 BORDER_SHARE = 0.05  # a constant strip of at least 5% of a side is reported
@@ -65,6 +74,7 @@ class Inspection:
     height: int = 0
     channels: int = 0
     dhash: np.ndarray | None = None  # [HASH_SIZE**2] bool
+    phash: np.ndarray | None = None  # [PHASH_SIZE**2] bool
     error: str = ""
     error_kind: str = ""
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, detail)
@@ -84,6 +94,7 @@ class AuditReport:
     n_items: int
     n_usable: int
     near_duplicate_bits: int
+    near_duplicate_phash_bits: int = DEFAULT_PHASH_BITS
     problems: list[Problem] = field(default_factory=list)
     exact_duplicates: list[list[str]] = field(default_factory=list)
     near_duplicates: list[dict[str, Any]] = field(default_factory=list)
@@ -103,7 +114,8 @@ class AuditReport:
         lines = [
             f"audit: {self.n_items} images, {self.n_usable} usable; "
             f"{len(self.exact_duplicates)} exact-duplicate and {len(self.near_duplicates)} "
-            f"near-duplicate clusters (<= {self.near_duplicate_bits} bits), "
+            f"near-duplicate clusters (difference hash <= {self.near_duplicate_bits} bits or "
+            f"DCT hash <= {self.near_duplicate_phash_bits} bits), "
             f"{len(self.label_conflicts)} with conflicting labels"
         ]
         for conflict in self.label_conflicts[:examples]:
@@ -152,9 +164,9 @@ def inspect_item(root: Path, item: Item) -> Inspection:
     out.channels, out.height, out.width = arr.shape
     out.sha256 = sha256_file(file) if not item.locator else sha256_bytes(arr.tobytes())
     gray = arr[:3].mean(axis=0)
-    out.dhash = imagehash.dhash(
-        Image.fromarray((gray * 255).astype(np.uint8)), HASH_SIZE
-    ).hash.ravel()
+    gray_image = Image.fromarray((gray * 255).astype(np.uint8))
+    out.dhash = imagehash.dhash(gray_image, HASH_SIZE).hash.ravel()
+    out.phash = imagehash.phash(gray_image, PHASH_SIZE).hash.ravel()
     out.warnings += _image_warnings(gray)
     if item.mask:
         out.warnings += _mask_warnings(root, item.mask, out.width, out.height)
@@ -267,28 +279,52 @@ def _size_outliers(items: Sequence[Item], inspections: Sequence[Inspection]) -> 
 
 
 # -- duplicates ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NearPair:
+    """How far apart two images are on each hash (bits); close on either links them."""
+
+    dhash: int
+    phash: int
+
+
+def _packed(bits: list[np.ndarray]) -> np.ndarray:
+    """Stack bool hashes [N, B] and pack them into uint64 words [N, B // 64]."""
+    return np.packbits(np.stack(bits), axis=1).view(np.uint64)
+
+
+def _hamming(block: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """Bit distances of every row of ``block`` [M, W] to every row of ``packed`` [N, W]."""
+    return np.bitwise_count(block[:, None, :] ^ packed[None, :, :]).sum(axis=2)
+
+
 def duplicate_clusters(
-    inspections: Sequence[Inspection], near_bits: int
-) -> tuple[list[list[int]], list[list[int]], dict[tuple[int, int], int]]:
-    """Exact clusters (same sha256), near clusters (hash distance <= ``near_bits``, transitive),
-    and the distance of every near pair. Indices refer to ``inspections``; only usable ones."""
-    usable = [i for i, ins in enumerate(inspections) if not ins.error and ins.dhash is not None]
+    inspections: Sequence[Inspection], near_bits: int, phash_bits: int = DEFAULT_PHASH_BITS
+) -> tuple[list[list[int]], list[list[int]], dict[tuple[int, int], NearPair]]:
+    """Exact clusters (same sha256), near clusters (a pair within ``near_bits`` on the
+    difference hash or within ``phash_bits`` on the DCT hash, merged transitively; a negative
+    threshold switches that view off) and both distances of every linked pair. Indices refer to
+    ``inspections``; only usable ones."""
+    usable = [
+        i
+        for i, ins in enumerate(inspections)
+        if not ins.error and ins.dhash is not None and ins.phash is not None
+    ]
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i in usable:
         by_hash[inspections[i].sha256].append(i)
     exact = [v for v in by_hash.values() if len(v) > 1]
     components = DisjointSet(range(len(inspections)))
-    pairs: dict[tuple[int, int], int] = {}
+    pairs: dict[tuple[int, int], NearPair] = {}
     if usable:
-        bits = np.stack([inspections[i].dhash for i in usable])  # type: ignore[misc]
-        packed = np.packbits(bits, axis=1).view(np.uint64)  # [N, 4]
+        dhashes = _packed([inspections[i].dhash for i in usable])  # type: ignore[misc]
+        phashes = _packed([inspections[i].phash for i in usable])  # type: ignore[misc]
         for start in range(0, len(usable), 256):
-            block = packed[start : start + 256]
-            dist = np.bitwise_count(block[:, None, :] ^ packed[None, :, :]).sum(axis=2)
-            for a, b in zip(*np.nonzero(dist <= near_bits), strict=True):
+            d = _hamming(dhashes[start : start + 256], dhashes)
+            p = _hamming(phashes[start : start + 256], phashes)
+            for a, b in zip(*np.nonzero((d <= near_bits) | (p <= phash_bits)), strict=True):
                 ia, ib = usable[start + a], usable[b]
                 if ia < ib:
-                    pairs[(ia, ib)] = int(dist[a, b])
+                    pairs[(ia, ib)] = NearPair(int(d[a, b]), int(p[a, b]))
                     components.merge(ia, ib)
     clusters: dict[int, list[int]] = defaultdict(list)
     for i in usable:
@@ -303,10 +339,11 @@ def build_report(
     inspections: Sequence[Inspection],
     classes: Sequence[str],
     near_bits: int,
+    phash_bits: int = DEFAULT_PHASH_BITS,
 ) -> tuple[AuditReport, list[list[int]]]:
     """Collect problems and duplicate clusters; also return the clusters (as item indices)
     that must share a group: exact and near duplicates together."""
-    report = AuditReport(len(items), sum(not i.error for i in inspections), near_bits)
+    report = AuditReport(len(items), sum(not i.error for i in inspections), near_bits, phash_bits)
     for item, ins in zip(items, inspections, strict=True):
         if ins.error:
             report.problems.append(Problem(ins.error_kind, item.key, ins.error))
@@ -335,18 +372,19 @@ def build_report(
         for c in classes
         if not counts.get(c)
     ]
-    exact, near, pairs = duplicate_clusters(inspections, near_bits)
+    exact, near, pairs = duplicate_clusters(inspections, near_bits, phash_bits)
     report.exact_duplicates = [[items[i].key for i in c] for c in exact]
     for cluster in near:
         members = [items[i].key for i in cluster]
         labels = [items[i].label for i in cluster]
         splits = [items[i].split for i in cluster]
-        dists = [d for (a, b), d in pairs.items() if a in cluster and b in cluster]
+        linked = [p for (a, b), p in pairs.items() if a in cluster and b in cluster]
         entry = {
             "members": members,
             "labels": labels,
             "splits": splits,
-            "max_bits": max(dists, default=0),
+            "max_bits": max((p.dhash for p in linked), default=0),
+            "max_phash_bits": max((p.phash for p in linked), default=0),
         }
         report.near_duplicates.append(entry)
         if len(set(labels)) > 1:

@@ -95,6 +95,7 @@ class ManifestMeta:
     medtl_version: str = __version__
     format_version: int = FORMAT_VERSION
     near_duplicate_bits: int | None = None
+    near_duplicate_phash_bits: int | None = None
     csv_sha256: str = ""
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 

@@ -6,7 +6,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scipy.cluster.hierarchy import DisjointSet
@@ -14,6 +14,7 @@ from scipy.cluster.hierarchy import DisjointSet
 from medtl.data.adapters import ADAPTERS
 from medtl.data.audit import (
     DEFAULT_NEAR_BITS,
+    DEFAULT_PHASH_BITS,
     AuditReport,
     Inspection,
     Item,
@@ -68,6 +69,7 @@ def prepare(
     near_bits: int = DEFAULT_NEAR_BITS,
     workers: int = 4,
     progress: Progress | None = None,
+    phash_bits: int = DEFAULT_PHASH_BITS,
 ) -> PrepareResult:
     """Build, audit, split and save a manifest for the dataset at ``root``.
 
@@ -89,7 +91,7 @@ def prepare(
         Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples
     ]
     inspections = inspect_all(root, items, workers, progress)
-    report, clusters = build_report(items, inspections, classes, near_bits)
+    report, clusters = build_report(items, inspections, classes, near_bits, phash_bits)
     keep = [i for i, ins in enumerate(inspections) if not ins.error]
     if not keep:
         raise DataError(
@@ -120,11 +122,12 @@ def prepare(
         split_source=source,
         adapter_options=options,
         near_duplicate_bits=near_bits,
+        near_duplicate_phash_bits=phash_bits,
     )
     manifest = Manifest(rows, meta)
     for item, split in zip(items, splits, strict=True):
         item.split = split
-    report, _ = build_report(items, inspections, classes, near_bits)  # with the final splits
+    report, _ = build_report(items, inspections, classes, near_bits, phash_bits)  # final splits
     out = Path(out)
     manifest.save(out)
     audit_file = audit_path_for(out)
@@ -132,9 +135,17 @@ def prepare(
     return PrepareResult(manifest, report, out, audit_file)
 
 
+def sample_key(path: str, locator: str = "") -> str:
+    """What names a sample in every copy of its dataset: the file name (plus where inside a
+    container file), not the folders above it, which differ between releases and layouts."""
+    name = PurePosixPath(path).name
+    return f"{name}#{locator}" if locator else name
+
+
 def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
     """Union the adapter's groups with duplicate clusters; name each group by its smallest
-    member name (an adapter group, else the row id of a sample)."""
+    member name (an adapter group, else a sample's ``sample_key``). The name is the key that
+    places the group (``group_split``), so a group keeps its split in any copy that holds it."""
     components = DisjointSet(range(len(samples)))
     first: dict[str, int] = {}
     for i, s in enumerate(samples):
@@ -145,7 +156,7 @@ def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
             components.merge(i, cluster[0])
     names: dict[int, str] = {}
     for i, s in enumerate(samples):
-        name = s.group or row_id(s.path, s.locator)
+        name = s.group or sample_key(s.path, s.locator)
         r = components[i]
         names[r] = min(names.get(r, name), name)
     return [names[components[i]] for i in range(len(samples))]
@@ -154,7 +165,8 @@ def merge_groups(samples: list[Sample], clusters: list[list[int]]) -> list[str]:
 def assign_splits(
     samples: list[Sample], groups: list[str], keep: list[int], ratios: dict[str, float], seed: int
 ) -> tuple[list[str], str]:
-    """Official splits where the dataset has them, else a seeded group-aware stratified split."""
+    """Official splits where the dataset has them, else a seeded, group-aware split that is
+    canonical per group (``group_split``)."""
     official = [samples[i].split for i in keep]
     labels = [samples[i].label or "" for i in keep]
     kept_groups = [groups[i] for i in keep]
@@ -163,7 +175,7 @@ def assign_splits(
         chosen = [s or "" for s in official]
         source = "official"
         if "val" not in chosen and ratios["val"] > 0:
-            chosen = carve_validation(labels, kept_groups, chosen, ratios["val"], seed)
+            chosen = carve_validation(labels, kept_groups, chosen, _val_share(ratios), seed)
             source = "official+carved-val"
     elif any(official):
         raise DataError(
@@ -182,6 +194,7 @@ def audit_manifest(
     near_bits: int | None = None,
     workers: int = 4,
     progress: Progress | None = None,
+    phash_bits: int | None = None,
 ) -> AuditReport:
     """Audit an existing manifest against the files under ``root``: broken or changed files,
     duplicates (also across splits), label conflicts, masks, borders, sizes, empty classes."""
@@ -196,9 +209,23 @@ def audit_manifest(
         if near_bits is not None
         else (manifest.meta.near_duplicate_bits or DEFAULT_NEAR_BITS)
     )
+    if phash_bits is None:
+        phash_bits = manifest.meta.near_duplicate_phash_bits
     items = [
         Item(r.key, r.path, r.locator, r.label, r.mask, r.split, r.sha256) for r in manifest.rows
     ]
     inspections = inspect_all(root, items, workers, progress)
-    report, _ = build_report(items, inspections, manifest.classes, bits)
+    report, _ = build_report(
+        items,
+        inspections,
+        manifest.classes,
+        bits,
+        DEFAULT_PHASH_BITS if phash_bits is None else phash_bits,
+    )
     return report
+
+
+def _val_share(ratios: dict[str, float]) -> float:
+    """The share of an official training split carved into validation: val / (train + val) of
+    the recipe's ratios (0.15 / 0.85 by default), whatever the official test share is."""
+    return ratios["val"] / max(ratios["train"] + ratios["val"], 1e-9)

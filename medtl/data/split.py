@@ -1,17 +1,19 @@
-"""Leakage-safe splits: stratified, group-aware and deterministic from a seed.
+"""Leakage-safe splits: group-aware, canonical per group and deterministic from a seed.
 
-scikit-learn has group-aware splitters (``GroupShuffleSplit``, ``StratifiedGroupKFold``) but
-none that splits into train/val/test by ratio while stratifying, so this greedy assignment is
-written here: groups are shuffled by the seed, taken largest first, and each goes to the split
-whose per-class quota it fills best. A group never straddles two splits.
+A group (duplicate cluster, lesion, patient, volume) is placed by a stable hash of the seed and
+its key alone, never by the other groups present, so a sample of a dataset and the whole public
+release put every group they share in the same split. The price is that ratios and class balance
+hold in expectation rather than exactly (a split's share varies by about
+sqrt(r(1-r)/groups): +-2 points on BUSI's 600 groups). A group never straddles two splits.
+scikit-learn's group splitters (``GroupShuffleSplit``, ``StratifiedGroupKFold``) shuffle the
+groups present together, so their assignment changes when groups are added; hence this code.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import hashlib
+from collections import Counter
 from collections.abc import Sequence
-
-import numpy as np
 
 from medtl.errors import ConfigError, DataError
 
@@ -37,11 +39,18 @@ def group_split(
     ratios: dict[str, float],
     seed: int,
 ) -> list[str]:
-    """Assign each sample a split name so that every group lands in exactly one split.
+    """Assign each sample a split so that every group lands in exactly one split, canonically.
+
+    A group's split depends only on the seed and its key (``group_position``): the unit
+    interval is cut into the splits' shares and the group goes where its position falls.
+    Should chance leave a split with a positive ratio empty (a handful of groups), the group
+    whose position lies nearest that split's interval moves there.
 
     Args:
-        labels: one label per sample ("" for unlabelled); stratification is on these.
-        groups: one group id per sample.
+        labels: one label per sample ("" for unlabelled); checked for length only, since a
+            placement that looked at the other groups' classes would not be canonical.
+        groups: one group key per sample, the same in every copy of the dataset (file name,
+            lesion id, patient pseudonym).
         ratios: target share of samples per split (normalised).
         seed: the only source of randomness: the same inputs give the same split.
     """
@@ -49,46 +58,49 @@ def group_split(
         raise ValueError("labels and groups differ in length")
     ratios = check_ratios(ratios)
     names = [s for s in ("train", "val", "test") if ratios[s] > 0]
-    classes = sorted(set(labels))
-    cls_index = {c: i for i, c in enumerate(classes)}
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    if len(members) < len(names):
+    keys = sorted(set(groups))
+    if len(keys) < len(names):
         raise DataError(
-            f"{len(members)} group(s) cannot fill {len(names)} splits; add data or set a split "
+            f"{len(keys)} group(s) cannot fill {len(names)} splits; add data or set a split "
             "ratio to 0"
         )
-    counts = {
-        g: np.bincount([cls_index[labels[i]] for i in idx], minlength=len(classes))
-        for g, idx in members.items()
-    }
-    rng = np.random.default_rng(seed)
-    order = sorted(members)  # deterministic base order, then a seeded shuffle
-    order = [order[i] for i in rng.permutation(len(order))]
-    order.sort(key=lambda g: -int(counts[g].sum()))  # stable: ties keep the shuffled order
-    total = np.bincount([cls_index[lab] for lab in labels], minlength=len(classes)).astype(float)
-    target = {s: ratios[s] * total for s in names}
-    filled = {s: np.zeros(len(classes)) for s in names}
-    assigned: dict[str, str] = {}
-    for g in order:
-        c = counts[g]
-        # Fill empty splits first so that none ends up empty, then follow the quotas.
-        empty = [s for s in names if filled[s].sum() == 0]
-        if empty and len(order) - len(assigned) <= len(empty):
-            best = empty[0]
-        else:
-            best = max(names, key=lambda s: _gain(c, filled[s], target[s]))
-        filled[best] += c
-        assigned[g] = best
+    bounds = _intervals(names, ratios)
+    position = {g: group_position(g, seed) for g in keys}
+    assigned = {g: next(s for s in names if position[g] < bounds[s][1]) for g in keys}
+    _fill_empty(assigned, position, bounds)
     return [assigned[g] for g in groups]
 
 
-def _gain(counts: np.ndarray, filled: np.ndarray, target: np.ndarray) -> float:
-    """How much of a split's unfilled per-class quota a group would fill (relative)."""
-    need = (target - filled) / np.maximum(target, 1.0)
-    overall = (target.sum() - filled.sum()) / max(target.sum(), 1.0)
-    return float((need * counts).sum() / max(counts.sum(), 1) + overall)
+def group_position(key: str, seed: int) -> float:
+    """A stable point in [0, 1) for a group key: the first 8 bytes of sha256(seed, key)."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _intervals(names: list[str], ratios: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Consecutive sub-intervals of [0, 1) with the splits' shares; the last one ends past 1."""
+    out, start = {}, 0.0
+    for name in names:
+        out[name] = (start, start + ratios[name])
+        start += ratios[name]
+    last = names[-1]
+    out[last] = (out[last][0], 2.0)  # floating-point sums must not leave a gap below 1
+    return out
+
+
+def _fill_empty(
+    assigned: dict[str, str],
+    position: dict[str, float],
+    bounds: dict[str, tuple[float, float]],
+) -> None:
+    """Move into each empty split the group nearest its interval, from a split that keeps one."""
+    for name, (lo, hi) in bounds.items():
+        sizes = Counter(assigned.values())
+        if sizes[name]:
+            continue
+        movable = [g for g, s in assigned.items() if sizes[s] > 1]
+        nearest = min(movable, key=lambda g: (max(lo - position[g], position[g] - hi, 0.0), g))
+        assigned[nearest] = name
 
 
 def carve_validation(
@@ -103,7 +115,12 @@ def carve_validation(
     A group with a member in the official test split (a duplicate cluster or a patient /
     lesion that straddles the official split) stays whole in train: validation never takes a
     member of a cluster that touches test, so nothing chosen on validation has seen a copy of
-    a test image. The validation share is taken from the remaining training groups.
+    a test image.
+
+    ``val_ratio`` is the share of the official training groups that become validation. It is a
+    constant of the recipe, not of the data (no rescaling by the test share or by how many groups
+    touch test), so that, with :func:`group_split`'s hash rule, a sample and the full release carve
+    every group they share the same way.
     """
     out = list(official)
     train_idx = [i for i, s in enumerate(official) if s == "train"]
@@ -116,8 +133,7 @@ def carve_validation(
             "every training image shares a duplicate cluster or group with a test image, so no "
             "validation split can be carved; set data.leaks=resplit or a val ratio of 0"
         )
-    share = val_ratio / max(1e-9, 1 - (official.count("test") / len(official)))
-    share = min(max(share * len(train_idx) / len(free), 0.0), 0.9)
+    share = min(max(val_ratio, 0.0), 0.9)
     sub = group_split(
         [labels[i] for i in free],
         [groups[i] for i in free],

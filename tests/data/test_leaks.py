@@ -115,7 +115,11 @@ def test_carve_keeps_groups_touching_test_in_train_and_the_val_share() -> None:
     out = carve_validation(labels, groups, official, 0.15, seed=0)
     touching = {g for g, s in zip(groups, official, strict=True) if s == "test"}
     assert all(s != "val" for g, s in zip(groups, out, strict=True) if g in touching)
-    assert out.count("val") / n == pytest.approx(0.15, abs=0.03)
+    free = [i for i in range(n) if official[i] == "train" and groups[i] not in touching]
+    expected = group_split(
+        [labels[i] for i in free], [groups[i] for i in free], {"train": 0.85, "val": 0.15}, 0
+    )
+    assert [out[i] for i in free] == expected  # the free groups carved at the recipe's share
     assert [s for s in out if s == "test"] == [s for s in official if s == "test"]
 
 
@@ -124,8 +128,7 @@ def test_carve_is_unchanged_where_no_group_touches_test() -> None:
     groups = [f"g{i}" for i in range(120)]
     official = ["test" if i >= 100 else "train" for i in range(120)]
     out = carve_validation(labels, groups, official, 0.15, seed=4)
-    share = 0.15 / (1 - 20 / 120)
-    expected = group_split(labels[:100], groups[:100], {"train": 1 - share, "val": share}, 4)
+    expected = group_split(labels[:100], groups[:100], {"train": 0.85, "val": 0.15}, 4)
     assert out[:100] == expected
 
 

@@ -143,6 +143,38 @@ def test_busi_near_duplicates_do_not_straddle_splits(busi: PrepareResult) -> Non
         assert len({rows[k].group for k in cluster["members"]}) == 1
 
 
+@pytest.mark.parametrize(
+    "a, b", [("benign (13).png", "benign (330).png"), ("benign (177).png", "benign (35).png")]
+)
+def test_busi_recropped_duplicates_share_a_cluster_and_split(
+    busi: PrepareResult, a: str, b: str
+) -> None:
+    """Two copies of one scan that the difference hash puts 11-13 bits apart (a shift of a
+    pixel and resampling) and the DCT hash 0-2 bits: one cluster, one group, one split."""
+    a, b = f"{BUSI}/benign/{a}", f"{BUSI}/benign/{b}"
+    assert [c for c in busi.audit.near_duplicates if a in c["members"] and b in c["members"]]
+    rows = {r.path: r for r in busi.manifest.rows}
+    assert rows[a].group == rows[b].group
+    assert rows[a].split == rows[b].split
+
+
+def test_busi_subset_gets_the_full_sets_split_for_every_shared_image(
+    busi: PrepareResult, tmp_path: Path
+) -> None:
+    """A copy holding every third BUSI image (links to the real files): each image whose
+    duplicate cluster is the same in both copies is in the same split in both manifests."""
+    root = shared("busi")
+    for row in busi.manifest.rows[::3]:
+        link = tmp_path / "subset" / row.path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((root / row.path).resolve())
+    sub = prepare("busi", tmp_path / "subset", tmp_path / "subset.csv", seed=0, workers=2)
+    full = {r.path: r for r in busi.manifest.rows}
+    same_group = [r for r in sub.manifest.rows if r.group == full[r.path].group]
+    assert len(sub.manifest.rows) == 260 and len(same_group) > 200
+    assert all(r.split == full[r.path].split for r in same_group)
+
+
 def test_busi_subset_masks_are_attached_not_samples(busi_subset: PrepareResult) -> None:
     m = busi_subset.manifest
     assert len(m.rows) == 45
