@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,7 +22,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
-from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
+from medtl.artifacts import ModelCard
+from medtl.calibrate import (
+    CALIBRATORS,
+    Calibrator,
+    NoCalibration,
+    calibration_summary,
+    fit_calibrator,
+)
 from medtl.data.manifest import Manifest
 from medtl.errors import DataError, MedtlError
 from medtl.io import write_json
@@ -85,16 +91,20 @@ class ReportConfig(BaseModel):
 
 
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
-    """Fit ``cfg.method`` on ``predictions_val.csv``; store it in ``meta.json``; write
-    ``calibration.json`` with every compared calibrator measured on the test split."""
+    """Fit ``cfg.method`` on ``predictions_val.csv``; store it, with the operating thresholds it
+    gives on validation, in the model card (``meta.json``); write ``calibration.json`` with every
+    compared calibrator measured on the test split."""
+    meta_path = folder / "meta.json"
+    card = ModelCard.load(meta_path)  # a broken card stops here, before anything is fitted
     val = Predictions.load(folder / "predictions_val.csv")
     test_path = folder / "predictions_test.csv"
     test = Predictions.load(test_path) if test_path.is_file() else None
     table: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, Calibrator] = {}
     for name in dict.fromkeys([cfg.method, *cfg.compare]):
         if name == "platt" and len(val.classes) != 2:
             continue
-        calibrator = fit_calibrator(name, val.logits, val.labels)
+        fitted[name] = calibrator = fit_calibrator(name, val.logits, val.labels)
         table[name] = {
             "fitted_on": "val",
             "params": calibrator.to_dict(),
@@ -106,16 +116,28 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
         "calibrators": table,
         "uncalibrated_test": _measure(none, test, cfg.n_bins) if test is not None else None,
     }
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    chosen = table[cfg.method]["params"]
-    meta["calibrator"] = chosen
-    meta["temperature"] = (
-        float(chosen.get("temperature", 1.0)) if cfg.method == "temperature" else 1.0
-    )
-    write_json(meta_path, meta)
+    card.calibrator = fitted[cfg.method]
+    card.thresholds = validation_thresholds(val, card.calibrator)
+    card.save(meta_path)
     write_json(folder / "calibration.json", result)
     return result
+
+
+def validation_thresholds(
+    val: Predictions, calibrator: Calibrator
+) -> dict[str, dict[str, float | None]]:
+    """Operating thresholds chosen on the calibrated VALIDATION probabilities, per positive
+    class (class 1 of a binary task, every class of a multi-class one); a class validation
+    cannot choose for (absent or alone) is left out."""
+    from medtl.metrics import choose_thresholds, positive_indices
+
+    probs, out = val.probs(calibrator), {}
+    for c in positive_indices(None, val.classes):
+        try:
+            out[val.classes[c]] = choose_thresholds(probs, val.labels, c)
+        except DataError as exc:
+            log.info("no thresholds for %s: %s", val.classes[c], exc)
+    return out
 
 
 def _measure(
@@ -162,9 +184,9 @@ class ModelSpec:
 def _default_name(folder: Path) -> str:
     meta = folder / "meta.json"
     if meta.is_file():
-        m = json.loads(meta.read_text(encoding="utf-8"))
+        card = ModelCard.load(meta)
         run = folder.parent.name if folder.name == "finetune" else folder.name
-        return f"{run}/{m.get('strategy', '?')}/seed{m.get('seed', '?')}"
+        return f"{run}/{card.strategy}/seed{card.seed}"
     return folder.name
 
 
@@ -184,15 +206,15 @@ def evaluate(
     """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    kept: dict[tuple[str, str], list[tuple[str, Predictions, float]]] = {}
+    kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
     for spec, data in itertools.product(models, datasets):
         for split in cfg.splits:
-            entry, pred, temperature = _evaluate_one(
+            entry, pred, calibrator = _evaluate_one(
                 spec, data, split, out, cfg, seed, device, progress
             )
             entries.append(entry)
             if pred is not None:
-                kept.setdefault((data.name, split), []).append((spec.name, pred, temperature))
+                kept.setdefault((data.name, split), []).append((spec.name, pred, calibrator))
     if cfg.ensemble:
         entries += [
             _ensemble_entry(key, members, out, cfg, seed)
@@ -227,7 +249,7 @@ def _evaluate_one(
     seed: int,
     device: str,
     progress: bool,
-) -> tuple[dict[str, Any], Predictions | None, float]:
+) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
     from medtl.metrics import evaluate_predictions
 
     entry: dict[str, Any] = {
@@ -240,47 +262,47 @@ def _evaluate_one(
         "error": None,
     }
     try:
-        meta, test, val = _predict(spec, data, split, cfg, device, progress)
-        temperature = float(meta.get("temperature", 1.0))
+        card, test, val = _predict(spec, data, split, cfg, device, progress)
+        calibrator = card.calibrator
         test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
         test.save(test_file)
         entry.update(
             status="ok",
             predictions=str(test_file.relative_to(out)),
             val_predictions=str(spec.folder / "predictions_val.csv") if val is not None else None,
-            temperature=temperature,
-            calibrator=meta.get("calibrator", {"name": "none"}),
-            metrics=evaluate_predictions(test, val, cfg.positive, cfg.n_boot, seed, temperature),
-            model_meta=meta,
+            temperature=card.temperature,
+            calibrator=calibrator.to_dict(),
+            metrics=evaluate_predictions(test, val, cfg.positive, cfg.n_boot, seed, calibrator),
+            model_meta=card.model_dump(mode="json"),
             data=_data_summary(Manifest.load(data.manifest)),
         )
-        return entry, test, temperature
+        return entry, test, calibrator
     except MedtlError as exc:
         entry["error"] = str(exc).strip().splitlines()[-1]
-        return entry, None, 1.0
+        return entry, None, NoCalibration()
 
 
 def _predict(
     spec: ModelSpec, data: DataSpec, split: str, cfg: EvaluateConfig, device: str, progress: bool
-) -> tuple[dict[str, Any], Predictions, Predictions | None]:
+) -> tuple[ModelCard, Predictions, Predictions | None]:
     """Inference of one model on one split; the model's own validation predictions choose
-    temperature and thresholds."""
+    the thresholds, with the calibrator of its card applied."""
     from medtl.data.dataset import DataConfig, build_dataset
     from medtl.finetune.loop import as_predictions, load_classifier, predict
 
-    model, meta = load_classifier(spec.folder)
+    model, card = load_classifier(spec.folder)
     manifest = Manifest.load(data.manifest)
-    if list(meta["classes"]) != list(manifest.classes):
+    if list(card.classes) != list(manifest.classes):
         raise DataError(
-            f"model {spec.name} was trained on classes {meta['classes']}, manifest {data.manifest} "
+            f"model {spec.name} was trained on classes {card.classes}, manifest {data.manifest} "
             f"has {manifest.classes}; evaluate it on a dataset with the same classes"
         )
     if data.root is None:
         raise DataError(f"no data root for {data.manifest}: give it as MANIFEST:ROOT")
     loader_cfg = DataConfig(
-        image_size=meta["image_size"],
-        channels=meta["in_chans"],
-        resize=meta.get("resize", "squash"),
+        image_size=card.image_size,
+        channels=card.in_chans,
+        resize=card.resize,
     )
     dataset = build_dataset(manifest, split, data.root, loader_cfg)
     log.info("evaluating %s on %s/%s (%d images)", spec.name, data.name, split, len(dataset))  # type: ignore[arg-type]
@@ -294,7 +316,7 @@ def _predict(
         )
     val_file = spec.folder / "predictions_val.csv"
     val = Predictions.load(val_file) if val_file.is_file() else None
-    return meta, test, val
+    return card, test, val
 
 
 def _data_summary(manifest: Manifest) -> dict[str, Any]:
@@ -308,7 +330,7 @@ def _data_summary(manifest: Manifest) -> dict[str, Any]:
 
 def _ensemble_entry(
     key: tuple[str, str],
-    members: list[tuple[str, Predictions, float]],
+    members: list[tuple[str, Predictions, Calibrator]],
     out: Path,
     cfg: EvaluateConfig,
     seed: int,
@@ -327,7 +349,7 @@ def _ensemble_entry(
         "error": None,
     }
     try:
-        pred = ensemble([m[1] for m in members], temperatures=[m[2] for m in members])
+        pred = ensemble([m[1] for m in members], calibrators=[m[2] for m in members])
         pred.model = name
         path = out / "predictions" / f"{safe_name('ensemble', dataset, split)}.csv"
         pred.save(path)
@@ -337,7 +359,9 @@ def _ensemble_entry(
             val_predictions=None,
             temperature=1.0,
             calibrator={"name": "members calibrated"},
-            metrics=evaluate_predictions(pred, None, cfg.positive, cfg.n_boot, seed, 1.0),
+            metrics=evaluate_predictions(
+                pred, None, cfg.positive, cfg.n_boot, seed, NoCalibration()
+            ),
             model_meta={"strategy": "ensemble", "members": [m[0] for m in members]},
         )
     except MedtlError as exc:
@@ -346,7 +370,7 @@ def _ensemble_entry(
 
 
 def _comparisons(
-    kept: dict[tuple[str, str], list[tuple[str, Predictions, float]]],
+    kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]],
 ) -> list[dict[str, Any]]:
     """DeLong per class for every pair of models on the same dataset and split."""
     from medtl.metrics import delong_per_class

@@ -13,11 +13,15 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medtl.errors import DataError
 from medtl.io import atomic_write_text, write_json
+
+if TYPE_CHECKING:
+    from medtl.calibrate import Calibrator
 
 
 @dataclass
@@ -54,9 +58,12 @@ class Predictions:
                 f"but {len(self.classes)} classes {self.classes}"
             )
 
-    def probs(self, temperature: float = 1.0) -> np.ndarray:
-        """Softmax of ``logits / temperature``: ``[N, K]``."""
-        z = self.logits / temperature
+    def probs(self, calibration: Calibrator | float = 1.0) -> np.ndarray:
+        """Probabilities ``[N, K]``: the calibrator's, or the softmax of ``logits / temperature``
+        when ``calibration`` is a number."""
+        if not isinstance(calibration, int | float):
+            return calibration.probs(self.logits)
+        z = self.logits / calibration
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
