@@ -279,10 +279,14 @@ def pretrain(
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and tokens (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    flat = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": flat, "weight_decay": 0.0}]
+    """AdamW groups from timm's ``param_groups_weight_decay``: no weight decay on biases, norms
+    (1-D tensors) and the tokens the model lists in ``no_weight_decay()`` (``cls_token``,
+    ``pos_embed``, ``mask_token``), ``weight_decay`` on the rest."""
+    from timm.optim import param_groups_weight_decay
+
+    listed = getattr(model, "no_weight_decay", None)
+    names = listed() if callable(listed) else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=names)  # type: ignore[no-any-return]
 
 
 def describe_strategy(name: str, strategy: MaskingStrategy) -> dict[str, Any]:
