@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -28,10 +28,18 @@ from pydantic import (
     PlainValidator,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
-from medtl.calibrate import Calibrator, NoCalibration, TemperatureScaling, as_calibrator
+from medtl.calibrate import (
+    Calibrator,
+    NoCalibration,
+    PlattScaling,
+    TemperatureScaling,
+    VectorScaling,
+    as_calibrator,
+)
 from medtl.errors import ConfigError, MedtlError
 from medtl.io import write_json
 
@@ -63,8 +71,19 @@ class Artifact(BaseModel):
     """Base of every stage artifact: strict keys, a schema version, JSON read / write."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    VERSION: ClassVar[int] = 1
 
     schema_version: int
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if not 1 <= version <= cls.VERSION:
+            raise ValueError(
+                f"schema version {version} is not one this medtl reads (1 to {cls.VERSION}): "
+                "a newer medtl wrote it (upgrade medtl), or it was edited by hand"
+            )
+        return version
 
     def save(self, path: Path) -> Path:
         """Write the artifact as JSON, atomically."""
@@ -118,11 +137,25 @@ class WeightsProvenance(BaseModel):
 
     @classmethod
     def of_file(cls, weights: str | Path | None) -> WeightsProvenance | None:
-        """Provenance of a local weights file (path and hash), or None without one."""
+        """Provenance of the weights given to a stage: a local file's path and hash, or the
+        name of a source that is not a local file; None without weights."""
         if weights is None or str(weights) == "":
             return None
         path = Path(weights)
-        return cls(path=str(weights), sha256=file_sha256(path) if path.is_file() else None)
+        if path.is_file():
+            return cls(path=str(weights), sha256=file_sha256(path))
+        return cls(source=str(weights))
+
+    @classmethod
+    def merged(cls, given: Any, source: dict[str, Any]) -> dict[str, Any]:
+        """``given`` provenance with its missing fields taken from a source registry record
+        (``{"name", "path", "sha256", "licence", ...}``)."""
+        if isinstance(given, WeightsProvenance):
+            given = given.model_dump()
+        known = {k: v for k, v in (given or {}).items() if v is not None}
+        fields = {"source": source.get("name"), **{k: source.get(k) for k in ("path", "sha256")}}
+        fields["licence"] = source.get("licence")
+        return {**{k: v for k, v in fields.items() if v is not None}, **known}
 
 
 def file_sha256(path: Path) -> str:
@@ -141,11 +174,15 @@ class ModelCard(Artifact):
     chosen on VALIDATION); evaluation, ensembles and the report apply :attr:`calibrator`.
     """
 
+    VERSION: ClassVar[int] = MODEL_CARD_VERSION
     schema_version: int = MODEL_CARD_VERSION
     medtl_version: str
     backbone: str
     weights: WeightsProvenance | None = None
     init_weights: str | None = Field(None, description="weights path as given to finetune")
+    source: dict[str, Any] | None = Field(
+        None, description="the pretrained source's record, as the source registry writes it"
+    )
     classes: list[str] = Field(min_length=2)
     in_chans: int = Field(ge=1)
     image_size: int = Field(ge=1)
@@ -173,8 +210,13 @@ class ModelCard(Artifact):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, data: Any) -> Any:
-        """Cards from before ``schema_version``: the scalar ``temperature`` becomes a calibrator."""
-        if not isinstance(data, dict) or "schema_version" in data:
+        """Cards from before ``schema_version``: the scalar ``temperature`` becomes a calibrator.
+        A source registry record fills the weights provenance it knows."""
+        if not isinstance(data, dict):
+            return data
+        if isinstance(data.get("source"), dict):
+            data = dict(data, weights=WeightsProvenance.merged(data.get("weights"), data["source"]))
+        if "schema_version" in data:
             return data
         data = dict(data, schema_version=MODEL_CARD_VERSION)
         temperature = data.pop("temperature", 1.0)
@@ -183,12 +225,12 @@ class ModelCard(Artifact):
         return data
 
     @model_validator(mode="after")
-    def _check_version(self) -> ModelCard:
-        if self.schema_version > MODEL_CARD_VERSION:
-            raise ValueError(
-                f"schema_version {self.schema_version} is newer than this medtl reads "
-                f"({MODEL_CARD_VERSION}); upgrade medtl"
-            )
+    def _calibrator_fits_the_classes(self) -> ModelCard:
+        k, cal = len(self.classes), self.calibrator
+        if (isinstance(cal, VectorScaling) and len(cal.scale) != k) or (
+            isinstance(cal, PlattScaling) and k != 2
+        ):
+            raise ValueError(f"calibrator {cal.to_dict()} does not fit the {k} classes")
         return self
 
     @property
@@ -207,6 +249,7 @@ class ModelCard(Artifact):
 class EncoderCard(Artifact):
     """An MAE-pretrained encoder (``meta.json`` beside ``encoder.safetensors``)."""
 
+    VERSION: ClassVar[int] = ENCODER_CARD_VERSION
     schema_version: int = ENCODER_CARD_VERSION
     medtl_version: str
     backbone: str
