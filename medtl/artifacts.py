@@ -28,6 +28,7 @@ from pydantic import (
     PlainValidator,
     ValidationError,
     WithJsonSchema,
+    computed_field,
     field_validator,
     model_validator,
 )
@@ -108,10 +109,11 @@ def read_artifact(cls: type[A], path: Path, rerun: str) -> A:
         return cls.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in error["loc"])
+        where = f"key '{key}': " if key else ""
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         msg = error["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path}: key '{key}': {msg}{more}; {rerun}") from None
+        raise ConfigError(f"{path}: {where}{msg}{more}; {rerun}") from None
 
 
 # -- shared pieces -----------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class ModelCard(Artifact):
         if isinstance(data.get("source"), dict):
             data = dict(data, weights=WeightsProvenance.merged(data.get("weights"), data["source"]))
         if "schema_version" in data:
-            return data
+            return _without_derived_temperature(data)
         data = dict(data, schema_version=MODEL_CARD_VERSION)
         temperature = data.pop("temperature", 1.0)
         if "calibrator" not in data:
@@ -233,9 +235,12 @@ class ModelCard(Artifact):
             raise ValueError(f"calibrator {cal.to_dict()} does not fit the {k} classes")
         return self
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def temperature(self) -> float | None:
-        """The calibration temperature when the calibrator is a temperature (or none)."""
+        """The calibration temperature when the calibrator is a temperature (or none: 1); null
+        for vector and Platt scaling. Derived from :attr:`calibrator`, written for readers of
+        ``meta.json`` that know only a temperature, never read back."""
         if isinstance(self.calibrator, TemperatureScaling):
             return self.calibrator.temperature
         return 1.0 if isinstance(self.calibrator, NoCalibration) else None
@@ -243,6 +248,29 @@ class ModelCard(Artifact):
     @classmethod
     def load(cls, path: Path) -> ModelCard:
         return read_artifact(cls, path, "re-run 'medtl finetune' (or 'medtl calibrate')")
+
+
+def _without_derived_temperature(data: dict[str, Any]) -> dict[str, Any]:
+    """A current card's ``temperature`` is derived from its calibrator: drop it, refusing a
+    hand-edited value that disagrees (the calibrator is what is applied)."""
+    if "temperature" not in data:
+        return data
+    data = dict(data)
+    written = data.pop("temperature")
+    try:
+        cal = _calibrator(data.get("calibrator", {"name": "none"}))
+    except ValueError:
+        return data  # the calibrator's own error is reported
+    derived = cal.temperature if isinstance(cal, TemperatureScaling) else None
+    derived = 1.0 if isinstance(cal, NoCalibration) else derived
+    if written != derived and not (
+        isinstance(written, int | float) and derived is not None and abs(written - derived) < 1e-9
+    ):
+        raise ValueError(
+            f"temperature {written!r} disagrees with the calibrator {cal.to_dict()}: the "
+            "temperature is derived from 'calibrator'; edit the calibrator, not the temperature"
+        )
+    return data
 
 
 # -- the pretraining result ------------------------------------------------------------------

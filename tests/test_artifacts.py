@@ -74,6 +74,7 @@ def test_model_card_round_trips_with_its_calibrator(calibrator: Any, tmp_path: P
     path = written.save(tmp_path / "meta.json")
     raw = json.loads(path.read_text())
     assert raw["schema_version"] == 1 and raw["calibrator"]["name"] == calibrator.name
+    assert raw["temperature"] == {"none": 1.0, "temperature": 1.7}.get(calibrator.name)
     read = ModelCard.load(path)
     assert read == written and read.calibrator == calibrator
     assert type(read.calibrator) is type(calibrator)
@@ -150,6 +151,10 @@ def test_a_source_record_fills_the_weights_provenance(tmp_path: Path) -> None:
         (
             v0_meta(calibrator={"name": "vector", "scale": [1.0] * 3, "bias": [0.0] * 3}),
             "does not fit the 2 classes",
+        ),
+        (  # the temperature is derived from the calibrator, never read back
+            {**card(calibrator=PlattScaling(a=2.0)).model_dump(mode="json"), "temperature": 2.0},
+            "edit the calibrator, not the temperature",
         ),
     ],
 )
