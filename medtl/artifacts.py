@@ -247,7 +247,7 @@ class ModelCard(Artifact):
 
     @classmethod
     def load(cls, path: Path) -> ModelCard:
-        return read_artifact(cls, path, "re-run 'medtl finetune' (or 'medtl calibrate')")
+        return read_artifact(cls, path, "re-run 'medtl finetune' to rewrite it")
 
 
 def _without_derived_temperature(data: dict[str, Any]) -> dict[str, Any]:
@@ -307,4 +307,4 @@ class EncoderCard(Artifact):
 
     @classmethod
     def load(cls, path: Path) -> EncoderCard:
-        return read_artifact(cls, path, "re-run 'medtl pretrain'")
+        return read_artifact(cls, path, "re-run 'medtl pretrain' to rewrite it")
