@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,9 +62,9 @@ class Predictions:
     def probs(self, calibration: Calibrator | float = 1.0) -> np.ndarray:
         """Probabilities ``[N, K]``: the calibrator's, or the softmax of ``logits / temperature``
         when ``calibration`` is a number."""
-        if not isinstance(calibration, int | float):
-            return calibration.probs(self.logits)
-        z = self.logits / calibration
+        if not isinstance(calibration, numbers.Real):  # numpy scalars are Real too
+            return calibration.probs(self.logits)  # type: ignore[union-attr]
+        z = self.logits / float(calibration)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
