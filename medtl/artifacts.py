@@ -103,6 +103,8 @@ def read_artifact(cls: type[A], path: Path, rerun: str) -> A:
         raise ConfigError(f"{path} does not exist; {rerun}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); {rerun}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc}); {rerun}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object; {rerun}")
     try:
@@ -185,7 +187,7 @@ class ModelCard(Artifact):
     source: dict[str, Any] | None = Field(
         None, description="the pretrained source's record, as the source registry writes it"
     )
-    classes: list[str] = Field(min_length=2)
+    classes: list[str] = Field(min_length=1)
     in_chans: int = Field(ge=1)
     image_size: int = Field(ge=1)
     resize: Literal["squash", "letterbox"] = "squash"
