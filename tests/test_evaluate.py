@@ -26,6 +26,7 @@ from medtl.evaluate import (
 )
 from medtl.finetune.loop import FinetuneConfig, finetune
 from medtl.predictions import Predictions
+from medtl.report import build_report
 from medtl.report.load import load_evaluation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +78,9 @@ def test_evaluation_reports_the_stored_calibrators_ece(
     view = load_evaluation(tmp_path / "eval").entries[0]
     assert view.test is not None
     assert ece(view.test.probs(view.calibrator), view.test.labels) == pytest.approx(expected)
+    html = (build_report(tmp_path / "eval", tmp_path / "report").html).read_text()
+    label = "T = " if method == "temperature" else f"{method} scaling"
+    assert f"After ({label}" in html
 
 
 def test_ensemble_averages_each_members_calibrated_probabilities(
@@ -109,6 +113,21 @@ def test_calibration_stores_the_calibrator_and_validation_thresholds_in_the_card
     assert set(card.thresholds) == {val.classes[1]}
     youden = card.thresholds[val.classes[1]]["youden"]
     assert youden is not None and youden in set(val.probs(card.calibrator)[:, 1].tolist())
+
+
+def test_a_card_from_before_the_schema_version_is_calibrated_and_rewritten(
+    trained: tuple[Path, DataSpec], tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(trained[0], folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    for key in ("schema_version", "weights", "source", "genome"):
+        meta.pop(key)
+    (folder / "meta.json").write_text(json.dumps({**meta, "temperature": 1.0}))
+    calibrate_model(folder, CalibrateConfig(method="vector", compare=[]))
+    rewritten = json.loads((folder / "meta.json").read_text())
+    assert rewritten["schema_version"] == 1 and rewritten["calibrator"]["name"] == "vector"
+    assert rewritten["temperature"] is None
 
 
 @pytest.mark.parametrize("text", ["{not json", '["a list"]', '{"backbone": 3}'])
