@@ -206,7 +206,7 @@ class ModelCard(Artifact):
     calibrator: CalibratorField = Field(default_factory=NoCalibration)
     thresholds: dict[str, dict[str, float | None]] = Field(
         default_factory=dict,
-        description="per positive class: operating thresholds chosen on validation",
+        description="per class taken as positive: operating thresholds chosen on validation",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="the finetune section")
     recipe: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe")

@@ -126,13 +126,13 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
 def validation_thresholds(
     val: Predictions, calibrator: Calibrator
 ) -> dict[str, dict[str, float | None]]:
-    """Operating thresholds chosen on the calibrated VALIDATION probabilities, per positive
-    class (class 1 of a binary task, every class of a multi-class one); a class validation
-    cannot choose for (absent or alone) is left out."""
-    from medtl.metrics import choose_thresholds, positive_indices
+    """Operating thresholds chosen on the calibrated VALIDATION probabilities for every class
+    taken as the positive one (one-vs-rest; which class is positive is the evaluation's choice);
+    a class validation cannot choose for (absent or alone) is left out."""
+    from medtl.metrics import choose_thresholds
 
     probs, out = val.probs(calibrator), {}
-    for c in positive_indices(None, val.classes):
+    for c in range(len(val.classes)):
         try:
             out[val.classes[c]] = choose_thresholds(probs, val.labels, c)
         except DataError as exc:

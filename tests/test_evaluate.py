@@ -110,7 +110,7 @@ def test_calibration_stores_the_calibrator_and_validation_thresholds_in_the_card
     card = ModelCard.load(folder / "meta.json")
     val = Predictions.load(folder / "predictions_val.csv")
     assert card.calibrator.name == "vector" and card.temperature is None
-    assert set(card.thresholds) == {val.classes[1]}
+    assert set(card.thresholds) == set(val.classes)
     youden = card.thresholds[val.classes[1]]["youden"]
     assert youden is not None and youden in set(val.probs(card.calibrator)[:, 1].tolist())
 
