@@ -395,7 +395,7 @@ def score_test(result: FinetuneResult, positive: str, n_boot: int, seed: int) ->
     temperature = fit_calibrator("temperature", result.val.logits, result.val.labels)
     t = float(temperature.to_dict()["temperature"])
     metrics = evaluate_predictions(
-        result.test, result.val, positive, n_boot=n_boot, seed=seed, temperature=t
+        result.test, result.val, positive, n_boot=n_boot, seed=seed, calibrator=temperature
     )
     overall = metrics["overall"]
     return {

@@ -110,7 +110,7 @@ def run_finetune(
         "temperature"
     ]
     metrics = evaluate_predictions(
-        result.test, result.val, "malignant", n_boot=1000, seed=seed, temperature=temperature
+        result.test, result.val, "malignant", n_boot=1000, seed=seed, calibrator=temperature
     )
     overall = metrics["overall"]
     summary = {

@@ -108,6 +108,10 @@ class Calibrator(ABC):
         """JSON-serialisable record, e.g. ``{"name": "temperature", "temperature": 1.7, ...}``."""
         return {"name": self.name, **dataclasses.asdict(self)}
 
+    def label(self) -> str:
+        """A short human-readable description for reports, e.g. ``temperature T = 1.7``."""
+        return f"{self.name} scaling"
+
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Calibrator:
         """Rebuild a calibrator from :meth:`to_dict` output (e.g. a checkpoint sidecar)."""
@@ -195,6 +199,9 @@ class TemperatureScaling(Calibrator):
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         return self._check(logits) / self.temperature
+
+    def label(self) -> str:
+        return f"temperature T = {self.temperature:.3g}"
 
 
 @_registered
@@ -291,6 +298,24 @@ class NoCalibration(Calibrator):
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         return self._check(logits).copy()
+
+    def label(self) -> str:
+        return "none (uncalibrated)"
+
+
+def as_calibrator(calibration: Calibrator | float) -> Calibrator:
+    """``calibration`` as a calibrator: a number is a temperature (1 means none).
+
+    Lets callers that only ever knew a temperature keep passing one, while a stored vector or
+    Platt calibrator is applied as itself rather than reduced to a number.
+    """
+    if isinstance(calibration, Calibrator):
+        return calibration
+    try:
+        t = float(calibration)
+        return NoCalibration() if t == 1.0 else TemperatureScaling(temperature=t)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"calibration temperature {calibration!r} is invalid: {exc}") from None
 
 
 def fit_calibrator(name: str, logits: np.ndarray, labels: np.ndarray) -> Calibrator:

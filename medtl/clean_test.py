@@ -2,7 +2,7 @@
 
 The clean subset (:mod:`medtl.data.leaks`) leaves out the official test images that share a
 duplicate cluster or a lesion / patient group with train or val. Both sets are measured with
-the same temperature and the same validation-chosen thresholds; the difference (official -
+the same calibrator and the same validation-chosen thresholds; the difference (official -
 clean) of the headline figures gets a paired interval from one stratified group bootstrap of
 the official test set, in which the clean figures are those of the resample's clean members.
 A positive difference is what the leak adds to the official figure.
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl.calibrate import Calibrator
 from medtl.data.leaks import SplitLeaks
 from medtl.errors import DataError
 from medtl.metrics import (
@@ -80,7 +81,7 @@ def difference_entries(
     clean: dict[str, Any],
     test: Predictions,
     clean_mask: Sequence[bool],
-    temperature: float,
+    calibrator: Calibrator | float,
     n_boot: int,
     seed: int,
 ) -> dict[str, dict[str, Any]]:
@@ -91,7 +92,7 @@ def difference_entries(
     """
     keep = test.labels >= 0
     labels = test.labels[keep]
-    probs = test.probs(temperature)[keep]
+    probs = test.probs(calibrator)[keep]
     mask = np.asarray(clean_mask, dtype=bool)[keep]
     groups = [g for g, k in zip(test.groups, keep, strict=True) if k]
     k = probs.shape[1]
@@ -125,7 +126,7 @@ def evaluate_with_leaks(
     positive: str | None,
     n_boot: int,
     seed: int,
-    temperature: float,
+    calibrator: Calibrator | float,
 ) -> tuple[Predictions, dict[str, Any], dict[str, Any] | None]:
     """``(predictions reported, metrics, leaks record)`` of one model on a test split.
 
@@ -136,7 +137,7 @@ def evaluate_with_leaks(
     """
 
     def metrics_of(pred: Predictions) -> dict[str, Any]:
-        return evaluate_predictions(pred, val, positive, n_boot, seed, temperature)
+        return evaluate_predictions(pred, val, positive, n_boot, seed, calibrator)
 
     if leaks is None or not (leaks.official or leaks.split_source == "resplit"):
         return test, metrics_of(test), None
@@ -160,7 +161,7 @@ def evaluate_with_leaks(
         clean = metrics_of(subset(test, mask))
         record["clean_metrics"] = clean
         record["difference"] = difference_entries(
-            official, clean, test, mask, temperature, n_boot, seed
+            official, clean, test, mask, calibrator, n_boot, seed
         )
     else:
         record["clean_metrics"] = None

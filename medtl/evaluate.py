@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,7 +22,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
-from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
+from medtl.artifacts import ModelCard
+from medtl.calibrate import (
+    CALIBRATORS,
+    Calibrator,
+    NoCalibration,
+    calibration_summary,
+    fit_calibrator,
+)
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, MedtlError
@@ -91,16 +97,20 @@ class ReportConfig(BaseModel):
 
 
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
-    """Fit ``cfg.method`` on ``predictions_val.csv``; store it in ``meta.json``; write
-    ``calibration.json`` with every compared calibrator measured on the test split."""
+    """Fit ``cfg.method`` on ``predictions_val.csv``; store it, with the operating thresholds it
+    gives on validation, in the model card (``meta.json``); write ``calibration.json`` with every
+    compared calibrator measured on the test split."""
+    meta_path = folder / "meta.json"
+    card = ModelCard.load(meta_path)  # a broken card stops here, before anything is fitted
     val = Predictions.load(folder / "predictions_val.csv")
     test_path = folder / "predictions_test.csv"
     test = Predictions.load(test_path) if test_path.is_file() else None
     table: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, Calibrator] = {}
     for name in dict.fromkeys([cfg.method, *cfg.compare]):
         if name == "platt" and len(val.classes) != 2:
             continue
-        calibrator = fit_calibrator(name, val.logits, val.labels)
+        fitted[name] = calibrator = fit_calibrator(name, val.logits, val.labels)
         table[name] = {
             "fitted_on": "val",
             "params": calibrator.to_dict(),
@@ -112,16 +122,28 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
         "calibrators": table,
         "uncalibrated_test": _measure(none, test, cfg.n_bins) if test is not None else None,
     }
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    chosen = table[cfg.method]["params"]
-    meta["calibrator"] = chosen
-    meta["temperature"] = (
-        float(chosen.get("temperature", 1.0)) if cfg.method == "temperature" else 1.0
-    )
-    write_json(meta_path, meta)
+    card.calibrator = fitted[cfg.method]
+    card.thresholds = validation_thresholds(val, card.calibrator)
+    card.save(meta_path)
     write_json(folder / "calibration.json", result)
     return result
+
+
+def validation_thresholds(
+    val: Predictions, calibrator: Calibrator
+) -> dict[str, dict[str, float | None]]:
+    """Operating thresholds chosen on the calibrated VALIDATION probabilities for every class
+    taken as the positive one (one-vs-rest; which class is positive is the evaluation's choice);
+    a class validation cannot choose for (absent or alone) is left out."""
+    from medtl.metrics import choose_thresholds
+
+    probs, out = val.probs(calibrator), {}
+    for c in range(len(val.classes)):
+        try:
+            out[val.classes[c]] = choose_thresholds(probs, val.labels, c)
+        except DataError as exc:
+            log.info("no thresholds for %s: %s", val.classes[c], exc)
+    return out
 
 
 def _measure(
@@ -173,9 +195,9 @@ class ModelSpec:
 def _default_name(folder: Path) -> str:
     meta = folder / "meta.json"
     if meta.is_file():
-        m = json.loads(meta.read_text(encoding="utf-8"))
+        card = ModelCard.load(meta)
         run = folder.parent.name if folder.name == "finetune" else folder.name
-        return f"{run}/{m.get('strategy', '?')}/seed{m.get('seed', '?')}"
+        return f"{run}/{card.strategy}/seed{card.seed}"
     return folder.name
 
 
@@ -195,16 +217,16 @@ def evaluate(
     """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    kept: dict[tuple[str, str], list[tuple[str, Predictions, float]]] = {}
+    kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
     specs = {data.name: data for data in datasets}
     for spec, data in itertools.product(models, datasets):
         for split in cfg.splits:
-            entry, pred, temperature = _evaluate_one(
+            entry, pred, calibrator = _evaluate_one(
                 spec, data, split, out, cfg, seed, device, progress
             )
             entries.append(entry)
             if pred is not None:
-                kept.setdefault((data.name, split), []).append((spec.name, pred, temperature))
+                kept.setdefault((data.name, split), []).append((spec.name, pred, calibrator))
     if cfg.ensemble:
         entries += [
             _ensemble_entry(key, members, out, cfg, seed, specs[key[0]])
@@ -239,7 +261,7 @@ def _evaluate_one(
     seed: int,
     device: str,
     progress: bool,
-) -> tuple[dict[str, Any], Predictions | None, float]:
+) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
     from medtl.clean_test import evaluate_with_leaks
 
     entry: dict[str, Any] = {
@@ -252,8 +274,8 @@ def _evaluate_one(
         "error": None,
     }
     try:
-        meta, test, val = _predict(spec, data, split, cfg, device, progress)
-        temperature = float(meta.get("temperature", 1.0))
+        card, test, val = _predict(spec, data, split, cfg, device, progress)
+        calibrator = card.calibrator
         test, metrics, leaks = evaluate_with_leaks(
             test,
             val,
@@ -262,7 +284,7 @@ def _evaluate_one(
             cfg.positive,
             cfg.n_boot,
             seed,
-            temperature,
+            calibrator,
         )
         test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
         test.save(test_file)
@@ -270,41 +292,41 @@ def _evaluate_one(
             status="ok",
             predictions=str(test_file.relative_to(out)),
             val_predictions=str(spec.folder / "predictions_val.csv") if val is not None else None,
-            temperature=temperature,
-            calibrator=meta.get("calibrator", {"name": "none"}),
+            temperature=card.temperature,
+            calibrator=calibrator.to_dict(),
             metrics=metrics,
-            model_meta=meta,
+            model_meta=card.model_dump(mode="json"),
             data=_data_summary(Manifest.load(data.manifest)),
         )
         if leaks is not None:
             entry["leaks"] = leaks
-        return entry, test, temperature
+        return entry, test, calibrator
     except MedtlError as exc:
         entry["error"] = str(exc).strip().splitlines()[-1]
-        return entry, None, 1.0
+        return entry, None, NoCalibration()
 
 
 def _predict(
     spec: ModelSpec, data: DataSpec, split: str, cfg: EvaluateConfig, device: str, progress: bool
-) -> tuple[dict[str, Any], Predictions, Predictions | None]:
+) -> tuple[ModelCard, Predictions, Predictions | None]:
     """Inference of one model on one split; the model's own validation predictions choose
-    temperature and thresholds."""
+    the thresholds, with the calibrator of its card applied."""
     from medtl.data.dataset import DataConfig, build_dataset
     from medtl.finetune.loop import as_predictions, load_classifier, predict
 
-    model, meta = load_classifier(spec.folder)
+    model, card = load_classifier(spec.folder)
     manifest = Manifest.load(data.manifest)
-    if list(meta["classes"]) != list(manifest.classes):
+    if list(card.classes) != list(manifest.classes):
         raise DataError(
-            f"model {spec.name} was trained on classes {meta['classes']}, manifest {data.manifest} "
+            f"model {spec.name} was trained on classes {card.classes}, manifest {data.manifest} "
             f"has {manifest.classes}; evaluate it on a dataset with the same classes"
         )
     if data.root is None:
         raise DataError(f"no data root for {data.manifest}: give it as MANIFEST:ROOT")
     loader_cfg = DataConfig(
-        image_size=meta["image_size"],
-        channels=meta["in_chans"],
-        resize=meta.get("resize", "squash"),
+        image_size=card.image_size,
+        channels=card.in_chans,
+        resize=card.resize,
     )
     dataset = build_dataset(manifest, split, data.root, loader_cfg)
     log.info("evaluating %s on %s/%s (%d images)", spec.name, data.name, split, len(dataset))  # type: ignore[arg-type]
@@ -318,7 +340,7 @@ def _predict(
         )
     val_file = spec.folder / "predictions_val.csv"
     val = Predictions.load(val_file) if val_file.is_file() else None
-    return meta, test, val
+    return card, test, val
 
 
 def _test_leaks(data: DataSpec, split: str) -> SplitLeaks | None:
@@ -340,7 +362,7 @@ def _data_summary(manifest: Manifest) -> dict[str, Any]:
 
 def _ensemble_entry(
     key: tuple[str, str],
-    members: list[tuple[str, Predictions, float]],
+    members: list[tuple[str, Predictions, Calibrator]],
     out: Path,
     cfg: EvaluateConfig,
     seed: int,
@@ -361,10 +383,17 @@ def _ensemble_entry(
         "error": None,
     }
     try:
-        pred = ensemble([m[1] for m in members], temperatures=[m[2] for m in members])
+        pred = ensemble([m[1] for m in members], calibrators=[m[2] for m in members])
         pred.model = name
         pred, metrics, leaks = evaluate_with_leaks(
-            pred, None, _test_leaks(data, split), data.leaks, cfg.positive, cfg.n_boot, seed, 1.0
+            pred,
+            None,
+            _test_leaks(data, split),
+            data.leaks,
+            cfg.positive,
+            cfg.n_boot,
+            seed,
+            NoCalibration(),
         )
         path = out / "predictions" / f"{safe_name('ensemble', dataset, split)}.csv"
         pred.save(path)
@@ -385,7 +414,7 @@ def _ensemble_entry(
 
 
 def _comparisons(
-    kept: dict[tuple[str, str], list[tuple[str, Predictions, float]]],
+    kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]],
 ) -> list[dict[str, Any]]:
     """DeLong per class for every pair of models on the same dataset and split."""
     from medtl.metrics import delong_per_class

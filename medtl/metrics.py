@@ -565,24 +565,25 @@ def _aligned(reference: Predictions, other: Predictions) -> np.ndarray:
 
 
 def ensemble(
-    predictions: Sequence[Predictions], temperatures: Sequence[float] | None = None
+    predictions: Sequence[Predictions],
+    calibrators: Sequence[calibrate.Calibrator | float] | None = None,
 ) -> Predictions:
-    """Average the (temperature-calibrated) probabilities of several models on one split.
+    """Average the calibrated probabilities of several models on one split.
 
+    Each member's probabilities come from its own calibrator (a number is a temperature).
     Members must share classes, split and ids (any order; the first member's order is kept).
     The result's logits are ``log(mean probability)``, so it behaves like any model.
     """
     if not predictions:
         raise ConfigError("ensemble needs at least one model's predictions")
-    temps = [1.0] * len(predictions) if temperatures is None else [float(t) for t in temperatures]
-    if len(temps) != len(predictions) or not all(t > 0 and math.isfinite(t) for t in temps):
-        raise ConfigError(
-            f"ensemble temperatures {temps} must be {len(predictions)} positive numbers"
-        )
+    given = [1.0] * len(predictions) if calibrators is None else list(calibrators)
+    if len(given) != len(predictions):
+        raise ConfigError(f"ensemble has {len(predictions)} members but {len(given)} calibrators")
+    cals = [calibrate.as_calibrator(c) for c in given]
     first = predictions[0]
     for pred in predictions:
         check_predictions(pred)
-    mean = sum(p.probs(t)[_aligned(first, p)] for p, t in zip(predictions, temps, strict=True))
+    mean = sum(p.probs(c)[_aligned(first, p)] for p, c in zip(predictions, cals, strict=True))
     names = [p.model or f"model{i}" for i, p in enumerate(predictions)]
     hashes = {p.manifest_sha256 for p in predictions}
     return Predictions(
@@ -594,7 +595,7 @@ def ensemble(
         first.split,
         f"ensemble({'+'.join(names)})",
         hashes.pop() if len(hashes) == 1 else "",
-        {"members": ",".join(names), "temperatures": ",".join(f"{t:g}" for t in temps)},
+        {"members": ",".join(names), "calibrators": ",".join(c.label() for c in cals)},
     )
 
 
@@ -689,37 +690,39 @@ def evaluate_predictions(
     positive: str | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    temperature: float = 1.0,
+    calibrator: calibrate.Calibrator | float = 1.0,
     *,
     alpha: float = ALPHA,
     n_bins: int = calibrate.DEFAULT_BINS,
 ) -> dict[str, Any]:
     """Everything for one model on one split, as a JSON-serialisable dict.
 
-    Discrimination figures and operating points use ``test.probs(temperature)`` (the
-    temperature fitted on validation); thresholds are chosen on ``val`` with the same
-    temperature and applied unchanged to ``test``. Calibration is reported before (T = 1) and
-    after. Undefined figures are NaN (``json`` writes ``NaN``) and explained in ``notes``.
+    Discrimination figures and operating points use ``test.probs(calibrator)`` (the
+    calibrator fitted on validation; a number is a temperature); thresholds are chosen on
+    ``val`` with the same calibrator and applied unchanged to ``test``. Calibration is reported
+    before (uncalibrated) and after. Undefined figures are NaN (``json`` writes ``NaN``) and
+    explained in ``notes``.
     """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature must be a positive number, got {temperature}")
+    cal = calibrate.as_calibrator(calibrator)
     keep = _labelled_rows(test, "test")
     if val is not None:
         _aligned_classes(test, val)
     labels, groups = test.labels[keep], [g for g, k in zip(test.groups, keep, strict=True) if k]
-    probs, raw = test.probs(temperature)[keep], test.probs(1.0)[keep]
+    probs, raw = test.probs(cal)[keep], test.probs(1.0)[keep]
     pos = positive_indices(positive, test.classes)
     result = classification_metrics(probs, labels, groups, test.classes, n_boot, seed, alpha)
-    notes = [*_run_notes(test, positive, keep, temperature), *result.pop("notes")]
-    val_arrays = None if val is None else (val.probs(temperature), val.labels)
+    notes = [*_run_notes(test, positive, keep, cal), *result.pop("notes")]
+    val_arrays = None if val is None else (val.probs(cal), val.labels)
     points = {test.classes[c]: operating_points(probs, labels, val_arrays, c, alpha) for c in pos}
     slope_class = pos[0] if positive is not None or len(test.classes) == 2 else None
+    stages = (("before", calibrate.NoCalibration(), raw), ("after", cal, probs))
     calib = {
         name: {
-            "temperature": t,
+            "temperature": _temperature(c),
+            "calibrator": c.to_dict(),
             **calibration_report(p, labels, groups, slope_class, n_boot, seed, alpha, n_bins),
         }
-        for name, t, p in (("before", 1.0, raw), ("after", temperature, probs))
+        for name, c, p in stages
     }
     return {
         "model": test.model,
@@ -752,12 +755,19 @@ def _aligned_classes(test: Predictions, val: Predictions) -> None:
         )
 
 
+def _temperature(calibrator: calibrate.Calibrator) -> float | None:
+    """The temperature of a temperature (or no) calibrator; None for vector / Platt scaling."""
+    if isinstance(calibrator, calibrate.TemperatureScaling):
+        return calibrator.temperature
+    return 1.0 if isinstance(calibrator, calibrate.NoCalibration) else None
+
+
 def _run_notes(
-    test: Predictions, positive: str | None, keep: np.ndarray, temperature: float
+    test: Predictions, positive: str | None, keep: np.ndarray, calibrator: calibrate.Calibrator
 ) -> list[str]:
     notes = [
-        f"discrimination figures and operating points use probabilities at temperature "
-        f"{temperature:g}; calibration is reported before (T=1) and after"
+        f"discrimination figures and operating points use probabilities calibrated by "
+        f"{calibrator.label()}; calibration is reported before (uncalibrated) and after"
     ]
     if not keep.all():
         notes.append(f"{int((~keep).sum())} unlabelled test rows (label -1) were ignored")

@@ -11,13 +11,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medtl.errors import DataError
 from medtl.io import atomic_write_text, write_json
+
+if TYPE_CHECKING:
+    from medtl.calibrate import Calibrator
 
 
 @dataclass
@@ -54,9 +59,12 @@ class Predictions:
                 f"but {len(self.classes)} classes {self.classes}"
             )
 
-    def probs(self, temperature: float = 1.0) -> np.ndarray:
-        """Softmax of ``logits / temperature``: ``[N, K]``."""
-        z = self.logits / temperature
+    def probs(self, calibration: Calibrator | float = 1.0) -> np.ndarray:
+        """Probabilities ``[N, K]``: the calibrator's, or the softmax of ``logits / temperature``
+        when ``calibration`` is a number."""
+        if not isinstance(calibration, numbers.Real):  # numpy scalars are Real too
+            return calibration.probs(self.logits)  # type: ignore[union-attr]
+        z = self.logits / float(calibration)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import medtl.evaluate as evaluate_module
+from medtl.artifacts import ModelCard
 from medtl.clean_test import evaluate_with_leaks, headline_resamples, subset
 from medtl.data.leaks import SplitLeaks
 from medtl.data.manifest import Manifest
@@ -150,7 +151,19 @@ def _fake_predict(planted: Planted) -> Any:
         ids, groups = [r.id for r in rows], [r.group for r in rows]
         pred = Predictions(ids, groups, labels, logits, manifest.classes, split, spec.name)
         val = Predictions(ids, groups, labels, logits, manifest.classes, "val", spec.name)
-        return {"temperature": 1.0, "classes": manifest.classes}, pred, val
+        card = ModelCard(
+            medtl_version="test",
+            backbone="medtl_tiny_convnext",
+            classes=manifest.classes,
+            in_chans=3,
+            image_size=32,
+            strategy="full",
+            manifest_sha256="0" * 64,
+            best_epoch=1,
+            val_bacc=0.5,
+            epochs_run=1,
+        )
+        return card, pred, val
 
     return predict
 

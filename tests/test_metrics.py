@@ -289,7 +289,7 @@ def test_evaluate_predictions_is_json_serialisable_and_complete() -> None:
     test = predictions(90, seed=21, per_group=3)
     test.labels[:2] = -1
     report = metrics.evaluate_predictions(
-        test, predictions(90, seed=22, split="val"), None, n_boot=200, temperature=1.5
+        test, predictions(90, seed=22, split="val"), None, n_boot=200, calibrator=1.5
     )
     restored = json.loads(json.dumps(report))
     assert restored["n"] == 88 and restored["n_unlabelled"] == 2 and restored["split"] == "test"
@@ -335,7 +335,7 @@ def test_ensemble_reorders_by_id_and_applies_temperatures() -> None:
         "shuffled",
     )
     assert np.allclose(metrics.ensemble([pred, shuffled]).probs(), pred.probs())
-    single = metrics.ensemble([shuffled], temperatures=[2.0])
+    single = metrics.ensemble([shuffled], calibrators=[2.0])
     assert np.allclose(single.probs(), pred.probs(2.0)[order])
     mean = (pred.probs() + pred.probs(2.0)) / 2
     assert np.allclose(metrics.ensemble([pred, pred], [1.0, 2.0]).probs(), mean)
@@ -361,5 +361,5 @@ def test_ensemble_refuses_mismatched_members() -> None:
     broken.logits[0, 0] = np.inf
     with pytest.raises(DataError, match="'broken'"):
         metrics.ensemble([pred, broken])
-    with pytest.raises(ConfigError, match="temperatures"):
-        metrics.ensemble([pred], temperatures=[0.0])
+    with pytest.raises(ConfigError, match="temperature"):
+        metrics.ensemble([pred], calibrators=[0.0])

@@ -21,10 +21,11 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from medtl import __version__
+from medtl.artifacts import ModelCard, Normalisation, WeightsProvenance
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
-from medtl.io import atomic_open, write_json
+from medtl.io import atomic_open
 from medtl.models import Classifier, build_classifier, check_backbone
 from medtl.predictions import Predictions
 from medtl.train import Schedule, fit, supervised_step
@@ -94,9 +95,14 @@ class FinetuneConfig(BaseModel):
 @dataclass
 class FinetuneResult:
     model_path: Path
-    meta: dict[str, Any]
+    card: ModelCard
     val: Predictions
     test: Predictions | None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The model card as the JSON object written to ``meta.json``."""
+        return self.card.model_dump(mode="json")
 
 
 def make_step(weights: torch.Tensor | None, smoothing: float) -> Any:
@@ -262,39 +268,52 @@ def finetune(
             manifest, "test", *predict(model, test_ds, cfg.batch_size, device), name
         )
     export_model(model, the_plan, out / MODEL_FILE)
-    meta = {
-        "medtl_version": __version__,
-        "backbone": cfg.backbone,
-        "classes": list(manifest.classes),
-        "in_chans": data_cfg.channels,
-        "image_size": data_cfg.image_size,
-        "resize": data_cfg.resize,
-        "normalize": {
-            "source": data_cfg.normalize,
-            "mean": model.normalize.mean.flatten().tolist(),
-            "std": model.normalize.std.flatten().tolist(),
-        },
-        "strategy": cfg.strategy,
-        "plan": the_plan.describe(),
-        "init_weights": str(weights) if weights else None,
-        "seed": seed,
-        "manifest_sha256": manifest.sha256,
-        "best_epoch": result.best_epoch,
-        "val_bacc": result.best_score,
-        "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early,
-        "epoch_equivalents": result.samples_seen / max(1, len(manifest.split("train"))),
-        "seconds": time.perf_counter() - start,
-        "temperature": 1.0,
-        "thresholds": {},
-        "config": cfg.model_dump(mode="json"),
-        "recipe": recipe or {},
-    }
+    card = ModelCard(
+        medtl_version=__version__,
+        backbone=cfg.backbone,
+        weights=WeightsProvenance.of_file(weights),
+        init_weights=str(weights) if weights else None,
+        classes=list(manifest.classes),
+        in_chans=data_cfg.channels,
+        image_size=data_cfg.image_size,
+        resize=data_cfg.resize,
+        normalize=Normalisation(
+            source=data_cfg.normalize,
+            mean=model.normalize.mean.flatten().tolist(),
+            std=model.normalize.std.flatten().tolist(),
+        ),
+        strategy=cfg.strategy,
+        genome=_genome(cfg),
+        plan=the_plan.describe(),
+        seed=seed,
+        manifest_sha256=manifest.sha256,
+        best_epoch=result.best_epoch,
+        val_bacc=result.best_score,
+        epochs_run=len(result.history),
+        stopped_early=result.stopped_early,
+        epoch_equivalents=result.samples_seen / max(1, len(manifest.split("train"))),
+        seconds=time.perf_counter() - start,
+        config=cfg.model_dump(mode="json"),
+        recipe=recipe or {},
+    )
     val.save(out / "predictions_val.csv")
     if test is not None:
         test.save(out / "predictions_test.csv")
-    write_json(out / META_FILE, meta)
-    return FinetuneResult(out / MODEL_FILE, meta, val, test)
+    card.save(out / META_FILE)
+    return FinetuneResult(out / MODEL_FILE, card, val, test)
+
+
+def _genome(cfg: FinetuneConfig) -> list[float] | None:
+    """The genes of a ``genome`` (BioTune) run: the block genes and the threshold gene last."""
+    if cfg.strategy != "genome":
+        return None
+    options = cfg.strategy_options
+    genes = options.get("genes")
+    if not isinstance(genes, list | tuple):
+        return None
+    return [float(g) for g in genes] + (
+        [float(options["threshold"])] if "threshold" in options else []
+    )
 
 
 def calibration_batches(dataset: Any, batch_size: int, seed: int) -> Any:
@@ -326,10 +345,8 @@ def export_model(model: Classifier, the_plan: Any, path: Path) -> None:
         handle.write(save(state))
 
 
-def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """A fine-tuned classifier and its ``meta.json`` from a ``finetune`` folder (no pickle)."""
-    import json
-
+def load_classifier(folder: str | Path) -> tuple[Classifier, ModelCard]:
+    """A fine-tuned classifier and its model card from a ``finetune`` folder (no pickle)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -338,14 +355,14 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
         raise ConfigError(
             f"{folder} holds no fine-tuned model ({MODEL_FILE} and {META_FILE}); run 'medtl finetune' first"
         )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    stats = meta.get("normalize") or {}  # models from before normalize was recorded: backbone's
+    card = ModelCard.load(meta_path)
+    stats = card.normalize  # models from before normalize was recorded: the backbone's
     model = build_classifier(
-        meta["backbone"],
-        len(meta["classes"]),
-        meta["in_chans"],
-        mean=stats.get("mean"),
-        std=stats.get("std"),
+        card.backbone,
+        len(card.classes),
+        card.in_chans,
+        mean=stats.mean if stats else None,
+        std=stats.std if stats else None,
     )
     model.backbone.load_state_dict(load_file(str(model_path)), strict=True)
-    return model.eval(), meta
+    return model.eval(), card

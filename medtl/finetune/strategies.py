@@ -578,7 +578,7 @@ def _groups(
     named: list[tuple[str, nn.Parameter]],
     scale: float,
     weight_decay: float | None,
-    no_wd: set[str],
+    no_wd: set[int],
 ) -> list[dict[str, Any]]:
     """Up to two groups: ``name`` (decayed) and ``name.no_decay`` (weight decay 0)."""
     decay = [p for n, p in named if not _no_decay(n, p, no_wd)]
@@ -602,15 +602,29 @@ def _decay(weight_decay: float | None) -> dict[str, float]:
     return {} if weight_decay is None else {"weight_decay": float(weight_decay)}
 
 
-def _no_decay(name: str, param: torch.Tensor, no_wd: set[str]) -> bool:
-    """timm's rule: biases, norm weights, other 1-D tensors and ``no_weight_decay()`` names."""
-    return param.ndim <= 1 or name.endswith(".bias") or name in no_wd
+def _no_decay(name: str, param: torch.Tensor, no_wd: set[int]) -> bool:
+    """Whether ``param`` is one of the tensors :func:`_no_weight_decay` found."""
+    return id(param) in no_wd
 
 
-def _no_weight_decay(model: nn.Module) -> set[str]:
+def _no_weight_decay(model: nn.Module) -> set[int]:
+    """Ids of the tensors that take no weight decay, as ``timm.optim.param_groups_weight_decay``
+    decides: biases, norm weights, other 1-D tensors and the backbone's ``no_weight_decay()``
+    names (wildcards included). Decided on every tensor, whatever is frozen at the time."""
+    from timm.optim import param_groups_weight_decay
+
     backbone, prefix = backbone_of(model)
     listed = getattr(backbone, "no_weight_decay", None)
-    return {prefix + n for n in (listed() if callable(listed) else ())}
+    names = {prefix + n for n in (listed() if callable(listed) else ())}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)  # timm skips frozen tensors; the rule must see them all
+        groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=names)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
 
 
 def _numel(params: Iterable[torch.Tensor]) -> int:

@@ -20,10 +20,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
+from medtl.artifacts import EncoderCard, Normalisation, WeightsProvenance
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
-from medtl.io import atomic_open, write_json
+from medtl.io import atomic_open
 from medtl.models import check_backbone, load_weights
 from medtl.pretrain.mae import MaskedAutoencoder, build_mae
 from medtl.pretrain.masking import (
@@ -98,8 +99,13 @@ class PretrainConfig(BaseModel):
 @dataclass
 class PretrainResult:
     encoder: Path
-    meta: dict[str, Any]
+    card: EncoderCard
     history: list[dict[str, float]]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The encoder card as the JSON object written to ``meta.json``."""
+        return self.card.model_dump(mode="json")
 
 
 def build_strategy(cfg: PretrainConfig, mae: MaskedAutoencoder) -> MaskingStrategy:
@@ -238,44 +244,49 @@ def pretrain(
         progress=progress,
         stop_after_steps=stop_after_steps,
     )
-    meta = {
-        "medtl_version": __version__,
-        "backbone": cfg.backbone,
-        "in_chans": data_cfg.channels,
-        "image_size": data_cfg.image_size,
-        "patch_size": mae.patch_size,
-        "normalize": {
-            "source": data_cfg.normalize,
-            "mean": mae.mean.flatten().tolist(),
-            "std": mae.std.flatten().tolist(),
-        },
-        "masking": describe_strategy(cfg.masking, strategy),
-        "epochs": cfg.epochs,
-        "epochs_run": len(result.history),
-        "final_loss": result.history[-1]["train_loss"] if result.history else None,
-        "train_images": len(manifest.split("train")),
-        "manifest_sha256": manifest.sha256,
-        "seed": seed,
-        "seconds": time.perf_counter() - start,
-        "init_weights": cfg.weights,
-        "config": cfg.model_dump(mode="json"),
-        "recipe": recipe or {},
-    }
+    card = EncoderCard(
+        medtl_version=__version__,
+        backbone=cfg.backbone,
+        in_chans=data_cfg.channels,
+        image_size=data_cfg.image_size,
+        patch_size=mae.patch_size,
+        normalize=Normalisation(
+            source=data_cfg.normalize,
+            mean=mae.mean.flatten().tolist(),
+            std=mae.std.flatten().tolist(),
+        ),
+        masking=describe_strategy(cfg.masking, strategy),
+        epochs=cfg.epochs,
+        epochs_run=len(result.history),
+        final_loss=result.history[-1]["train_loss"] if result.history else None,
+        train_images=len(manifest.split("train")),
+        manifest_sha256=manifest.sha256,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+        init_weights=cfg.weights,
+        weights=WeightsProvenance.of_file(cfg.weights),
+        config=cfg.model_dump(mode="json"),
+        recipe=recipe or {},
+    )
     if result.extra.get("interrupted"):
-        return PretrainResult(out / ENCODER_FILE, meta, result.history)
+        return PretrainResult(out / ENCODER_FILE, card, result.history)
     rank, _ = dist_info()
     if rank == 0:
         export_encoder(mae, out / ENCODER_FILE)
-        write_json(out / META_FILE, meta)
+        card.save(out / META_FILE)
         plot_loss(result.history, out / "loss.png")
-    return PretrainResult(out / ENCODER_FILE, meta, result.history)
+    return PretrainResult(out / ENCODER_FILE, card, result.history)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and tokens (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    flat = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": flat, "weight_decay": 0.0}]
+    """AdamW groups from timm's ``param_groups_weight_decay``: no weight decay on biases, norms
+    (1-D tensors) and the tokens the model lists in ``no_weight_decay()`` (``cls_token``,
+    ``pos_embed``, ``mask_token``), ``weight_decay`` on the rest."""
+    from timm.optim import param_groups_weight_decay
+
+    listed = getattr(model, "no_weight_decay", None)
+    names = listed() if callable(listed) else ()
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=names)  # type: ignore[no-any-return]
 
 
 def describe_strategy(name: str, strategy: MaskingStrategy) -> dict[str, Any]:

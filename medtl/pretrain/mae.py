@@ -183,6 +183,17 @@ class MaskedAutoencoder(nn.Module):
         masked = mask.reshape(mask.shape[0], -1, 1)
         return unpatchify(torch.where(masked, pred.clamp(0, 1), patches), self.patch_size, grid)
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the tensors AdamW must not decay (timm's convention, read by
+        ``timm.optim.param_groups_weight_decay``): the encoder's own ``no_weight_decay()``
+        (a ViT's ``pos_embed``, ``cls_token``) and every token or position embedding here, such
+        as the decoders' ``mask_token``. Biases, norms and other 1-D tensors are excluded by
+        timm's rule without being listed."""
+        listed = getattr(self.encoder, "no_weight_decay", None)
+        names = {f"encoder.{n}" for n in (listed() if callable(listed) else ())}
+        tokens = ("mask_token", "cls_token", "reg_token", "dist_token", "pos_embed")
+        return names | {n for n, _ in self.named_parameters() if n.endswith(tokens)}
+
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The backbone's weights in timm's key names, without head or decoder keys."""
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}

@@ -122,7 +122,7 @@ def _galleries(evaluation: Evaluation, roots: dict[str, Path]) -> dict[int, Gall
                 manifests[path] = _load_manifest(path)
             manifest = manifests[path]
         out[entry.index] = entry_gallery(
-            entry.test, entry.temperature, entry.dataset, manifest, roots.get(entry.dataset)
+            entry.test, entry.calibrator, entry.dataset, manifest, roots.get(entry.dataset)
         )
     return out
 

@@ -141,6 +141,8 @@ def _counts(counts: Any) -> str:
 def _calibrator(entry: EntryView) -> str:
     calibrator = entry.record.get("calibrator") or {}
     name = calibrator.get("name", "temperature") if isinstance(calibrator, dict) else "?"
+    if name in ("vector", "platt"):
+        return esc(entry.calibrator.label())
     return f"{name}, T = {fmt(entry.temperature, 3)}"
 
 
@@ -219,7 +221,7 @@ def curves_block(entry: EntryView) -> str:
     if entry.test is None:
         return head + "<p>Not drawn: the test predictions are not available (see notes).</p>"
     keep = entry.test.labels >= 0
-    labels, probs = entry.test.labels[keep], entry.test.probs(entry.temperature)[keep]
+    labels, probs = entry.test.labels[keep], entry.test.probs(entry.calibrator)[keep]
     points = entry.metrics.get("operating_points") or {}
     per_class = entry.metrics.get("per_class") or {}
     classes = entry.test.classes
@@ -253,15 +255,25 @@ def calibration_block(m: dict[str, Any], split: str) -> str:
     img = figure(plots.data_uri(fig), "reliability diagrams before and after calibration")
     before, after = calibration.get("before") or {}, calibration.get("after") or {}
     rows = [[pretty(k), ci_cell(before.get(k)), ci_cell(after.get(k))] for k in CALIBRATION]
-    t_before, t_after = fmt(before.get("temperature", 1.0), 2), fmt(after.get("temperature"), 2)
-    header = ["Measure", f"Before (T = {t_before})", f"After (T = {t_after})"]
+    t_before, t_after = _stage_label(before, 1.0), _stage_label(after, None)
+    header = ["Measure", f"Before ({t_before})", f"After ({t_after})"]
     outcome = esc(after.get("slope_outcome") or before.get("slope_outcome") or "n/a")
     return (
         head + "<p>Top-label reliability: bars show the accuracy in each confidence bin, the "
-        "grey histogram the number of cases per bin. The temperature was fitted on validation."
+        "grey histogram the number of cases per bin. The calibrator was fitted on validation."
         f'</p>{img}{table(header, rows)}<p class="meta">Slope and intercept refer to: {outcome}; '
         "ideal slope 1, intercept 0.</p>"
     )
+
+
+def _stage_label(record: dict[str, Any], default: float | None) -> str:
+    """``T = 1.23`` for a temperature (the only label before vector / Platt existed), else the
+    calibrator's name, e.g. ``vector scaling``."""
+    t = record.get("temperature", default)
+    calibrator = record.get("calibrator")
+    if t is None and isinstance(calibrator, dict) and calibrator.get("name"):
+        return esc(f"{calibrator['name']} scaling")
+    return f"T = {fmt(t, 2)}"
 
 
 def operating_block(m: dict[str, Any], split: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medtl.calibrate import Calibrator
 from medtl.data.manifest import Manifest, Row, resolve
 from medtl.data.readers import read_array
 from medtl.errors import MedtlError
@@ -49,11 +50,12 @@ class Card:
 
 
 def confident_errors(
-    pred: Predictions, temperature: float, limit: int = MAX_ERRORS
+    pred: Predictions, calibration: Calibrator | float, limit: int = MAX_ERRORS
 ) -> list[tuple[int, int, float]]:
     """``[(row index, predicted class, its probability)]`` of the ``limit`` labelled,
-    misclassified rows with the highest predicted-class probability, most confident first."""
-    probs = pred.probs(temperature)
+    misclassified rows with the highest calibrated predicted-class probability, most confident
+    first (``calibration``: the entry's calibrator, or a temperature)."""
+    probs = pred.probs(calibration)
     called = probs.argmax(axis=1)
     wrong = np.flatnonzero((pred.labels >= 0) & (called != pred.labels))
     confidence = probs[wrong, called[wrong]]
@@ -63,7 +65,7 @@ def confident_errors(
 
 def build_gallery(
     pred: Predictions,
-    temperature: float,
+    calibration: Calibrator | float,
     manifest: Manifest | None,
     root: Path | None,
     missing: str = "no image",
@@ -72,7 +74,7 @@ def build_gallery(
     known, else each card shows ``missing``."""
     rows = {r.id: r for r in manifest.rows} if manifest is not None else {}
     cards = []
-    for rank, (i, called, p) in enumerate(confident_errors(pred, temperature), start=1):
+    for rank, (i, called, p) in enumerate(confident_errors(pred, calibration), start=1):
         card = Card(rank, pred.classes[int(pred.labels[i])], pred.classes[called], p)
         if manifest is not None and root is not None:
             card.image, card.reason = _thumbnail(rows.get(pred.ids[i]), root)
@@ -119,7 +121,7 @@ class Gallery:
 
 def entry_gallery(
     pred: Predictions | None,
-    temperature: float,
+    calibration: Calibrator | float,
     dataset: str,
     manifest: Manifest | str | None,
     root: Path | None,
@@ -138,7 +140,7 @@ def entry_gallery(
         reason = f"Thumbnails not shown: {manifest or 'the manifest is unknown'}."
         missing = "manifest unavailable"
     usable = manifest if isinstance(manifest, Manifest) and root is not None else None
-    cards = build_gallery(pred, temperature, usable, root, missing)
+    cards = build_gallery(pred, calibration, usable, root, missing)
     if not cards:
         return Gallery([], "No misclassified test images.")
     return Gallery(cards, reason)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl.calibrate import Calibrator, TemperatureScaling, as_calibrator
 from medtl.errors import DataError, MedtlError
 from medtl.predictions import Predictions
 
@@ -72,6 +73,18 @@ class EntryView:
     def temperature(self) -> float:
         t = as_float(self.record.get("temperature", 1.0))
         return t if math.isfinite(t) and t > 0 else 1.0
+
+    @property
+    def calibrator(self) -> Calibrator:
+        """The calibrator the evaluation applied (its record), else the entry's temperature."""
+        record = self.record.get("calibrator")
+        if isinstance(record, dict):
+            try:
+                return Calibrator.from_dict(record)
+            except (MedtlError, TypeError, ValueError):
+                pass
+        t = self.temperature
+        return TemperatureScaling(temperature=t) if t != 1.0 else as_calibrator(1.0)
 
 
 @dataclass

@@ -159,7 +159,9 @@ def reliability_figure(calibration: dict[str, Any], split: str) -> Figure:
     for col, stage in enumerate(("before", "after")):
         record = calibration.get(stage) or {}
         t = record.get("temperature", 1.0)
-        title = f"{'Before' if stage == 'before' else 'After'} calibration (T={fmt(t, 2)})"
+        name = (record.get("calibrator") or {}).get("name", "temperature")
+        how = f"T={fmt(t, 2)}" if t is not None else f"{name} scaling"
+        title = f"{'Before' if stage == 'before' else 'After'} calibration ({how})"
         title += f"\nECE {fmt_entry(record.get('ece'))}"
         _reliability(axes[0, col], axes[1, col], record.get("reliability") or {}, title)
     fig.suptitle(f"Reliability ({split} split, top-label confidence)", fontsize="medium")
