@@ -79,8 +79,9 @@ from medtl.finetune.loop import (
     predict,
 )
 from medtl.finetune.strategies import plan
-from medtl.io import atomic_write_bytes, atomic_write_text, sha256_file, write_json
+from medtl.io import atomic_write_bytes, atomic_write_text, write_json
 from medtl.models import Classifier, build_classifier
+from medtl.sources import resolve as resolve_weights
 from medtl.train import Schedule, TrainingError, duration, fit, mix_seed
 
 log = logging.getLogger(__name__)
@@ -496,7 +497,7 @@ class Search:
                 exclude={"normalize"} if self.data_cfg.normalize == "backbone" else None,
             ),
             "manifest": self.manifest.sha256,
-            "weights": sha256_file(self.weights) if self.weights else None,
+            "weights": resolve_weights(self.weights).sha256 if self.weights else None,
             "blocks": self.blocks,
         }
 
