@@ -116,6 +116,15 @@ def test_order_mapping_loads_a_foreign_file_exactly(tmp_path: Path) -> None:
             assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_order_mapping_adapts_a_colour_stem_to_grey(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    donor = timm.create_model("test_efficientnet", num_classes=5)  # 3 input channels
+    torch.save(_lukemelas_like(donor), tmp_path / "foreign.pth")
+    grey = create_backbone("test_efficientnet", 3, in_chans=1, weights=tmp_path / "foreign.pth")
+    stem = donor.state_dict()["conv_stem.weight"]
+    assert torch.allclose(grey.state_dict()["conv_stem.weight"], stem.sum(1, keepdim=True))
+
+
 def test_order_mapping_refuses_another_network(tmp_path: Path) -> None:
     state = _lukemelas_like(timm.create_model("test_efficientnet"))
     state["_extra.weight"] = torch.zeros(8)  # one tensor too many
