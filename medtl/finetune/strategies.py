@@ -159,9 +159,15 @@ def plan(
 
 # -- strategies ----------------------------------------------------------------------------------
 @STRATEGIES.register("full")
-def full(model: nn.Module, parts: list[Block], ctx: PlanContext, /) -> Plan:
-    """Every block trains at the base learning rate."""
-    return _block_plan(model, parts, {b.name: 1.0 for b in parts}, ctx)
+def full(
+    model: nn.Module, parts: list[Block], ctx: PlanContext, /, *, backbone_lr_scale: float = 1.0
+) -> Plan:
+    """Every block trains at the base learning rate; ``backbone_lr_scale`` (0-1) lowers the
+    rate of every block but the head, for a pretrained start."""
+    scale = _number("full", "backbone_lr_scale", backbone_lr_scale, 0.0, 1.0)
+    return _block_plan(
+        model, parts, {b.name: scale for b in parts[:-1]} | {parts[-1].name: 1.0}, ctx
+    )
 
 
 @STRATEGIES.register("linear")

@@ -68,6 +68,7 @@ def run_info(entry: EntryView) -> dict[str, str]:
     return {
         "Recipe": str(recipe.get("name") or "n/a"),
         "Backbone": str(meta.get("backbone") or "n/a"),
+        "Pretrained weights": _source(mapping(meta.get("source")), meta.get("init_weights")),
         "Fine-tuning strategy": _strategy(meta, plan),
         "Seed(s)": _seeds(meta.get("seed")),
         "Trained with medtl": str(meta.get("medtl_version") or "n/a"),
@@ -89,6 +90,15 @@ def run_info(entry: EntryView) -> dict[str, str]:
 def mapping(value: Any) -> dict[str, Any]:
     """``value`` when it is a dict, else an empty one (a malformed record shows ``n/a``)."""
     return value if isinstance(value, dict) else {}
+
+
+def _source(source: dict[str, Any], init: Any) -> str:
+    """The initial weights' source, licence and sha256 (``meta['source']``); models from
+    before sources were recorded show their ``init_weights`` only."""
+    if not source:
+        return f"{init} (source not recorded)" if init else "none (random initialisation)"
+    licence = source.get("licence") or "licence not recorded"
+    return f"{source.get('name')} ({source.get('arch')}, {licence}), sha256 {source.get('sha256')}"
 
 
 def _strategy(meta: dict[str, Any], plan: dict[str, Any]) -> str:

@@ -162,6 +162,23 @@ def test_full_and_linear() -> None:
     assert linear.trainable_fraction == pytest.approx(linear.trainable_params / full.total_params)
 
 
+def test_full_backbone_lr_scale_lowers_every_block_but_the_head() -> None:
+    model = _model("medtl_tiny_convnext")
+    p = plan("full", model, backbone_lr_scale=0.1)
+    scales = {g["name"].removesuffix(".no_decay"): g["lr_scale"] for g in p.param_groups}
+    assert scales == {
+        "stem": 0.1,
+        "stage1": 0.1,
+        "stage2": 0.1,
+        "stage3": 0.1,
+        "stage4": 0.1,
+        "head": 1.0,
+    }
+    assert p.trainable_fraction == 1.0
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        plan("full", model, backbone_lr_scale=2.0)
+
+
 # -- genome -------------------------------------------------------------------------------------------
 def test_genome_learning_rates_follow_the_genes() -> None:
     model = _model("medtl_tiny_convnext")  # stem, stage1..4, head

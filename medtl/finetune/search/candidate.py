@@ -29,8 +29,8 @@ from medtl.finetune.loop import (
 from medtl.finetune.search.config import RETRAIN_ONLY, SCHEDULE_KEYS, BioTuneConfig, rungs
 from medtl.finetune.search.store import Trial
 from medtl.finetune.strategies import Plan, plan
-from medtl.io import sha256_file
 from medtl.models import Classifier, build_classifier
+from medtl.sources import resolve as resolve_weights
 from medtl.train import Schedule, fit
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -110,7 +110,7 @@ class Search:
                 exclude={"normalize"} if self.data_cfg.normalize == "backbone" else None,
             ),
             "manifest": self.manifest.sha256,
-            "weights": sha256_file(self.weights) if self.weights else None,
+            "weights": resolve_weights(self.weights).sha256 if self.weights else None,
             "blocks": self.blocks,
         }
 
