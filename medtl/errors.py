@@ -18,3 +18,10 @@ class DataError(MedtlError):
 
 class ConfigError(MedtlError):
     """A recipe or option with a bad key, type or value."""
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of an exception's message: a library's may run to many lines, and a
+    message built from it must stay one line that names the file."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
