@@ -164,7 +164,9 @@ def _cmyk_to_srgb(img: Image.Image) -> Image.Image:
 
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
-        out = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        out = ImageCms.profileToProfile(
+            img, source, ImageCms.createProfile("sRGB"), outputMode="RGB"
+        )
     except (ImageCms.PyCMSError, OSError, ValueError):
         return img.convert("RGB")
     return out if out is not None else img.convert("RGB")
