@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from medtl import __version__
-from medtl.data.manifest import Manifest
+from medtl.data.manifest import Manifest, check_root
 from medtl.errors import DataError
 from medtl.io import atomic_write_text, write_json
 from medtl.recipe import DataSection, Recipe
@@ -61,12 +61,7 @@ def data_root(section: DataSection, override: str | Path | None) -> Path:
     root = override or section.root
     if root is None:
         raise DataError("no data root: set data.root in the recipe or pass --data-root")
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(
-            f"data root {root} does not exist; pass --data-root with the dataset folder"
-        )
-    return root
+    return check_root(root)
 
 
 def check_manifest_path(section: DataSection) -> None:

@@ -293,3 +293,29 @@ def test_no_patient_identifier_reaches_manifest_audit_or_output(
     assert {"patient-0001", "patient-0002", "patient-0003"} <= set(
         written.replace(",", " ").split()
     )
+
+
+def test_a_data_root_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
+    image = root / "a" / "1.png"
+    _user_error(capsys, ["prepare", "busi", str(image), "-o", str(tmp_path / "x.csv")], "is a file")
+    _user_error(
+        capsys, ["load", str(out), "--data-root", str(image)], "1.png is a file, not a folder"
+    )
+    _user_error(capsys, ["audit", str(out), "--data-root", str(image)], "is a file, not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{adapter: folder, manifest: {out}}}\n")
+    _user_error(capsys, ["check", str(recipe), "--data-root", str(image)], "is a file")
+
+
+def test_a_link_out_of_the_data_root_is_left_out_and_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _dataset(tmp_path / "data")
+    write_png(tmp_path / "elsewhere" / "x.png", seed=99)
+    (root / "a" / "x.png").symlink_to(tmp_path / "elsewhere" / "x.png")
+    out = tmp_path / "m.csv"
+    assert main(["-q", "prepare", "folder", str(root), "-o", str(out), "--strict"]) == 1
+    audit = json.loads((tmp_path / "m.audit.json").read_text())
+    assert audit["problem_counts"] == {"outside-root": 1}
+    assert "a/x.png" not in out.read_text()

@@ -20,7 +20,7 @@ from medtl.data.audit import (
     build_report,
     inspect_all,
 )
-from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, row_id
+from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, check_root, row_id
 from medtl.data.split import DEFAULT_RATIOS, carve_validation, check_ratios, group_split
 from medtl.errors import ConfigError, DataError
 
@@ -82,6 +82,8 @@ def prepare(
     ratios = check_ratios(ratios or DEFAULT_RATIOS)
     options = dict(options or {})
     if root.is_file():  # a single-file dataset (.npz, .csv): its folder is the data root
+        if "file" not in inspect.signature(ADAPTERS.get(adapter)).parameters:
+            check_root(root)  # this adapter reads a folder: the file is named as the mistake
         options = {"file": root.name, **options}
         root = root.parent
     samples, classes = run_adapter(adapter, root, options)
@@ -186,11 +188,7 @@ def audit_manifest(
     """Audit an existing manifest against the files under ``root``: broken or changed files,
     duplicates (also across splits), label conflicts, masks, borders, sizes, empty classes."""
     manifest = Manifest.load(manifest_path)
-    root = Path(root)
-    if not root.exists():
-        raise DataError(
-            f"data root {root} does not exist; pass --data-root with the dataset folder"
-        )
+    root = check_root(root)
     bits = (
         near_bits
         if near_bits is not None

@@ -9,7 +9,6 @@ and in :mod:`medtl.data.scans`. Every failure becomes a :class:`DataError` namin
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,24 +172,15 @@ def _cmyk_to_srgb(img: Image.Image) -> Image.Image:
 
 
 @functools.lru_cache(maxsize=1)
-def _pil_loader() -> Any:
-    """One MONAI ``LoadImage`` per process: building it probes every reader MONAI knows."""
+def _pil_reader() -> Any:
+    """MONAI's ``PILReader`` (rows stay rows) with :func:`to_display` as its converter. Used
+    directly, not through ``LoadImage``: a decode error then names the file here instead of
+    ``LoadImage`` trying every other reader and logging each failure."""
     from monai.data import PILReader
-    from monai.transforms import LoadImage
 
-    # MONAI announces that its GPU DICOM decoder is unavailable; on a CPU machine that is expected.
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     # PIL hands MONAI a read-only array; torch warns once, although nothing writes to it.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-        # dtype=None keeps the stored integers, so scaling follows the bit depth, not the content
-        return LoadImage(
-            reader=PILReader(converter=to_display, reverse_indexing=False),
-            image_only=True,
-            ensure_channel_first=True,
-            dtype=None,
-        )
+    return PILReader(converter=to_display, reverse_indexing=False)
 
 
 def read_image(file: Path) -> np.ndarray:
@@ -198,8 +188,9 @@ def read_image(file: Path) -> np.ndarray:
     (:func:`to_display`); 8- and 16-bit scaled by their depth to [0, 1]."""
     header = check_image_header(file)
     mode = display_mode(header.mode, file)
+    reader = _pil_reader()
     try:
-        img = _pil_loader()(str(file))
+        arr, _ = reader.get_data(reader.read(str(file)))  # stored integers: [H, W] or [H, W, C]
     except DataError:
         raise
     except Exception as exc:
@@ -207,7 +198,7 @@ def read_image(file: Path) -> np.ndarray:
             f"{file} cannot be decoded ({reason(exc)}); the file is corrupt or truncated: "
             "re-download it or remove it"
         ) from None
-    arr = np.asarray(img)
+    arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)  # [C, H, W]
     if mode.startswith("I;16"):
         return arr.astype(np.float32) / 65535.0
     if mode == "I":  # 32-bit integers: 16-bit data widened by PIL, else stretched as float
