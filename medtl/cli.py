@@ -7,6 +7,7 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from medtl import __version__
-from medtl.errors import ConfigError, DataError, MedtlError
+from medtl.errors import EXIT_FAILURES, EXIT_USER_ERROR, ConfigError, DataError, MedtlError
 
 log = logging.getLogger("medtl")
 T = TypeVar("T")
@@ -94,7 +95,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from medtl.data.prepare import audit_manifest, audit_path_for
+    from medtl.io import check_writable
 
+    check_writable(Path(args.output or audit_path_for(args.manifest)).parent)
     report = audit_manifest(
         args.manifest,
         Path(args.data_root),
@@ -164,6 +167,7 @@ def _run_context(args: argparse.Namespace) -> Any:
         args.data_root,
         args.device,
         progress=show_progress(args),
+        lock=not getattr(args, "worker", False),  # a search worker joins a locked run
     )
 
 
@@ -223,6 +227,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         for stage, path in done.items():
             print(f"{stage}: {path}")
+    evaluation = ctx.out / "evaluate" / "evaluation.json"
+    if "evaluate" in done and evaluation.is_file():
+        from medtl.evaluate import failed_entries
+
+        entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
+        return _batch_exit("evaluation", len(entries), failed_entries(evaluation))
     return 0
 
 
@@ -265,17 +275,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from medtl.evaluate import CalibrateConfig, calibrate_model
 
     cfg = CalibrateConfig(method=args.method, **({"compare": args.compare} if args.compare else {}))
+    failures = []
     for folder in args.model:
-        result = calibrate_model(Path(folder), cfg)
+        try:
+            result = calibrate_model(Path(folder), cfg)
+        except MedtlError as exc:
+            if len(args.model) == 1:
+                raise
+            failures.append(f"{folder}: {one_line(exc)}")
+            continue
         params = result["calibrators"][cfg.method]["params"]
         print(
             f"{folder}: {cfg.method} fitted on validation: {params}; written to meta.json and calibration.json"
         )
-    return 0
+    return _batch_exit("calibration", len(args.model), failures)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate, failed_entries
     from medtl.pipeline import pick_device
 
     cfg = EvaluateConfig(
@@ -304,7 +321,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
     print(f"evaluation written to {path}")
-    return 0
+    return _batch_exit("evaluation", len(entries), failed_entries(path))
+
+
+def _batch_exit(what: str, total: int, failures: list[str]) -> int:
+    """0, or ``EXIT_FAILURES`` with each failure listed on stderr: a batch that completed with
+    failures must not look like a success to a script."""
+    if not failures:
+        return 0
+    print(f"medtl: {len(failures)} of {total} {what}(s) failed:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return EXIT_FAILURES
 
 
 def _ci(entry: dict[str, Any]) -> str:
@@ -602,6 +630,10 @@ def setup_logging(quiet: bool, fmt: str) -> None:
     root.setLevel(logging.INFO)
 
 
+# A full disk, a read-only folder or file system: the user's to fix, named in one line.
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.log_format)
@@ -609,13 +641,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except MedtlError as exc:
         print(f"medtl: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("medtl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS or exc.filename is None:
+            raise
+        print(
+            f"medtl: error: {exc.filename}: {exc.strerror}; check its permissions and the free "
+            "space, or choose another output folder",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2  # a MedtlError: nothing (more) was done
+EXIT_FAILURES = 3  # a batch completed, but some of its items failed (listed on stderr)
+
 
 class MedtlError(Exception):
     """An error caused by user input; its message names the file or key and the fix."""

@@ -26,7 +26,7 @@ from medtl import __version__
 from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
 from medtl.data.manifest import Manifest
 from medtl.errors import DataError, MedtlError
-from medtl.io import write_json
+from medtl.io import check_writable, write_json
 from medtl.predictions import Predictions
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ReportConfig(BaseModel):
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     """Fit ``cfg.method`` on ``predictions_val.csv``; store it in ``meta.json``; write
     ``calibration.json`` with every compared calibrator measured on the test split."""
+    check_writable(folder)
     val = Predictions.load(folder / "predictions_val.csv")
     test_path = folder / "predictions_test.csv"
     test = Predictions.load(test_path) if test_path.is_file() else None
@@ -182,7 +183,7 @@ def evaluate(
     progress: bool = True,
 ) -> Path:
     """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, float]]] = {}
     for spec, data in itertools.product(models, datasets):
@@ -216,6 +217,16 @@ def evaluate(
             "evaluation of %s on %s/%s failed: %s", e["model"], e["dataset"], e["split"], e["error"]
         )
     return path
+
+
+def failed_entries(path: Path) -> list[str]:
+    """``model on dataset/split: error`` for each failed entry of an ``evaluation.json``."""
+    entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+    return [
+        f"{e['model']} on {e['dataset']}/{e['split']}: {e['error']}"
+        for e in entries
+        if e["status"] != "ok"
+    ]
 
 
 def _evaluate_one(

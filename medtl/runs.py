@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -23,7 +24,7 @@ import yaml
 
 from medtl import __version__
 from medtl.data.manifest import Manifest, check_root
-from medtl.errors import DataError
+from medtl.errors import DataError, MedtlError
 from medtl.io import atomic_write_text, write_json
 from medtl.recipe import DataSection, Recipe
 
@@ -47,6 +48,44 @@ def environment(seed: int) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "seed": seed,
     }
+
+
+LOCK_FILE = "LOCK"
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``fcntl.flock`` on ``<run>/LOCK``, which holds
+    the writer's process id. The operating system drops the lock when the process ends, even
+    by ``kill -9``, so a stale ``LOCK`` file never blocks a later run."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MedtlError(
+                f"run folder {self.path.parent} is in use by process {holder} (it holds "
+                f"{self.path}); wait for it to finish, stop it, or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock; the ``LOCK`` file stays (removing it could race with a new writer)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 def start_run(recipe: Recipe, out: Path) -> Path:

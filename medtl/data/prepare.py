@@ -23,6 +23,7 @@ from medtl.data.audit import (
 from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, check_root, row_id
 from medtl.data.split import DEFAULT_RATIOS, carve_validation, check_ratios, group_split
 from medtl.errors import ConfigError, DataError
+from medtl.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def prepare(
     if not root.exists():
         raise DataError(f"data root {root} does not exist; pass the folder that holds the dataset")
     ratios = check_ratios(ratios or DEFAULT_RATIOS)
+    check_writable(Path(out).parent)  # before the audit reads every image
     options = dict(options or {})
     if root.is_file():  # a single-file dataset (.npz, .csv): its folder is the data root
         if "file" not in inspect.signature(ADAPTERS.get(adapter)).parameters:

@@ -23,7 +23,7 @@ from torch import nn
 from medtl import __version__
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, DataError, reason
 from medtl.io import atomic_open, write_json
 from medtl.models import Classifier, build_classifier, check_backbone
 from medtl.predictions import Predictions
@@ -347,5 +347,12 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
         mean=stats.get("mean"),
         std=stats.get("std"),
     )
-    model.backbone.load_state_dict(load_file(str(model_path)), strict=True)
+    try:
+        state = load_file(str(model_path))
+    except Exception as exc:  # safetensors raises its own error types for a cut or garbled file
+        raise DataError(
+            f"{model_path} cannot be read ({reason(exc)}); the file is truncated or corrupt: "
+            "fine-tune the model again or restore the file"
+        ) from None
+    model.backbone.load_state_dict(state, strict=True)
     return model.eval(), meta

@@ -1,0 +1,193 @@
+"""Run folders and batches: one writer at a time, honest exit codes, clear lines for broken
+models and unwritable outputs, no stray temporary files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medtl.cli import main
+from medtl.demo import make_phantom
+from medtl.errors import EXIT_FAILURES, EXIT_USER_ERROR
+
+RECIPE = """\
+name: tiny
+data:
+  adapter: folder
+  loader: {image_size: 32, channels: 1, batch_size: 16}
+finetune:
+  backbone: medtl_tiny_convnext
+  strategy: full
+  epochs: 1
+  batch_size: 16
+evaluate:
+  n_boot: 100
+report:
+  thumbnails: false
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished ``medtl run`` (fine-tune 1 epoch, calibrate, evaluate, report) on a phantom."""
+    base = tmp_path_factory.mktemp("tiny")
+    make_phantom(base / "data", n=24, size=32, seed=1)
+    (base / "tiny.yaml").write_text(RECIPE)
+    assert main(["-q", *run_args(base)]) == 0
+    return base
+
+
+def run_args(base: Path, out: str = "run") -> list[str]:
+    return [
+        "run",
+        str(base / "tiny.yaml"),
+        "--data-root",
+        str(base / "data"),
+        "--out",
+        str(base / out),
+        "--device",
+        "cpu",
+    ]
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# -- one writer per run folder ----------------------------------------------------------------
+def test_a_second_writer_is_refused_naming_the_holder(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from medtl.runs import RunLock; "
+            "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)",
+            str(tiny_run / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        done = {p: p.read_text() for p in (tiny_run / "run").glob("*/DONE")}
+        assert main(["-q", *run_args(tiny_run)]) == EXIT_USER_ERROR
+        err = one_error_line(capsys)
+        assert f"is in use by process {holder.pid}" in err and "LOCK" in err
+        assert {p: p.read_text() for p in (tiny_run / "run").glob("*/DONE")} == done
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the lock dies with its process
+        holder.wait()
+    assert main(["-q", *run_args(tiny_run)]) == 0
+
+
+def test_stray_temporary_files_are_removed_when_a_run_completes(tiny_run: Path) -> None:
+    stray = tiny_run / "run" / "finetune" / ".model.safetensors.k2j4h5.tmp"
+    stray.write_bytes(b"half a checkpoint")  # what kill -9 during an atomic write leaves
+    keep = tiny_run / "run" / "finetune" / "notes.tmp"  # not an atomic write's name
+    keep.write_text("mine")
+    assert main(["-q", *run_args(tiny_run)]) == 0
+    assert not stray.exists() and keep.exists()
+
+
+# -- exit codes of a batch ---------------------------------------------------------------------
+def evaluate_args(tiny_run: Path, out: Path, *models: Path) -> list[str]:
+    data = f"{tiny_run / 'run' / 'data' / 'manifest.csv'}:{tiny_run / 'data'}@phantom"
+    model_args = [a for m in models for a in ("--model", str(m))]
+    return ["-q", "evaluate", *model_args, "--data", data, "--out", str(out), "--n-boot", "100"]
+
+
+def test_evaluate_with_failures_exits_non_zero_and_lists_them(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, gone = tiny_run / "run" / "finetune", tmp_path / "no-such-model"
+    capsys.readouterr()
+    assert main(evaluate_args(tiny_run, tmp_path / "some", good, gone)) == EXIT_FAILURES
+    err = capsys.readouterr().err
+    assert "1 of 2 evaluation(s) failed" in err and "no-such-model" in err
+    entries = json.loads((tmp_path / "some" / "evaluation.json").read_text())["entries"]
+    assert [e["status"] for e in entries] == ["ok", "failed"]
+    assert main(evaluate_args(tiny_run, tmp_path / "none", gone)) == EXIT_FAILURES
+    assert "1 of 1 evaluation(s) failed" in capsys.readouterr().err
+    assert main(["-q", "report", str(tmp_path / "some"), "--out", str(tmp_path / "rep")]) == 0
+    assert "no-such-model" in (tmp_path / "rep" / "report.html").read_text()
+    assert EXIT_FAILURES not in (0, 1, EXIT_USER_ERROR)
+
+
+def test_a_truncated_model_is_one_clear_line(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "cut"
+    shutil.copytree(tiny_run / "run" / "finetune", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(evaluate_args(tiny_run, tmp_path / "ev", model)) == EXIT_FAILURES
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{weights} cannot be read" in err and "truncated or corrupt" in err
+    assert main(["-q", "calibrate", str(model)]) == 0  # calibration reads predictions only
+
+
+# -- unwritable outputs, found before the long work ----------------------------------------------
+def test_unwritable_outputs_are_refused_before_work_starts(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    bad = blocker / "out"  # nothing can be created under a file, not even by root
+    import medtl.data.prepare
+
+    def no_audit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the audit started before the output was checked")
+
+    monkeypatch.setattr(medtl.data.prepare, "inspect_all", no_audit)
+    argv = ["-q", "prepare", "folder", str(tiny_run / "data"), "-o", str(bad / "m.csv")]
+    assert main(argv) == EXIT_USER_ERROR
+    assert f"output folder {bad} is not writable" in one_error_line(capsys)
+    monkeypatch.undo()
+    for argv in (
+        run_args(tiny_run, out=str(bad)),
+        evaluate_args(tiny_run, bad, tiny_run / "run" / "finetune"),
+        ["report", str(tiny_run / "run" / "evaluate"), "--out", str(bad)],
+    ):
+        assert main(argv) == EXIT_USER_ERROR, argv
+        assert f"{bad} is not writable" in one_error_line(capsys)
+
+
+def test_a_read_only_model_folder_is_refused_at_calibrate(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    model = tmp_path / "ro"
+    shutil.copytree(tiny_run / "run" / "finetune", model)
+    import medtl.io
+
+    def read_only(*args: object, dir: Path, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(medtl.io.tempfile, "mkstemp", read_only)
+    assert main(["-q", "calibrate", str(model)]) == EXIT_USER_ERROR
+    assert f"output folder {model} is not writable (Permission denied)" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert main(["report", str(tmp_path), "--out", str(folder)]) == EXIT_USER_ERROR
+        assert "is not writable (Permission denied)" in one_error_line(capsys)
+    finally:
+        folder.chmod(0o755)
