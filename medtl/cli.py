@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -174,10 +175,11 @@ def _run_context(args: argparse.Namespace) -> Any:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a recipe; check that its data root exists and its manifest matches it."""
     from medtl.data.manifest import Manifest, resolve
-    from medtl.runs import check_manifest_path, data_root
+    from medtl.runs import check_manifest_path, check_named_files, data_root
 
     recipe = _recipe(args)
     lines = [f"recipe {args.recipe}: valid (sections: {', '.join(recipe.sections)})"]
+    root = None
     if recipe.has("data"):
         section = recipe.section("data")
         check_manifest_path(section)
@@ -195,6 +197,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 lines.append(
                     f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present"
                 )
+    lines += check_named_files(recipe, root)
     print("\n".join(lines))
     return 0
 
@@ -577,16 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def one_line(exc: BaseException) -> str:
-    """The user's message alone: a DataLoader worker re-raises with its traceback prepended."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    last = lines[-1]
-    for prefix in (
-        "medtl.errors.DataError: ",
-        "medtl.errors.ConfigError: ",
-        "medtl.errors.MedtlError: ",
-    ):
-        last = last.removeprefix(prefix)
-    return last
+    """The user's message as one line. A DataLoader worker re-raises with its traceback
+    prepended: the message is what follows the last ``medtl.errors.<Error>: ``. Any other
+    message of several lines is joined, so that neither the file it names (often on the first
+    line) nor the fix (often on the last) is lost."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if starts:
+        lines = lines[starts[-1] :]
+        lines[0] = _ERROR_LINE.sub("", lines[0])
+    return " ".join(lines)
+
+
+_ERROR_LINE = re.compile(r"^medtl\.errors\.\w+: ")
 
 
 def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:

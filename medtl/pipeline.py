@@ -19,7 +19,14 @@ from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import check_writable, remove_stray_temps
 from medtl.recipe import Recipe
-from medtl.runs import RunLock, Stage, data_root, ensure_manifest, start_run
+from medtl.runs import (
+    RunLock,
+    Stage,
+    check_named_files,
+    data_root,
+    ensure_manifest,
+    start_run,
+)
 from medtl.tracking import Tracker, TrackingConfig, log_artifact, log_summary, log_to_run_folder
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ def open_run(
     init_distributed(device)
     section = recipe.section("data")
     root = data_root(section, root_override)
+    check_named_files(recipe, root)  # a bad weights file fails now, not after pretraining
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     held = RunLock(check_writable(out)).acquire() if rank == 0 and lock else None
     try:

@@ -112,6 +112,50 @@ def check_manifest_path(section: DataSection) -> None:
         )
 
 
+def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
+    """Open every file the recipe names, as the stage that uses it would, so that a bad one
+    fails ``medtl check`` instead of a run hours later: the adapter's files (``options.labels``,
+    ``options.file``), ``pretrain.weights`` and ``finetune.weights`` (read without unpickling;
+    the fine-tuning weights also loaded into the backbone), ``evaluate.external`` manifests and
+    their roots. Returns one line per file checked."""
+    from medtl.data.manifest import resolve
+    from medtl.models import create_backbone, load_weights, read_state_dict
+
+    lines = []
+    data = recipe.section("data") if recipe.has("data") else None
+    if data is not None and root is not None:
+        for key in ("labels", "file"):
+            name = data.options.get(key)
+            if isinstance(name, str) and not resolve(root, name, f"data.options.{key}").is_file():
+                raise DataError(
+                    f"data.options.{key}: {root / name} does not exist; fix the name (it is "
+                    "relative to the data root) or the data root"
+                )
+    channels = data.loader.channels if data is not None else 3
+    for section in ("pretrain", "finetune"):
+        weights = getattr(recipe.sections.get(section), "weights", None)
+        if not weights or weights == "pretrain":
+            continue
+        if section == "finetune":
+            backbone = recipe.section("finetune").backbone
+            load_weights(create_backbone(backbone, 0, channels), weights)
+            lines.append(f"{section}.weights {weights}: loads into {backbone}")
+        else:
+            read_state_dict(weights)
+            lines.append(f"{section}.weights {weights}: readable")
+    if recipe.has("evaluate"):
+        from medtl.evaluate import DataSpec
+
+        for text in recipe.section("evaluate").external:
+            spec = DataSpec.parse(text)
+            external = Manifest.load(spec.manifest)
+            if spec.root is None:
+                raise DataError(f"evaluate.external {text!r}: give it as MANIFEST:ROOT")
+            check_root(spec.root)
+            lines.append(f"evaluate.external {spec.name}: {len(external.rows)} rows")
+    return lines
+
+
 def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
     """The recipe's manifest (which must exist), or, when the recipe names none, one prepared
     into ``out/data/manifest.csv``."""

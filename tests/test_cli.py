@@ -319,3 +319,16 @@ def test_a_link_out_of_the_data_root_is_left_out_and_listed(
     audit = json.loads((tmp_path / "m.audit.json").read_text())
     assert audit["problem_counts"] == {"outside-root": 1}
     assert "a/x.png" not in out.read_text()
+
+
+def test_a_message_of_several_lines_keeps_the_file_and_the_fix() -> None:
+    from medtl.cli import one_line
+    from medtl.errors import ConfigError
+
+    exc = ConfigError(
+        "weights file /w/x.pt cannot be read (Weights only load failed.\n\tdetail); fix it"
+    )
+    assert (
+        one_line(exc)
+        == "weights file /w/x.pt cannot be read (Weights only load failed. detail); fix it"
+    )

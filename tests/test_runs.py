@@ -191,3 +191,49 @@ def test_a_read_only_folder_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert "is not writable (Permission denied)" in one_error_line(capsys)
     finally:
         folder.chmod(0o755)
+
+
+# -- every file a recipe names is checked first ----------------------------------------------------
+def test_bad_weights_fail_check_and_run_before_any_training(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    pickled = tmp_path / "whole_model.pt"  # a whole module pickled, as torch.save(model) does
+    torch.save(torch.nn.Linear(2, 2), pickled)
+    recipe = tmp_path / "r.yaml"
+    for weights, needle in (
+        (tmp_path / "missing.safetensors", "missing.safetensors does not exist"),
+        (pickled, "whole_model.pt is a pickle of Python objects"),
+    ):
+        recipe.write_text(
+            RECIPE.replace("  strategy: full", f"  strategy: full\n  weights: {weights}")
+            + "pretrain: {backbone: medtl_tiny_convnext, epochs: 1, batch_size: 16}\n"
+        )
+        capsys.readouterr()
+        check = ["check", str(recipe), "--data-root", str(tiny_run / "data")]
+        assert main(check) == EXIT_USER_ERROR
+        err = one_error_line(capsys)
+        assert needle in err and ("torch.save(model.state_dict()" in err or "give the path" in err)
+        out = tmp_path / "run"
+        argv = ["-q", "run", str(recipe), "--data-root", str(tiny_run / "data"), "--out", str(out)]
+        assert main(argv) == EXIT_USER_ERROR
+        assert needle in one_error_line(capsys)
+        assert not (out / "pretrain").exists()
+
+
+def test_weights_for_another_backbone_fail_check(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    weights = tiny_run / "run" / "finetune" / "model.safetensors"  # medtl_tiny_convnext
+    recipe.write_text(
+        RECIPE.replace("medtl_tiny_convnext", "convnext_atto").replace(
+            "  strategy: full", f"  strategy: full\n  weights: {weights}"
+        )
+    )
+    assert main(["check", str(recipe), "--data-root", str(tiny_run / "data")]) == EXIT_USER_ERROR
+    assert f"weights file {weights}" in one_error_line(capsys)
+    recipe.write_text(RECIPE.replace("  strategy: full", f"  strategy: full\n  weights: {weights}"))
+    assert main(["check", str(recipe), "--data-root", str(tiny_run / "data")]) == 0
+    assert "loads into medtl_tiny_convnext" in capsys.readouterr().out
