@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,23 @@ from medtl.errors import DataError
 from medtl.registry import Registry
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """Images an adapter found but did not make samples of: where, how many, and why."""
+
+    what: str  # a file, or a part of one ("train_images of breastmnist.npz")
+    count: int
+    reason: str
+
+
 @dataclass
 class AdapterResult:
-    """What an adapter found: samples and class names in label-index order ([] if unlabelled)."""
+    """What an adapter found: samples and class names in label-index order ([] if unlabelled),
+    and what it found but left out (never silently: prepare lists each in the audit)."""
 
     samples: list[Sample]
     classes: list[str]
+    left_out: list[LeftOut] = field(default_factory=list)
 
 
 Adapter = Callable[..., AdapterResult]
@@ -329,6 +340,11 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         with np.load(npz, allow_pickle=False) as data:
             labels = {s: data[f"{s}_labels"] for s in _MEDMNIST_SPLITS if f"{s}_labels" in data}
             images = {s: data[f"{s}_images"].shape[0] for s in labels}
+            unlabelled = {
+                s: data[f"{s}_images"].shape[0]
+                for s in _MEDMNIST_SPLITS
+                if f"{s}_images" in data and s not in labels
+            }
     except Exception as exc:
         raise DataError(f"{npz} is not a readable MedMNIST .npz ({exc})") from None
     if not labels:
@@ -358,7 +374,15 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         for split, y in flat.items()
         for i, label in enumerate(y)
     ]
-    return AdapterResult(samples, classes)
+    left_out = [
+        LeftOut(
+            f"{s}_images of {path}",
+            n,
+            f"the file has no {s}_labels array; restore the complete .npz to use this split",
+        )
+        for s, n in unlabelled.items()
+    ]
+    return AdapterResult(samples, classes, left_out)
 
 
 # -- generic layouts ---------------------------------------------------------------------------

@@ -5,18 +5,19 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from scipy.cluster.hierarchy import DisjointSet
 
-from medtl.data.adapters import ADAPTERS
+from medtl.data.adapters import ADAPTERS, AdapterResult
 from medtl.data.audit import (
     DEFAULT_NEAR_BITS,
     AuditReport,
     Inspection,
     Item,
+    Problem,
     build_report,
     inspect_all,
 )
@@ -43,7 +44,7 @@ def audit_path_for(manifest_path: str | Path) -> Path:
     return path.with_name(path.stem + ".audit.json")
 
 
-def run_adapter(name: str, root: Path, options: dict[str, Any]) -> tuple[list[Sample], list[str]]:
+def run_adapter(name: str, root: Path, options: dict[str, Any]) -> AdapterResult:
     """Call the adapter ``name`` with ``options``, refusing options it does not take."""
     adapter = ADAPTERS.get(name)
     accepted = [p for p in inspect.signature(adapter).parameters if p != "root"]
@@ -56,7 +57,9 @@ def run_adapter(name: str, root: Path, options: dict[str, Any]) -> tuple[list[Sa
     result = adapter(root, **options)
     if not result.samples:
         raise DataError(f"adapter {name!r} found no images under {root}; check --data-root")
-    return result.samples, result.classes
+    for entry in result.left_out:
+        log.warning("left out %d image(s) of %s: %s", entry.count, entry.what, entry.reason)
+    return result
 
 
 def prepare(
@@ -88,7 +91,8 @@ def prepare(
             check_root(root)  # this adapter reads a folder: the file is named as the mistake
         options = {"file": root.name, **options}
         root = root.parent
-    samples, classes = run_adapter(adapter, root, options)
+    found = run_adapter(adapter, root, options)
+    samples, classes = found.samples, found.classes
     items = [
         Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples
     ]
@@ -129,6 +133,10 @@ def prepare(
     for item, split in zip(items, splits, strict=True):
         item.split = split
     report, _ = build_report(items, inspections, classes, near_bits)  # with the final splits
+    report.left_out = [asdict(e) for e in found.left_out]
+    report.problems += [
+        Problem("left-out", e.what, f"{e.count}: {e.reason}") for e in found.left_out
+    ]
     out = Path(out)
     manifest.save(out)
     audit_file = audit_path_for(out)
