@@ -127,7 +127,8 @@ def _strict_exit(strict: bool, report: Any) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     """Read every image of one split through the training pipeline (a dry run of the data)."""
     from medtl.data.dataset import DataConfig, build_dataset, build_loader
-    from medtl.data.manifest import Manifest
+    from medtl.data.manifest import Manifest, check_root
+    from medtl.data.verify import verify_data
 
     manifest = Manifest.load(args.manifest)
     cfg = DataConfig(
@@ -137,6 +138,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         batch_size=args.batch_size,
     )
+    verify_data(manifest, check_root(args.data_root), [args.split])
     dataset = build_dataset(manifest, args.split, Path(args.data_root), cfg)
     loader = build_loader(dataset, cfg)
     start, n, shape = time.perf_counter(), 0, None
@@ -175,6 +177,7 @@ def _run_context(args: argparse.Namespace) -> Any:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a recipe; check that its data root exists and its manifest matches it."""
     from medtl.data.manifest import Manifest, resolve
+    from medtl.data.verify import verify_data
     from medtl.runs import check_manifest_path, check_named_files, data_root
 
     recipe = _recipe(args)
@@ -194,8 +197,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                         f"manifest {section.manifest} does not match {root}: {len(missing)} file(s) "
                         f"missing, e.g. {missing[0]}; check --data-root or prepare the manifest again"
                     )
+                hashed = verify_data(manifest, root)
                 lines.append(
-                    f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present"
+                    f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present "
+                    f"and unchanged ({hashed} hashed, the others' size and time as last verified)"
                 )
     lines += check_named_files(recipe, root)
     print("\n".join(lines))

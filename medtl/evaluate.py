@@ -277,6 +277,8 @@ def _predict(
     """Inference of one model on one split; the model's own validation predictions choose
     temperature and thresholds."""
     from medtl.data.dataset import DataConfig, build_dataset
+    from medtl.data.manifest import check_root
+    from medtl.data.verify import verify_data
     from medtl.finetune.loop import as_predictions, load_classifier, predict
 
     model, meta = load_classifier(spec.folder)
@@ -288,6 +290,7 @@ def _predict(
         )
     if data.root is None:
         raise DataError(f"no data root for {data.manifest}: give it as MANIFEST:ROOT")
+    verify_data(manifest, check_root(data.root), [split])
     loader_cfg = DataConfig(
         image_size=meta["image_size"],
         channels=meta["in_chans"],

@@ -158,7 +158,11 @@ def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
 
 def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
     """The recipe's manifest (which must exist), or, when the recipe names none, one prepared
-    into ``out/data/manifest.csv``."""
+    into ``out/data/manifest.csv``. An existing manifest is verified against the files under
+    ``root`` (:func:`~medtl.data.verify.verify_data`) before any stage can be skipped: the
+    stages' keys hold the manifest's hash, which covers every row's sha256."""
+    from medtl.data.verify import verify_data
+
     check_manifest_path(section)
     if section.manifest:
         manifest = Manifest.load(section.manifest)
@@ -167,10 +171,13 @@ def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 
                 f"manifest {section.manifest} was made by adapter {manifest.meta.adapter!r}, "
                 f"the recipe names {section.adapter!r}"
             )
+        verify_data(manifest, root)
         return manifest
     target = out / "data" / "manifest.csv"
     if target.is_file():
-        return Manifest.load(target)
+        manifest = Manifest.load(target)
+        verify_data(manifest, root)
+        return manifest
     from medtl.data.prepare import prepare
 
     return prepare(

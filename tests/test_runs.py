@@ -237,3 +237,58 @@ def test_weights_for_another_backbone_fail_check(
     recipe.write_text(RECIPE.replace("  strategy: full", f"  strategy: full\n  weights: {weights}"))
     assert main(["check", str(recipe), "--data-root", str(tiny_run / "data")]) == 0
     assert "loads into medtl_tiny_convnext" in capsys.readouterr().out
+
+
+# -- changed data is never used nor skipped over ------------------------------------------------
+def test_a_changed_image_stops_check_load_evaluate_and_a_rerun(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    other = tmp_path / "other"  # another copy of the data, one image replaced
+    shutil.copytree(tiny_run / "data", other)
+    manifest = tiny_run / "run" / "data" / "manifest.csv"
+    victim = "benign/phantom_0002.png"
+    assert victim in manifest.read_text()
+    Image.open(other / victim).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other / victim)
+    done = {p: p.read_text() for p in (tiny_run / "run").glob("*/DONE")}
+    changed = f"{other / victim} changed since the manifest was made"
+
+    argv = ["-q", *run_args(tiny_run)]
+    argv[argv.index("--data-root") + 1] = str(other)
+    assert main(argv) == EXIT_USER_ERROR
+    assert changed in one_error_line(capsys)
+    assert {p: p.read_text() for p in (tiny_run / "run").glob("*/DONE")} == done
+
+    for split in ("train", "val", "test"):
+        if main(["-q", "load", str(manifest), "--data-root", str(other), "--split", split]) != 0:
+            assert changed in one_error_line(capsys)
+            break
+    else:
+        raise AssertionError("no split read the changed image")
+    data = f"{manifest}:{other}@phantom"
+    model = str(tiny_run / "run" / "finetune")
+    split = next(line.split(",")[4] for line in manifest.read_text().splitlines() if victim in line)
+    argv = ["-q", "evaluate", "--model", model, "--data", data, "--split", split]
+    assert main([*argv, "--out", str(tmp_path / "ev"), "--n-boot", "100"]) == EXIT_FAILURES
+    assert changed in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{adapter: folder, manifest: {manifest}}}\n")
+    assert main(["-q", "check", str(recipe), "--data-root", str(other)]) == EXIT_USER_ERROR
+    assert changed in one_error_line(capsys)
+    assert main(["check", str(recipe), "--data-root", str(tiny_run / "data")]) == 0
+    assert "all files present and unchanged" in capsys.readouterr().out
+
+
+def test_unchanged_files_are_not_hashed_again(tiny_run: Path) -> None:
+    from medtl.data.manifest import Manifest
+    from medtl.data.verify import verify_data
+
+    manifest = Manifest.load(tiny_run / "run" / "data" / "manifest.csv")
+    data = tiny_run / "data"
+    verify_data(manifest, data)
+    assert verify_data(manifest, data) == 0  # size and time as recorded: nothing hashed
+    touched = data / manifest.rows[0].path
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    assert verify_data(manifest, data) == 1  # same content, new time: hashed and accepted
+    assert verify_data(manifest, data) == 0
