@@ -1,7 +1,9 @@
 """The ``medtl`` command: parses arguments, calls the stage functions, prints results.
 
-A user error (:class:`~medtl.errors.MedtlError`) is printed as one line on stderr with exit
-code 2; anything else is a bug and keeps its traceback.
+A user error (:class:`~medtl.errors.MedtlError`, or a file that cannot be written) is printed
+as one line on stderr with exit code 2; a batch (``evaluate``, ``calibrate``, ``run``) that
+completes with failed items lists them and exits 3; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
