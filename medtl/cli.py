@@ -12,7 +12,6 @@ import argparse
 import errno
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -22,7 +21,14 @@ from typing import Any, TypeVar
 import yaml
 
 from medtl import __version__
-from medtl.errors import EXIT_FAILURES, EXIT_USER_ERROR, ConfigError, DataError, MedtlError
+from medtl.errors import (
+    EXIT_FAILURES,
+    EXIT_USER_ERROR,
+    ConfigError,
+    DataError,
+    MedtlError,
+    one_line,
+)
 
 log = logging.getLogger("medtl")
 T = TypeVar("T")
@@ -584,24 +590,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
     return parser
-
-
-def one_line(exc: BaseException) -> str:
-    """The user's message as one line. A DataLoader worker re-raises with its traceback
-    prepended: the message is what follows the last ``medtl.errors.<Error>: ``. Any other
-    message of several lines is joined, so that neither the file it names (often on the first
-    line) nor the fix (often on the last) is lost."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
-    if starts:
-        lines = lines[starts[-1] :]
-        lines[0] = _ERROR_LINE.sub("", lines[0])
-    return " ".join(lines)
-
-
-_ERROR_LINE = re.compile(r"^medtl\.errors\.\w+: ")
 
 
 def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:

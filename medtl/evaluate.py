@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from medtl import __version__
 from medtl.calibrate import CALIBRATORS, Calibrator, calibration_summary, fit_calibrator
 from medtl.data.manifest import Manifest
-from medtl.errors import DataError, MedtlError
+from medtl.errors import DataError, MedtlError, one_line
 from medtl.io import check_writable, write_json
 from medtl.predictions import Predictions
 
@@ -267,7 +267,7 @@ def _evaluate_one(
         )
         return entry, test, temperature
     except MedtlError as exc:
-        entry["error"] = str(exc).strip().splitlines()[-1]
+        entry["error"] = one_line(exc)
         return entry, None, 1.0
 
 
@@ -355,7 +355,7 @@ def _ensemble_entry(
             model_meta={"strategy": "ensemble", "members": [m[0] for m in members]},
         )
     except MedtlError as exc:
-        entry["error"] = str(exc)
+        entry["error"] = one_line(exc)
     return entry
 
 

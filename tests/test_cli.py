@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from medtl.cli import main
+from medtl.data.readers import read_array
+from medtl.errors import DataError
 from tests.conftest import write_png
 
 
@@ -105,7 +107,10 @@ def test_corrupt_image(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind:
 def test_decompression_bomb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
     Image.new("1", (12000, 12000)).save(root / "a" / "1.png")  # 144 MP in a few kB
-    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "1.png", "decompression bomb")
+    # the manifest knew another image: loading stops at the changed file before decoding it
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "1.png", "changed since")
+    with pytest.raises(DataError, match=r"1\.png is too large .*decompression bomb"):
+        read_array(root / "a" / "1.png")
     assert main(["-q", "prepare", "folder", str(root), "-o", str(tmp_path / "m2.csv")]) == 0
     audit = json.loads((tmp_path / "m2.audit.json").read_text())
     assert audit["problem_counts"] == {"too-large": 1}

@@ -62,7 +62,7 @@ def verify_data(manifest: Manifest, root: Path, splits: Sequence[str] | None = N
         else:
             changed.append(str(file))
     if hashed:
-        log.info("hashed %d file(s) under %s new to or changed since the last check", hashed, root)
+        log.debug("hashed %d file(s) under %s new to or changed since the last check", hashed, root)
         _save_record(record_path, record)
     if changed:
         others = f" (and {len(changed) - 1} other file(s))" if len(changed) > 1 else ""
