@@ -102,10 +102,10 @@ def check_image_header(file: Path) -> ImageHeader:
     return header
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 # What each Pillow mode becomes before its pixels are read: what an image viewer displays.
 # Palettes are looked up, CMYK / YCbCr / HSV become RGB, 1-bit becomes 0 / 255 grey; alpha
 # is kept here and dropped by the loader. Grey modes of more than 8 bits keep their depth.
-ORIENTATION_TAG = 0x0112  # EXIF Orientation
 DISPLAY_MODES = {
     "1": "L",
     "L": "L",
