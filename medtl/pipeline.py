@@ -233,6 +233,7 @@ def run_evaluate(ctx: RunContext) -> Path:
             "config": cfg.model_dump(mode="json"),
             "model": _done_key(ctx.out / "calibrate"),
             "manifest": ctx.manifest.sha256,
+            **({"external": _external_data(cfg)} if cfg.external else {}),
         },
     )
     if stage.done():
@@ -259,6 +260,23 @@ def run_evaluate(ctx: RunContext) -> Path:
         track_evaluation(path)
     stage.mark_done()
     return stage.folder
+
+
+def _external_data(cfg: Any) -> list[str]:
+    """The hashes of ``evaluate.external`` manifests, their files verified first: a stage is
+    never skipped over an external test set that changed."""
+    from medtl.data.manifest import check_root
+    from medtl.data.verify import verify_data
+    from medtl.evaluate import DataSpec
+
+    hashes = []
+    for text in cfg.external:
+        spec = DataSpec.parse(text)
+        external = Manifest.load(spec.manifest)
+        if spec.root is not None:
+            verify_data(external, check_root(spec.root), cfg.splits)
+        hashes.append(external.sha256)
+    return hashes
 
 
 def run_report(ctx: RunContext) -> Path:

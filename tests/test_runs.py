@@ -292,3 +292,26 @@ def test_unchanged_files_are_not_hashed_again(tiny_run: Path) -> None:
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     assert verify_data(manifest, data) == 1  # same content, new time: hashed and accepted
     assert verify_data(manifest, data) == 0
+
+
+def test_a_changed_external_test_set_is_not_skipped_over(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    external = tmp_path / "hospital-b"
+    shutil.copytree(tiny_run / "data", external)
+    manifest = tiny_run / "run" / "data" / "manifest.csv"
+    recipe = tmp_path / "ext.yaml"
+    recipe.write_text(
+        RECIPE.replace("  n_boot: 100", f"  n_boot: 100\n  external: ['{manifest}:{external}@b']")
+    )
+    argv = ["-q", "run", str(recipe), "--data-root", str(tiny_run / "data")]
+    argv += ["--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(argv) == 0
+    rows = [line.split(",") for line in manifest.read_text().splitlines()[1:]]
+    victim = external / next(r[1] for r in rows if r[4] == "test")  # evaluate reads test only
+    Image.open(victim).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(victim)
+    capsys.readouterr()
+    assert main(argv) == EXIT_USER_ERROR
+    assert f"{victim} changed since the manifest was made" in one_error_line(capsys)
