@@ -133,7 +133,7 @@ def isic2018(root: Path) -> AdapterResult:
     """
     require_root(root)
     lesions = _ham_lesions(root)
-    samples = []
+    samples, left_out = [], []
     for part, split in _ISIC_SPLITS.items():
         inputs = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_Input"))), None)
         truth = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_GroundTruth.csv"))), None)
@@ -146,7 +146,8 @@ def isic2018(root: Path) -> AdapterResult:
                 else f"ISIC2018_Task3_{part}_GroundTruth.csv"
             )
             raise DataError(f"{root}: ISIC 2018 {part} part is incomplete: {missing} not found")
-        for image_id, label in _read_onehot(truth):
+        listed = _read_onehot(truth)
+        for image_id, label in listed:
             f = inputs / f"{image_id}.jpg"
             if not f.is_file():
                 raise DataError(
@@ -154,12 +155,22 @@ def isic2018(root: Path) -> AdapterResult:
                     "remove its row"
                 )
             samples.append(Sample(rel(f, root), label, split=split, group=lesions.get(image_id)))
+        unlisted = {f.stem for f in inputs.glob("*.jpg")} - {image_id for image_id, _ in listed}
+        if unlisted:
+            left_out.append(
+                LeftOut(
+                    rel(inputs, root),
+                    len(unlisted),
+                    f"not listed in {truth.name}, so without a label (e.g. "
+                    f"{min(unlisted)}.jpg); add their rows or remove them",
+                )
+            )
     if not samples:
         raise DataError(
             f"{root} does not look like ISIC 2018 Task 3: no ISIC2018_Task3_Training_Input/ with "
             "its ISIC2018_Task3_Training_GroundTruth.csv found"
         )
-    return AdapterResult(samples, ISIC_CLASSES)
+    return AdapterResult(samples, ISIC_CLASSES, left_out)
 
 
 def _read_onehot(truth: Path) -> list[tuple[str, str]]:

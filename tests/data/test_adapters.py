@@ -778,3 +778,11 @@ def test_medmnist_split_without_labels_is_counted_and_listed(tmp_path: Path) -> 
     ]
     assert [p.kind for p in prepared.audit.problems] == ["left-out"]
     assert "left out: 3 from test_images of breastmnist.npz" in prepared.audit.summary()
+
+
+def test_isic_images_without_a_ground_truth_row_are_counted_and_listed(isic_root: Path) -> None:
+    image(isic_root / "ISIC2018_Task3_Training_Input" / "ISIC_0099999.jpg", mode="RGB")
+    result = run("isic2018", isic_root)
+    assert len(result.samples) == 7  # the unlisted image is not a sample
+    assert [(e.what, e.count) for e in result.left_out] == [("ISIC2018_Task3_Training_Input", 1)]
+    assert "ISIC_0099999.jpg" in result.left_out[0].reason
