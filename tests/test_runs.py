@@ -315,3 +315,14 @@ def test_a_changed_external_test_set_is_not_skipped_over(
     capsys.readouterr()
     assert main(argv) == EXIT_USER_ERROR
     assert f"{victim} changed since the manifest was made" in one_error_line(capsys)
+
+
+def test_a_corrupt_prediction_sidecar_is_one_line_at_calibrate(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run / "run" / "finetune", model)
+    side = model / "predictions_val.json"
+    side.write_text(side.read_text()[:20])
+    assert main(["-q", "calibrate", str(model)]) == EXIT_USER_ERROR
+    assert f"prediction sidecar {side} is not valid JSON" in one_error_line(capsys)
