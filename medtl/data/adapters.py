@@ -427,7 +427,26 @@ def folder(root: Path) -> AdapterResult:
             samples += [Sample(rel(f, root), cls_dir.name, split=split) for f in files]
     if not classes:
         raise DataError(f"{root} has no class folders; expected <root>/<class>/<image files>")
-    return AdapterResult(samples, sorted(classes))
+    where = "<root>/<split>/<class>/" if split_dirs else "<root>/<class>/"
+    return AdapterResult(samples, sorted(classes), unused_images(root, samples, where))
+
+
+def unused_images(root: Path, samples: list[Sample], where: str) -> list[LeftOut]:
+    """Image files under ``root`` (hidden ones aside) that no sample uses: a stray folder or an
+    image outside the layout is counted and listed, not passed over."""
+    used = {s.path for s in samples}
+    stray = sorted(
+        rel(p, root)
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and rel(p, root) not in used
+    )
+    if not stray:
+        return []
+    reason = f"not directly in a class folder ({where}), e.g. {stray[0]}; move them or remove them"
+    return [LeftOut("image files under the data root", len(stray), reason)]
 
 
 @ADAPTERS.register("csv")

@@ -786,3 +786,16 @@ def test_isic_images_without_a_ground_truth_row_are_counted_and_listed(isic_root
     assert len(result.samples) == 7  # the unlisted image is not a sample
     assert [(e.what, e.count) for e in result.left_out] == [("ISIC2018_Task3_Training_Input", 1)]
     assert "ISIC_0099999.jpg" in result.left_out[0].reason
+
+
+def test_folder_images_outside_the_layout_are_counted_and_listed(tmp_path: Path) -> None:
+    for name in ("train/a/1.png", "train/b/2.png", "test/a/3.png", "test/b/4.png"):
+        image(tmp_path / name)
+    image(tmp_path / "extra" / "a" / "5.png")  # beside the split folders: not read
+    image(tmp_path / "train" / "a" / "deeper" / "6.png")  # below a class folder: not read
+    image(tmp_path / "7.png")
+    image(tmp_path / ".hidden" / "8.png")  # hidden: skipped on purpose, not listed
+    result = run("folder", tmp_path)
+    assert len(result.samples) == 4
+    assert [(e.what, e.count) for e in result.left_out] == [("image files under the data root", 3)]
+    assert "<root>/<split>/<class>/), e.g. 7.png" in result.left_out[0].reason
