@@ -42,6 +42,8 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"option {pair!r} must look like key=value")
+        if key.strip() in out:
+            raise ConfigError(f"option {key.strip()!r} is given twice (-O {pair}); give it once")
         out[key.strip()] = yaml.safe_load(value) if value else ""
     return out
 

@@ -337,3 +337,11 @@ def test_a_message_of_several_lines_keeps_the_file_and_the_fix() -> None:
         one_line(exc)
         == "weights file /w/x.pt cannot be read (Weights only load failed. detail); fix it"
     )
+
+
+def test_an_option_given_twice_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _dataset(tmp_path / "data")
+    argv = ["prepare", "nifti", str(root), "-o", str(tmp_path / "m.csv"), "-O", "axis=0"]
+    _user_error(capsys, [*argv, "-O", "axis=2"], "option 'axis' is given twice")
