@@ -110,7 +110,7 @@ class LoadSampled(MapTransform):
     """Read ``d["image"]`` (a path relative to ``root``) as ``float32 [C, H, W]`` in [0, 1].
 
     Paths go through :func:`medtl.data.manifest.resolve`, so nothing outside the data root is
-    read; pixels through :func:`medtl.data.readers.read_array` (MONAI ``LoadImage`` with
+    read; pixels through :func:`medtl.data.readers.read_array` (MONAI's
     ``PILReader(reverse_indexing=False)`` for image files), addressed by ``d["locator"]``.
     """
 

@@ -1,7 +1,8 @@
 """Read one sample's pixels as ``float32 [C, H, W]`` in ``[0, 1]``.
 
-Ordinary image files go through MONAI's ``LoadImage`` with ``PILReader(reverse_indexing=False)``
-(rows stay rows). Containers that MONAI's readers cannot address by index (a row of a MedMNIST
+Ordinary image files go through MONAI's ``PILReader(reverse_indexing=False)`` (rows stay rows),
+converted to what an image viewer displays (EXIF orientation, palettes, CMYK, ...; see
+:data:`DISPLAY_MODES`). Containers that MONAI's readers cannot address by index (a row of a MedMNIST
 ``.npz``, a slice of a NIfTI volume, a frame of a multi-frame DICOM) have small readers here
 and in :mod:`medtl.data.scans`. Every failure becomes a :class:`DataError` naming the file.
 """
