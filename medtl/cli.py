@@ -1,12 +1,15 @@
 """The ``medtl`` command: parses arguments, calls the stage functions, prints results.
 
-A user error (:class:`~medtl.errors.MedtlError`) is printed as one line on stderr with exit
-code 2; anything else is a bug and keeps its traceback.
+A user error (:class:`~medtl.errors.MedtlError`, or a file that cannot be written) is printed
+as one line on stderr with exit code 2; a batch (``evaluate``, ``calibrate``, ``run``) that
+completes with failed items lists them and exits 3; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -18,7 +21,14 @@ from typing import Any, TypeVar
 import yaml
 
 from medtl import __version__
-from medtl.errors import ConfigError, DataError, MedtlError
+from medtl.errors import (
+    EXIT_FAILURES,
+    EXIT_USER_ERROR,
+    ConfigError,
+    DataError,
+    MedtlError,
+    one_line,
+)
 
 log = logging.getLogger("medtl")
 T = TypeVar("T")
@@ -32,6 +42,8 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"option {pair!r} must look like key=value")
+        if key.strip() in out:
+            raise ConfigError(f"option {key.strip()!r} is given twice (-O {pair}); give it once")
         out[key.strip()] = yaml.safe_load(value) if value else ""
     return out
 
@@ -95,7 +107,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from medtl.data.prepare import audit_manifest, audit_path_for
+    from medtl.io import check_writable
 
+    check_writable(Path(args.output or audit_path_for(args.manifest)).parent)
     report = audit_manifest(
         args.manifest,
         Path(args.data_root),
@@ -125,7 +139,8 @@ def _strict_exit(strict: bool, report: Any) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     """Read every image of one split through the training pipeline (a dry run of the data)."""
     from medtl.data.dataset import DataConfig, build_dataset, build_loader
-    from medtl.data.manifest import Manifest
+    from medtl.data.manifest import Manifest, check_root
+    from medtl.data.verify import verify_data
 
     manifest = Manifest.load(args.manifest)
     cfg = DataConfig(
@@ -135,6 +150,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         batch_size=args.batch_size,
     )
+    verify_data(manifest, check_root(args.data_root), [args.split])
     dataset = build_dataset(manifest, args.split, Path(args.data_root), cfg)
     loader = build_loader(dataset, cfg)
     start, n, shape = time.perf_counter(), 0, None
@@ -166,16 +182,19 @@ def _run_context(args: argparse.Namespace) -> Any:
         args.data_root,
         args.device,
         progress=show_progress(args),
+        lock=not getattr(args, "worker", False),  # a search worker joins a locked run
     )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a recipe; check that its data root exists and its manifest matches it."""
     from medtl.data.manifest import Manifest, resolve
-    from medtl.runs import check_manifest_path, data_root
+    from medtl.data.verify import verify_data
+    from medtl.runs import check_manifest_path, check_named_files, data_root
 
     recipe = _recipe(args)
     lines = [f"recipe {args.recipe}: valid (sections: {', '.join(recipe.sections)})"]
+    root = None
     if recipe.has("data"):
         section = recipe.section("data")
         check_manifest_path(section)
@@ -190,13 +209,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                         f"manifest {section.manifest} does not match {root}: {len(missing)} file(s) "
                         f"missing, e.g. {missing[0]}; check --data-root or prepare the manifest again"
                     )
+                hashed = verify_data(manifest, root)
                 lines.append(
-                    f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present"
+                    f"manifest {section.manifest}: {len(manifest.rows)} rows, all files present "
+                    f"and unchanged ({hashed} hashed, the others' size and time as last verified)"
                 )
-    if recipe.has("finetune") and recipe.section("finetune").weights not in (None, "pretrain"):
-        from medtl.sources import validate
-
-        lines.append(validate(recipe.section("finetune").weights))
+    lines += check_named_files(recipe, root)
     print("\n".join(lines))
     return 0
 
@@ -229,6 +247,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         for stage, path in done.items():
             print(f"{stage}: {path}")
+    evaluation = ctx.out / "evaluate" / "evaluation.json"
+    if "evaluate" in done and evaluation.is_file():
+        from medtl.evaluate import failed_entries
+
+        entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
+        return _batch_exit("evaluation", len(entries), failed_entries(evaluation))
     return 0
 
 
@@ -271,19 +295,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from medtl.evaluate import CalibrateConfig, calibrate_model
 
     cfg = CalibrateConfig(method=args.method, **({"compare": args.compare} if args.compare else {}))
+    failures = []
     for folder in args.model:
-        result = calibrate_model(Path(folder), cfg)
+        try:
+            result = calibrate_model(Path(folder), cfg)
+        except MedtlError as exc:
+            if len(args.model) == 1:
+                raise
+            failures.append(f"{folder}: {one_line(exc)}")
+            continue
         params = result["calibrators"][cfg.method]["params"]
         print(
             f"{folder}: {cfg.method} fitted on validation: {params}; written to meta.json and calibration.json"
         )
-    return 0
+    return _batch_exit("calibration", len(args.model), failures)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate, failed_entries
     from medtl.pipeline import pick_device
 
     cfg = EvaluateConfig(
@@ -312,7 +343,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
     print(f"evaluation written to {path}")
-    return 0
+    return _batch_exit("evaluation", len(entries), failed_entries(path))
+
+
+def _batch_exit(what: str, total: int, failures: list[str]) -> int:
+    """0, or ``EXIT_FAILURES`` with each failure listed on stderr: a batch that completed with
+    failures must not look like a success to a script."""
+    if not failures:
+        return 0
+    print(f"medtl: {len(failures)} of {total} {what}(s) failed:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return EXIT_FAILURES
 
 
 def _ci(entry: dict[str, Any]) -> str:
@@ -583,19 +625,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(exc: BaseException) -> str:
-    """The user's message alone: a DataLoader worker re-raises with its traceback prepended."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    last = lines[-1]
-    for prefix in (
-        "medtl.errors.DataError: ",
-        "medtl.errors.ConfigError: ",
-        "medtl.errors.MedtlError: ",
-    ):
-        last = last.removeprefix(prefix)
-    return last
-
-
 def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--data-root", default=None, help="data root (overrides data.root)")
@@ -637,6 +666,10 @@ def setup_logging(quiet: bool, fmt: str) -> None:
     root.setLevel(logging.INFO)
 
 
+# A full disk, a read-only folder or file system: the user's to fix, named in one line.
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet, args.log_format)
@@ -644,13 +677,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except MedtlError as exc:
         print(f"medtl: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("medtl: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS or exc.filename is None:
+            raise
+        print(
+            f"medtl: error: {exc.filename}: {exc.strerror}; check its permissions and the free "
+            "space, or choose another output folder",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

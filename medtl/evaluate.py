@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ from medtl.calibrate import (
 )
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
-from medtl.errors import ConfigError, DataError, MedtlError
-from medtl.io import write_json
+from medtl.errors import ConfigError, DataError, MedtlError, one_line
+from medtl.io import check_writable, write_json
 from medtl.predictions import Predictions
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     compared calibrator measured on the test split."""
     meta_path = folder / "meta.json"
     card = ModelCard.load(meta_path)  # a broken card stops here, before anything is fitted
+    check_writable(folder)
     val = Predictions.load(folder / "predictions_val.csv")
     test_path = folder / "predictions_test.csv"
     test = Predictions.load(test_path) if test_path.is_file() else None
@@ -215,7 +217,7 @@ def evaluate(
     progress: bool = True,
 ) -> Path:
     """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
     specs = {data.name: data for data in datasets}
@@ -250,6 +252,16 @@ def evaluate(
             "evaluation of %s on %s/%s failed: %s", e["model"], e["dataset"], e["split"], e["error"]
         )
     return path
+
+
+def failed_entries(path: Path) -> list[str]:
+    """``model on dataset/split: error`` for each failed entry of an ``evaluation.json``."""
+    entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+    return [
+        f"{e['model']} on {e['dataset']}/{e['split']}: {e['error']}"
+        for e in entries
+        if e["status"] != "ok"
+    ]
 
 
 def _evaluate_one(
@@ -302,7 +314,7 @@ def _evaluate_one(
             entry["leaks"] = leaks
         return entry, test, calibrator
     except MedtlError as exc:
-        entry["error"] = str(exc).strip().splitlines()[-1]
+        entry["error"] = one_line(exc)
         return entry, None, NoCalibration()
 
 
@@ -312,6 +324,8 @@ def _predict(
     """Inference of one model on one split; the model's own validation predictions choose
     the thresholds, with the calibrator of its card applied."""
     from medtl.data.dataset import DataConfig, build_dataset
+    from medtl.data.manifest import check_root
+    from medtl.data.verify import verify_data
     from medtl.finetune.loop import as_predictions, load_classifier, predict
 
     model, card = load_classifier(spec.folder)
@@ -323,6 +337,7 @@ def _predict(
         )
     if data.root is None:
         raise DataError(f"no data root for {data.manifest}: give it as MANIFEST:ROOT")
+    verify_data(manifest, check_root(data.root), [split])
     loader_cfg = DataConfig(
         image_size=card.image_size,
         channels=card.in_chans,
@@ -409,7 +424,7 @@ def _ensemble_entry(
         if leaks is not None:
             entry["leaks"] = leaks
     except MedtlError as exc:
-        entry["error"] = str(exc)
+        entry["error"] = one_line(exc)
     return entry
 
 

@@ -35,6 +35,36 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise
 
 
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove that a file can be written in it, before any long
+    work starts; otherwise one clear error naming the folder."""
+    from medtl.errors import MedtlError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".medtl-write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MedtlError(
+            f"output folder {folder} is not writable ({exc.strerror or exc}); choose another "
+            "output folder or fix its permissions"
+        ) from None
+    return folder
+
+
+def remove_stray_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_open` leaves
+    when its process is killed mid-write; call only while no other process writes there."""
+    removed = []
+    for tmp in sorted(Path(folder).rglob(".*.tmp")):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, reason
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,18 @@ def read_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(file))
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met Python objects
+        found = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+        detail = found[0].split("error: ")[-1].split(" was not")[0] if found else "unsafe"
+        raise ConfigError(
+            f"weights file {file} is a pickle of Python objects ({detail}), not tensors; medtl "
+            "never unpickles: save the weights with torch.save(model.state_dict(), path) or as "
+            ".safetensors"
+        ) from None
     except Exception as exc:
         raise ConfigError(
-            f"weights file {file} cannot be read ({exc}); is it a PyTorch or safetensors file?"
+            f"weights file {file} cannot be read ({reason(exc)}); is it a PyTorch or "
+            "safetensors file, complete and uncorrupted?"
         ) from None
     for key in ("state_dict", "model", "module"):  # common checkpoint wrappers
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

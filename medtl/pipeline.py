@@ -17,8 +17,17 @@ import torch
 
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
+from medtl.io import check_writable, remove_stray_temps
 from medtl.recipe import Recipe
-from medtl.runs import RESPLIT_FILE, Stage, data_root, ensure_manifest, start_run
+from medtl.runs import (
+    RESPLIT_FILE,
+    RunLock,
+    Stage,
+    check_named_files,
+    data_root,
+    ensure_manifest,
+    start_run,
+)
 from medtl.tracking import Tracker, TrackingConfig, log_artifact, log_summary, log_to_run_folder
 
 log = logging.getLogger(__name__)
@@ -33,10 +42,15 @@ class RunContext:
     device: str
     progress: bool
     tracker: Tracker
+    lock: RunLock | None = None
 
     def close(self) -> None:
-        """Flush and close the trackers (TensorBoard writers, the MLflow run)."""
-        self.tracker.close()
+        """Flush and close the trackers (TensorBoard writers, the MLflow run); unlock."""
+        try:
+            self.tracker.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def __enter__(self) -> RunContext:
         return self
@@ -62,15 +76,43 @@ def init_distributed(device: str) -> None:
 
 
 def open_run(
-    recipe: Recipe, out: Path | None, root_override: str | None, device: str, progress: bool
+    recipe: Recipe,
+    out: Path | None,
+    root_override: str | None,
+    device: str,
+    progress: bool,
+    lock: bool = True,
 ) -> RunContext:
-    """Run folder, data root and manifest (rank 0 prepares it; other ranks wait, then load)."""
+    """Run folder, data root and manifest (rank 0 prepares it; other ranks wait, then load).
+
+    Rank 0 locks the run folder for writing (:class:`~medtl.runs.RunLock`) unless ``lock`` is
+    false (a search worker joining a locked run); closing the context unlocks it."""
     out = out or Path("runs") / recipe.name
     device = pick_device(device)
     init_distributed(device)
     section = recipe.section("data")
     root = data_root(section, root_override)
+    check_named_files(recipe, root)  # a bad weights file fails now, not after pretraining
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    held = RunLock(check_writable(out)).acquire() if rank == 0 and lock else None
+    try:
+        return _open_locked(recipe, out, root, device, progress, rank, held)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+
+
+def _open_locked(
+    recipe: Recipe,
+    out: Path,
+    root: Path,
+    device: str,
+    progress: bool,
+    rank: int,
+    held: RunLock | None,
+) -> RunContext:
+    section = recipe.section("data")
     if rank == 0:
         start_run(recipe, out)
         log_to_run_folder(out)
@@ -85,7 +127,7 @@ def open_run(
     if rank != 0:  # one process writes the event files
         tracking = TrackingConfig(tensorboard=False, mlflow=False)
     tracker = Tracker(out, tracking, recipe.name, recipe.resolved())
-    return RunContext(recipe, out, root, manifest, device, progress and rank == 0, tracker)
+    return RunContext(recipe, out, root, manifest, device, progress and rank == 0, tracker, held)
 
 
 def stage_inputs(ctx: RunContext, name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -146,6 +188,7 @@ def run_all(ctx: RunContext, resume: bool = True, force: str | None = None) -> d
         done["calibrate"] = run_calibrate(ctx)
         done["evaluate"] = run_evaluate(ctx)
         done["report"] = run_report(ctx)
+    remove_stray_temps(ctx.out)  # left by a process killed while writing; the run holds the lock
     return done
 
 
@@ -193,6 +236,7 @@ def run_evaluate(ctx: RunContext) -> Path:
             "model": _done_key(ctx.out / "calibrate"),
             "manifest": ctx.manifest.sha256,
             **({"leaks": leaks} if leaks != "keep" else {}),
+            **({"external": _external_data(cfg)} if cfg.external else {}),
         },
     )
     if stage.done():
@@ -219,6 +263,23 @@ def run_evaluate(ctx: RunContext) -> Path:
         track_evaluation(path)
     stage.mark_done()
     return stage.folder
+
+
+def _external_data(cfg: Any) -> list[str]:
+    """The hashes of ``evaluate.external`` manifests, their files verified first: a stage is
+    never skipped over an external test set that changed."""
+    from medtl.data.manifest import check_root
+    from medtl.data.verify import verify_data
+    from medtl.evaluate import DataSpec
+
+    hashes = []
+    for text in cfg.external:
+        spec = DataSpec.parse(text)
+        external = Manifest.load(spec.manifest)
+        if spec.root is not None:
+            verify_data(external, check_root(spec.root), cfg.splits)
+        hashes.append(external.sha256)
+    return hashes
 
 
 def run_report(ctx: RunContext) -> Path:

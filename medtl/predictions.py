@@ -100,7 +100,15 @@ class Predictions:
         side = path.with_suffix(".json")
         if not path.is_file() or not side.is_file():
             raise DataError(f"prediction file {path} (with its {side.name}) does not exist")
-        meta = json.loads(side.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"prediction sidecar {side} is not valid JSON ({exc}); the file is truncated or "
+                "corrupt: run the stage that wrote it again"
+            ) from None
+        if not isinstance(meta, dict):
+            raise DataError(f"prediction sidecar {side} does not hold a JSON object")
         classes = list(meta.get("classes", []))
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.reader(handle)

@@ -131,7 +131,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"recipe {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -143,6 +145,35 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise ConfigError(_unknown(str(path), key, key, allowed))
     raw.pop("presets", None)
     return Recipe(raw, str(path))
+
+
+class DuplicateKeyError(ConfigError):
+    """A mapping names one key twice (YAML would keep the last one silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise DuplicateKeyError(
+                        f"line {line}: key {key!r} appears twice in one section (first on line "
+                        f"{first[key]}); YAML would keep only the last: delete one"
+                    )
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader names it below
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (config never executes code)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no code runs
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -23,8 +24,8 @@ import yaml
 
 from medtl import __version__
 from medtl.data.leaks import OFFICIAL_SOURCES, read_audit_clusters, resplit
-from medtl.data.manifest import Manifest
-from medtl.errors import DataError
+from medtl.data.manifest import Manifest, check_root
+from medtl.errors import DataError, MedtlError
 from medtl.io import atomic_write_text, write_json
 from medtl.recipe import DataSection, Recipe
 
@@ -50,6 +51,44 @@ def environment(seed: int) -> dict[str, Any]:
     }
 
 
+LOCK_FILE = "LOCK"
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``fcntl.flock`` on ``<run>/LOCK``, which holds
+    the writer's process id. The operating system drops the lock when the process ends, even
+    by ``kill -9``, so a stale ``LOCK`` file never blocks a later run."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MedtlError(
+                f"run folder {self.path.parent} is in use by process {holder} (it holds "
+                f"{self.path}); wait for it to finish, stop it, or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock; the ``LOCK`` file stays (removing it could race with a new writer)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 def start_run(recipe: Recipe, out: Path) -> Path:
     """Create the run folder and write ``recipe.yaml`` (resolved) and ``env.json``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -62,12 +101,7 @@ def data_root(section: DataSection, override: str | Path | None) -> Path:
     root = override or section.root
     if root is None:
         raise DataError("no data root: set data.root in the recipe or pass --data-root")
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(
-            f"data root {root} does not exist; pass --data-root with the dataset folder"
-        )
-    return root
+    return check_root(root)
 
 
 def check_manifest_path(section: DataSection) -> None:
@@ -80,6 +114,51 @@ def check_manifest_path(section: DataSection) -> None:
 
 
 RESPLIT_FILE = "data/resplit.csv"
+
+
+def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
+    """Open every file the recipe names, as the stage that uses it would, so that a bad one
+    fails ``medtl check`` instead of a run hours later: the adapter's files (``options.labels``,
+    ``options.file``), ``pretrain.weights`` and ``finetune.weights`` (read without unpickling;
+    the fine-tuning weights also loaded into the backbone), ``evaluate.external`` manifests and
+    their roots. Returns one line per file checked."""
+    from medtl.data.manifest import resolve
+    from medtl.models import create_backbone, read_state_dict
+    from medtl.sources import resolve as resolve_weights
+
+    lines = []
+    data = recipe.section("data") if recipe.has("data") else None
+    if data is not None and root is not None:
+        for key in ("labels", "file"):
+            name = data.options.get(key)
+            if isinstance(name, str) and not resolve(root, name, f"data.options.{key}").is_file():
+                raise DataError(
+                    f"data.options.{key}: {root / name} does not exist; fix the name (it is "
+                    "relative to the data root) or the data root"
+                )
+    channels = data.loader.channels if data is not None else 3
+    for section in ("pretrain", "finetune"):
+        weights = getattr(recipe.sections.get(section), "weights", None)
+        if not weights or weights == "pretrain":
+            continue
+        if section == "finetune":
+            backbone = recipe.section("finetune").backbone
+            create_backbone(backbone, 2, channels, weights)  # as finetune loads it, with a head
+            lines.append(f"{section}.weights {weights}: loads into {backbone}")
+        else:
+            read_state_dict(resolve_weights(weights).path)
+            lines.append(f"{section}.weights {weights}: readable")
+    if recipe.has("evaluate"):
+        from medtl.evaluate import DataSpec
+
+        for text in recipe.section("evaluate").external:
+            spec = DataSpec.parse(text)
+            external = Manifest.load(spec.manifest)
+            if spec.root is None:
+                raise DataError(f"evaluate.external {text!r}: give it as MANIFEST:ROOT")
+            check_root(spec.root)
+            lines.append(f"evaluate.external {spec.name}: {len(external.rows)} rows")
+    return lines
 
 
 def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
@@ -100,7 +179,12 @@ def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 
 
 
 def _source_manifest(section: DataSection, root: Path, out: Path, workers: int) -> Manifest:
-    """The recipe's named manifest, or one prepared into ``out/data/manifest.csv``."""
+    """The recipe's named manifest, or one prepared into ``out/data/manifest.csv``. An existing
+    manifest is verified against the files under ``root`` (:func:`~medtl.data.verify.verify_data`)
+    before any stage can be skipped: the stages' keys hold the manifest's hash, which covers
+    every row's sha256."""
+    from medtl.data.verify import verify_data
+
     check_manifest_path(section)
     if section.manifest:
         manifest = Manifest.load(section.manifest)
@@ -109,10 +193,13 @@ def _source_manifest(section: DataSection, root: Path, out: Path, workers: int) 
                 f"manifest {section.manifest} was made by adapter {manifest.meta.adapter!r}, "
                 f"the recipe names {section.adapter!r}"
             )
+        verify_data(manifest, root)
         return manifest
     target = out / "data" / "manifest.csv"
     if target.is_file():
-        return Manifest.load(target)
+        manifest = Manifest.load(target)
+        verify_data(manifest, root)
+        return manifest
     from medtl.data.prepare import prepare
 
     return prepare(

@@ -44,3 +44,13 @@ def one_thread() -> Iterator[None]:
 def sets(overrides: list[str]) -> list[str]:
     """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]`` for ``medtl.cli.main``."""
     return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def medtl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """medtl's cache folder (verification records) inside the session's temporary folder."""
+    folder = tmp_path_factory.mktemp("medtl-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDTL_CACHE_DIR", str(folder))
+    yield folder
+    patch.undo()

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from medtl.cli import main
+from medtl.data.readers import read_array
+from medtl.errors import DataError
 from tests.conftest import write_png
 
 
@@ -105,7 +107,10 @@ def test_corrupt_image(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind:
 def test_decompression_bomb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
     Image.new("1", (12000, 12000)).save(root / "a" / "1.png")  # 144 MP in a few kB
-    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "1.png", "decompression bomb")
+    # the manifest knew another image: loading stops at the changed file before decoding it
+    _user_error(capsys, ["load", str(out), "--data-root", str(root)], "1.png", "changed since")
+    with pytest.raises(DataError, match=r"1\.png is too large .*decompression bomb"):
+        read_array(root / "a" / "1.png")
     assert main(["-q", "prepare", "folder", str(root), "-o", str(tmp_path / "m2.csv")]) == 0
     audit = json.loads((tmp_path / "m2.audit.json").read_text())
     assert audit["problem_counts"] == {"too-large": 1}
@@ -293,3 +298,50 @@ def test_no_patient_identifier_reaches_manifest_audit_or_output(
     assert {"patient-0001", "patient-0002", "patient-0003"} <= set(
         written.replace(",", " ").split()
     )
+
+
+def test_a_data_root_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root, out = _prepared(tmp_path, "--split-ratios", "1,0,0")
+    image = root / "a" / "1.png"
+    _user_error(capsys, ["prepare", "busi", str(image), "-o", str(tmp_path / "x.csv")], "is a file")
+    _user_error(
+        capsys, ["load", str(out), "--data-root", str(image)], "1.png is a file, not a folder"
+    )
+    _user_error(capsys, ["audit", str(out), "--data-root", str(image)], "is a file, not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{adapter: folder, manifest: {out}}}\n")
+    _user_error(capsys, ["check", str(recipe), "--data-root", str(image)], "is a file")
+
+
+def test_a_link_out_of_the_data_root_is_left_out_and_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _dataset(tmp_path / "data")
+    write_png(tmp_path / "elsewhere" / "x.png", seed=99)
+    (root / "a" / "x.png").symlink_to(tmp_path / "elsewhere" / "x.png")
+    out = tmp_path / "m.csv"
+    assert main(["-q", "prepare", "folder", str(root), "-o", str(out), "--strict"]) == 1
+    audit = json.loads((tmp_path / "m.audit.json").read_text())
+    assert audit["problem_counts"] == {"outside-root": 1}
+    assert "a/x.png" not in out.read_text()
+
+
+def test_a_message_of_several_lines_keeps_the_file_and_the_fix() -> None:
+    from medtl.cli import one_line
+    from medtl.errors import ConfigError
+
+    exc = ConfigError(
+        "weights file /w/x.pt cannot be read (Weights only load failed.\n\tdetail); fix it"
+    )
+    assert (
+        one_line(exc)
+        == "weights file /w/x.pt cannot be read (Weights only load failed. detail); fix it"
+    )
+
+
+def test_an_option_given_twice_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _dataset(tmp_path / "data")
+    argv = ["prepare", "nifti", str(root), "-o", str(tmp_path / "m.csv"), "-O", "axis=0"]
+    _user_error(capsys, [*argv, "-O", "axis=2"], "option 'axis' is given twice")

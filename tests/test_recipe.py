@@ -107,3 +107,12 @@ def test_missing_named_manifest_is_an_error_not_a_resplit(
     path = _write(tmp_path, "data: {adapter: busi, manifest: data_manifests/typo.csv}")
     assert main(["check", str(path)]) == 2
     assert "typo.csv does not exist" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_is_refused_by_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, "data:\n  adapter: busi\n  split_seed: 1\n  split_seed: 2\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'split_seed' appears twice.*line 3"):
+        load_recipe(path)
+    top = _write(tmp_path, "seed: 1\ndata: {adapter: busi}\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: line 3: key 'seed' appears twice"):
+        load_recipe(top)

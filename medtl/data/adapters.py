@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,23 @@ from medtl.errors import DataError
 from medtl.registry import Registry
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """Images an adapter found but did not make samples of: where, how many, and why."""
+
+    what: str  # a file, or a part of one ("train_images of breastmnist.npz")
+    count: int
+    reason: str
+
+
 @dataclass
 class AdapterResult:
-    """What an adapter found: samples and class names in label-index order ([] if unlabelled)."""
+    """What an adapter found: samples and class names in label-index order ([] if unlabelled),
+    and what it found but left out (never silently: prepare lists each in the audit)."""
 
     samples: list[Sample]
     classes: list[str]
+    left_out: list[LeftOut] = field(default_factory=list)
 
 
 Adapter = Callable[..., AdapterResult]
@@ -122,7 +133,7 @@ def isic2018(root: Path) -> AdapterResult:
     """
     require_root(root)
     lesions = _ham_lesions(root)
-    samples = []
+    samples, left_out = [], []
     for part, split in _ISIC_SPLITS.items():
         inputs = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_Input"))), None)
         truth = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_GroundTruth.csv"))), None)
@@ -135,7 +146,8 @@ def isic2018(root: Path) -> AdapterResult:
                 else f"ISIC2018_Task3_{part}_GroundTruth.csv"
             )
             raise DataError(f"{root}: ISIC 2018 {part} part is incomplete: {missing} not found")
-        for image_id, label in _read_onehot(truth):
+        listed = _read_onehot(truth)
+        for image_id, label in listed:
             f = inputs / f"{image_id}.jpg"
             if not f.is_file():
                 raise DataError(
@@ -143,12 +155,22 @@ def isic2018(root: Path) -> AdapterResult:
                     "remove its row"
                 )
             samples.append(Sample(rel(f, root), label, split=split, group=lesions.get(image_id)))
+        unlisted = {f.stem for f in inputs.glob("*.jpg")} - {image_id for image_id, _ in listed}
+        if unlisted:
+            left_out.append(
+                LeftOut(
+                    rel(inputs, root),
+                    len(unlisted),
+                    f"not listed in {truth.name}, so without a label (e.g. "
+                    f"{min(unlisted)}.jpg); add their rows or remove them",
+                )
+            )
     if not samples:
         raise DataError(
             f"{root} does not look like ISIC 2018 Task 3: no ISIC2018_Task3_Training_Input/ with "
             "its ISIC2018_Task3_Training_GroundTruth.csv found"
         )
-    return AdapterResult(samples, ISIC_CLASSES)
+    return AdapterResult(samples, ISIC_CLASSES, left_out)
 
 
 def _read_onehot(truth: Path) -> list[tuple[str, str]]:
@@ -329,6 +351,11 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         with np.load(npz, allow_pickle=False) as data:
             labels = {s: data[f"{s}_labels"] for s in _MEDMNIST_SPLITS if f"{s}_labels" in data}
             images = {s: data[f"{s}_images"].shape[0] for s in labels}
+            unlabelled = {
+                s: data[f"{s}_images"].shape[0]
+                for s in _MEDMNIST_SPLITS
+                if f"{s}_images" in data and s not in labels
+            }
     except Exception as exc:
         raise DataError(f"{npz} is not a readable MedMNIST .npz ({exc})") from None
     if not labels:
@@ -358,7 +385,15 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         for split, y in flat.items()
         for i, label in enumerate(y)
     ]
-    return AdapterResult(samples, classes)
+    left_out = [
+        LeftOut(
+            f"{s}_images of {path}",
+            n,
+            f"the file has no {s}_labels array; restore the complete .npz to use this split",
+        )
+        for s, n in unlabelled.items()
+    ]
+    return AdapterResult(samples, classes, left_out)
 
 
 # -- generic layouts ---------------------------------------------------------------------------
@@ -392,7 +427,26 @@ def folder(root: Path) -> AdapterResult:
             samples += [Sample(rel(f, root), cls_dir.name, split=split) for f in files]
     if not classes:
         raise DataError(f"{root} has no class folders; expected <root>/<class>/<image files>")
-    return AdapterResult(samples, sorted(classes))
+    where = "<root>/<split>/<class>/" if split_dirs else "<root>/<class>/"
+    return AdapterResult(samples, sorted(classes), unused_images(root, samples, where))
+
+
+def unused_images(root: Path, samples: list[Sample], where: str) -> list[LeftOut]:
+    """Image files under ``root`` (hidden ones aside) that no sample uses: a stray folder or an
+    image outside the layout is counted and listed, not passed over."""
+    used = {s.path for s in samples}
+    stray = sorted(
+        rel(p, root)
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and rel(p, root) not in used
+    )
+    if not stray:
+        return []
+    reason = f"not directly in a class folder ({where}), e.g. {stray[0]}; move them or remove them"
+    return [LeftOut("image files under the data root", len(stray), reason)]
 
 
 @ADAPTERS.register("csv")

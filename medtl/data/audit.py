@@ -27,7 +27,7 @@ from PIL import Image
 from scipy.cluster.hierarchy import DisjointSet
 
 from medtl.data.manifest import resolve
-from medtl.data.readers import check_image_header, kind_of, read_array
+from medtl.data.readers import DISPLAY_MODES, check_image_header, kind_of, read_array
 from medtl.errors import DataError
 from medtl.io import sha256_bytes, sha256_file, write_json
 
@@ -78,6 +78,7 @@ class Inspection:
     error: str = ""
     error_kind: str = ""
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (kind, detail)
+    mode: str = ""  # Pillow's mode of an image file ("" for DICOM, NIfTI, .npz)
 
 
 @dataclass
@@ -100,6 +101,8 @@ class AuditReport:
     near_duplicates: list[dict[str, Any]] = field(default_factory=list)
     label_conflicts: list[dict[str, Any]] = field(default_factory=list)
     class_counts: dict[str, int] = field(default_factory=dict)
+    image_modes: dict[str, str] = field(default_factory=dict)  # "RGB: 3 images" per mode met
+    left_out: list[dict[str, Any]] = field(default_factory=list)  # what an adapter skipped
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -134,6 +137,12 @@ class AuditReport:
             lines += [f"    {p.file}: {p.detail}" for p in items[:examples]]
             if len(items) > examples:
                 lines.append(f"    ... {len(items) - examples} more in the audit JSON")
+        if self.image_modes:
+            lines.append("  image modes: " + "; ".join(self.image_modes.values()))
+        for entry in self.left_out[:examples]:
+            lines.append(f"  left out: {entry['count']} from {entry['what']}: {entry['reason']}")
+        if len(self.left_out) > examples:
+            lines.append(f"    ... {len(self.left_out) - examples} more in the audit JSON")
         if not self.problems:
             lines.append("  no problems found")
         return "\n".join(lines)
@@ -174,7 +183,8 @@ def inspect_item(root: Path, item: Item) -> Inspection:
 
 
 def _check_format(file: Path, out: Inspection) -> None:
-    fmt = check_image_header(file).format
+    header = check_image_header(file)
+    fmt, out.mode = header.format, header.mode
     expected = _FORMATS.get(fmt)
     if expected and file.suffix.lower() not in expected:
         out.warnings.append(
@@ -187,6 +197,10 @@ def _classify(message: str) -> str:
         return "too-large"
     if "NaN" in message:
         return "nan"
+    if "image mode" in message:
+        return "unsupported-mode"
+    if "outside the data root" in message:
+        return "outside-root"
     return "unreadable"
 
 
@@ -363,6 +377,7 @@ def build_report(
                 )
             )
     report.problems += _size_outliers(items, inspections)
+    report.image_modes = mode_summary(inspections)
     counts = Counter(
         it.label for it, ins in zip(items, inspections, strict=True) if not ins.error and it.label
     )
@@ -405,6 +420,17 @@ def build_report(
                 )
             )
     return report, [*exact, *near]
+
+
+def mode_summary(inspections: Sequence[Inspection]) -> dict[str, str]:
+    """Each Pillow mode met, how many image files have it and what medtl reads it as."""
+    counts = Counter(ins.mode for ins in inspections if ins.mode)
+    out = {}
+    for mode, n in sorted(counts.items()):
+        target = DISPLAY_MODES.get(mode)
+        read_as = "refused" if target is None else "kept" if target == mode else f"read as {target}"
+        out[mode] = f"{mode} {n} ({read_as})"
+    return out
 
 
 def _tagged(members: Sequence[str], tags: Sequence[str]) -> str:

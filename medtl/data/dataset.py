@@ -38,7 +38,7 @@ from monai.transforms import (
 from pydantic import BaseModel, Field, model_validator
 from torch.utils.data import DataLoader
 
-from medtl.data.manifest import Manifest, check_relative_path, resolve
+from medtl.data.manifest import Manifest, check_relative_path, check_root, resolve
 from medtl.data.readers import read_array
 from medtl.errors import ConfigError, DataError, MedtlError
 
@@ -110,7 +110,7 @@ class LoadSampled(MapTransform):
     """Read ``d["image"]`` (a path relative to ``root``) as ``float32 [C, H, W]`` in [0, 1].
 
     Paths go through :func:`medtl.data.manifest.resolve`, so nothing outside the data root is
-    read; pixels through :func:`medtl.data.readers.read_array` (MONAI ``LoadImage`` with
+    read; pixels through :func:`medtl.data.readers.read_array` (MONAI's
     ``PILReader(reverse_indexing=False)`` for image files), addressed by ``d["locator"]``.
     """
 
@@ -319,9 +319,7 @@ def build_dataset(
     ``cfg.cache`` picks ``Dataset``, ``CacheDataset`` (filled here) or ``PersistentDataset``
     (in ``cache_dir/<manifest hash>-<settings hash>``).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; pass --data-root")
+    root = check_root(root)
     data = data_dicts(manifest, split)
     transform = build_transforms(cfg, root, train=train, seed=seed)
     if cfg.cache == "memory":

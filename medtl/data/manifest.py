@@ -116,12 +116,35 @@ def check_relative_path(path: str, what: str = "path") -> str:
 
 
 def resolve(root: Path, path: str, what: str = "path") -> Path:
-    """``root / path``, refusing anything that would leave ``root``."""
+    """``root / path``, refusing anything that would leave ``root``: ``..``, absolute paths,
+    and symbolic links (of the file or of a folder on its way) that point outside it."""
     rel = check_relative_path(path, what)
     full = Path(os.path.normpath(root / rel))
     if not full.is_relative_to(Path(os.path.normpath(root))):
         raise DataError(f"{what} {path!r} escapes the data root {root}")
+    real = Path(os.path.realpath(full))
+    if not real.is_relative_to(Path(os.path.realpath(root))):
+        raise DataError(
+            f"{root / rel} is a link to {real}, outside the data root {root}; medtl reads only "
+            "files inside the data root: copy the file in or point --data-root at the folder "
+            "that holds it"
+        )
     return full
+
+
+def check_root(root: str | Path) -> Path:
+    """A data root must be an existing folder; a file given as the root is named as such."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"data root {root} does not exist; pass --data-root with the dataset folder"
+        )
+    if not root.is_dir():
+        raise DataError(
+            f"data root {root} is a file, not a folder; pass the folder that holds the dataset "
+            f"(e.g. {root.parent})"
+        )
+    return root
 
 
 class Manifest:

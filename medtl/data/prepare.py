@@ -5,25 +5,27 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from scipy.cluster.hierarchy import DisjointSet
 
-from medtl.data.adapters import ADAPTERS
+from medtl.data.adapters import ADAPTERS, AdapterResult
 from medtl.data.audit import (
     DEFAULT_NEAR_BITS,
     DEFAULT_PHASH_BITS,
     AuditReport,
     Inspection,
     Item,
+    Problem,
     build_report,
     inspect_all,
 )
-from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, row_id
+from medtl.data.manifest import Manifest, ManifestMeta, Row, Sample, check_root, row_id
 from medtl.data.split import DEFAULT_RATIOS, carve_validation, check_ratios, group_split
 from medtl.errors import ConfigError, DataError
+from medtl.io import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def audit_path_for(manifest_path: str | Path) -> Path:
     return path.with_name(path.stem + ".audit.json")
 
 
-def run_adapter(name: str, root: Path, options: dict[str, Any]) -> tuple[list[Sample], list[str]]:
+def run_adapter(name: str, root: Path, options: dict[str, Any]) -> AdapterResult:
     """Call the adapter ``name`` with ``options``, refusing options it does not take."""
     adapter = ADAPTERS.get(name)
     accepted = [p for p in inspect.signature(adapter).parameters if p != "root"]
@@ -56,7 +58,9 @@ def run_adapter(name: str, root: Path, options: dict[str, Any]) -> tuple[list[Sa
     result = adapter(root, **options)
     if not result.samples:
         raise DataError(f"adapter {name!r} found no images under {root}; check --data-root")
-    return result.samples, result.classes
+    for entry in result.left_out:
+        log.warning("left out %d image(s) of %s: %s", entry.count, entry.what, entry.reason)
+    return result
 
 
 def prepare(
@@ -82,11 +86,15 @@ def prepare(
     if not root.exists():
         raise DataError(f"data root {root} does not exist; pass the folder that holds the dataset")
     ratios = check_ratios(ratios or DEFAULT_RATIOS)
+    check_writable(Path(out).parent)  # before the audit reads every image
     options = dict(options or {})
     if root.is_file():  # a single-file dataset (.npz, .csv): its folder is the data root
+        if "file" not in inspect.signature(ADAPTERS.get(adapter)).parameters:
+            check_root(root)  # this adapter reads a folder: the file is named as the mistake
         options = {"file": root.name, **options}
         root = root.parent
-    samples, classes = run_adapter(adapter, root, options)
+    found = run_adapter(adapter, root, options)
+    samples, classes = found.samples, found.classes
     items = [
         Item(s.key, s.path, s.locator, s.label or "", s.mask or "", s.split or "") for s in samples
     ]
@@ -128,6 +136,10 @@ def prepare(
     for item, split in zip(items, splits, strict=True):
         item.split = split
     report, _ = build_report(items, inspections, classes, near_bits, phash_bits)  # final splits
+    report.left_out = [asdict(e) for e in found.left_out]
+    report.problems += [
+        Problem("left-out", e.what, f"{e.count}: {e.reason}") for e in found.left_out
+    ]
     out = Path(out)
     manifest.save(out)
     audit_file = audit_path_for(out)
@@ -199,11 +211,7 @@ def audit_manifest(
     """Audit an existing manifest against the files under ``root``: broken or changed files,
     duplicates (also across splits), label conflicts, masks, borders, sizes, empty classes."""
     manifest = Manifest.load(manifest_path)
-    root = Path(root)
-    if not root.exists():
-        raise DataError(
-            f"data root {root} does not exist; pass --data-root with the dataset folder"
-        )
+    root = check_root(root)
     bits = (
         near_bits
         if near_bits is not None

@@ -1,7 +1,8 @@
 """Read one sample's pixels as ``float32 [C, H, W]`` in ``[0, 1]``.
 
-Ordinary image files go through MONAI's ``LoadImage`` with ``PILReader(reverse_indexing=False)``
-(rows stay rows). Containers that MONAI's readers cannot address by index (a row of a MedMNIST
+Ordinary image files go through MONAI's ``PILReader(reverse_indexing=False)`` (rows stay rows),
+converted to what an image viewer displays (EXIF orientation, palettes, CMYK, ...; see
+:data:`DISPLAY_MODES`). Containers that MONAI's readers cannot address by index (a row of a MedMNIST
 ``.npz``, a slice of a NIfTI volume, a frame of a multi-frame DICOM) have small readers here
 and in :mod:`medtl.data.scans`. Every failure becomes a :class:`DataError` naming the file.
 """
@@ -9,16 +10,15 @@ and in :mod:`medtl.data.scans`. Every failure becomes a :class:`DataError` namin
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from medtl.errors import DataError
+from medtl.errors import DataError, reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -103,44 +103,112 @@ def check_image_header(file: Path) -> ImageHeader:
     return header
 
 
-@functools.lru_cache(maxsize=1)
-def _pil_loader() -> Any:
-    """One MONAI ``LoadImage`` per process: building it probes every reader MONAI knows."""
-    from monai.data import PILReader
-    from monai.transforms import LoadImage
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+# What each Pillow mode becomes before its pixels are read: what an image viewer displays.
+# Palettes are looked up, CMYK / YCbCr / HSV become RGB, 1-bit becomes 0 / 255 grey; alpha
+# is kept here and dropped by the loader. Grey modes of more than 8 bits keep their depth.
+DISPLAY_MODES = {
+    "1": "L",
+    "L": "L",
+    "LA": "LA",
+    "La": "LA",
+    "P": "RGB",  # "RGBA" when the palette has a transparent entry
+    "PA": "RGBA",
+    "RGB": "RGB",
+    "RGBX": "RGB",
+    "RGBA": "RGBA",
+    "RGBa": "RGBA",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "HSV": "RGB",
+    "I;16": "I;16",
+    "I;16B": "I;16B",
+    "I;16L": "I;16L",
+    "I;16N": "I;16N",
+    "I": "I",
+    "F": "F",
+}
 
-    # MONAI announces that its GPU DICOM decoder is unavailable; on a CPU machine that is expected.
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+def display_mode(mode: str, file: Path | str) -> str:
+    """The mode an image of Pillow mode ``mode`` is converted to; other modes are refused."""
+    if mode not in DISPLAY_MODES:
+        raise DataError(
+            f"{file} has image mode {mode!r}, which medtl does not read (it reads 1, L, LA, P, "
+            "PA, RGB, RGBA, CMYK, YCbCr, I;16, I and F); convert it to RGB or greyscale"
+        )
+    return DISPLAY_MODES[mode]
+
+
+def to_display(img: Image.Image) -> Image.Image:
+    """``img`` as a viewer shows it: EXIF orientation applied, then converted by
+    :data:`DISPLAY_MODES` (a CMYK image with an ICC profile through that profile to sRGB)."""
+    if img.getexif().get(ORIENTATION_TAG, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    target = display_mode(mode, getattr(img, "filename", "") or "image")
+    if mode == "P":
+        target = "RGBA" if "transparency" in img.info else "RGB"
+    if mode == target:
+        return img
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        return _cmyk_to_srgb(img)
+    return img.convert(target)
+
+
+def _cmyk_to_srgb(img: Image.Image) -> Image.Image:
+    """Through the image's own ICC profile, as colour-managed viewers do; naive if it fails."""
+    import io
+
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+        out = ImageCms.profileToProfile(
+            img, source, ImageCms.createProfile("sRGB"), outputMode="RGB"
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img.convert("RGB")
+    return out if out is not None else img.convert("RGB")
+
+
+@functools.lru_cache(maxsize=1)
+def _pil_reader() -> Any:
+    """MONAI's ``PILReader`` (rows stay rows) with :func:`to_display` as its converter. Used
+    directly, not through ``LoadImage``: a decode error then names the file here instead of
+    ``LoadImage`` trying every other reader and logging each failure."""
+    from monai.data import PILReader
+
     # PIL hands MONAI a read-only array; torch warns once, although nothing writes to it.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-        # dtype=None keeps the stored integers, so scaling follows the bit depth, not the content
-        return LoadImage(
-            reader=PILReader(reverse_indexing=False),
-            image_only=True,
-            ensure_channel_first=True,
-            dtype=None,
-        )
+    return PILReader(converter=to_display, reverse_indexing=False)
 
 
 def read_image(file: Path) -> np.ndarray:
-    """PNG / JPEG / BMP / TIFF through MONAI's PILReader; 8- and 16-bit scaled to [0, 1]."""
+    """PNG / JPEG / BMP / TIFF through MONAI's PILReader, converted as a viewer displays them
+    (:func:`to_display`); 8- and 16-bit scaled by their depth to [0, 1]."""
     header = check_image_header(file)
+    mode = display_mode(header.mode, file)
+    reader = _pil_reader()
     try:
-        img = _pil_loader()(str(file))
+        arr, _ = reader.get_data(reader.read(str(file)))  # stored integers: [H, W] or [H, W, C]
+    except DataError:
+        raise
     except Exception as exc:
-        reason = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
         raise DataError(
-            f"{file} cannot be decoded ({reason}); the file is corrupt or truncated: "
+            f"{file} cannot be decoded ({reason(exc)}); the file is corrupt or truncated: "
             "re-download it or remove it"
         ) from None
-    arr = np.asarray(img)
-    if header.mode.startswith("I;16") or (header.mode == "I" and arr.max(initial=0) > 255):
-        return np.clip(arr.astype(np.float32) / 65535.0, 0.0, 1.0)  # 16-bit (PIL reads it as int32)
-    if np.issubdtype(arr.dtype, np.integer) and header.mode != "I":
-        return arr.astype(np.float32) / 255.0  # 8 bits per channel (L, RGB, RGBA, P, ...)
-    return to_unit_range(arr, file)
+    arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)  # [C, H, W]
+    if mode.startswith("I;16"):
+        return arr.astype(np.float32) / 65535.0
+    if mode == "I":  # 32-bit integers: 16-bit data widened by PIL, else stretched as float
+        if arr.min(initial=0) >= 0 and arr.max(initial=0) <= 65535:
+            return arr.astype(np.float32) / 65535.0
+        return to_unit_range(arr, file)
+    if mode == "F":
+        return to_unit_range(arr, file)
+    return arr.astype(np.float32) / 255.0  # 8 bits per channel (L, LA, RGB, RGBA)
 
 
 def to_unit_range(arr: np.ndarray, file: Path | str) -> np.ndarray:

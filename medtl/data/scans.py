@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medtl.data.adapters import ADAPTERS, AdapterResult, rel, require_root
+from medtl.data.adapters import ADAPTERS, AdapterResult, LeftOut, rel, require_root
 from medtl.data.manifest import Sample, check_relative_path
 from medtl.data.readers import DICOM_SUFFIXES, MAX_PIXELS, NIFTI_SUFFIXES, is_dicom
 from medtl.errors import DataError
@@ -511,25 +511,42 @@ def nifti(
         raise DataError(f"{root} holds no NIfTI volumes (*.nii, *.nii.gz); check --data-root")
     names: dict[str, str] = {}
     samples = []
+    left_out, empty_slices = [], 0
+    rule = f"more than {min_foreground:.0%} of its voxels above the volume's 1st percentile"
     for file in volumes:
         path = rel(file, root)
         label, patient = source.lookup(path)
         group = _pseudonym(names, patient) if patient else path
+        kept, total = _kept_slices(file, axis, min_foreground)
+        if not kept:
+            left_out.append(
+                LeftOut(path, total, f"no slice has {rule} (an empty or constant volume)")
+            )
+        else:
+            empty_slices += total - len(kept)
         samples += [
-            Sample(path, label, group=group, locator=f"axis={axis}/slice={k}")
-            for k in _kept_slices(file, axis, min_foreground)
+            Sample(path, label, group=group, locator=f"axis={axis}/slice={k}") for k in kept
         ]
+    if empty_slices:
+        left_out.append(
+            LeftOut(
+                f"the other {len(volumes) - len(left_out)} volume(s)",
+                empty_slices,
+                f"empty slices: none has {rule} (lower -O min_foreground to keep them)",
+            )
+        )
     if not samples:
         raise DataError(
             f"no slice of the {len(volumes)} volume(s) under {root} has more than "
             f"{min_foreground:.0%} of its voxels above the volume's 1st percentile; lower "
             "-O min_foreground"
         )
-    return AdapterResult(samples, _classes(samples))
+    return AdapterResult(samples, _classes(samples), left_out)
 
 
-def _kept_slices(file: Path, axis: int, min_foreground: float) -> list[int]:
-    """Indices of the slices along ``axis`` that pass the empty-slice rule (see :func:`nifti`)."""
+def _kept_slices(file: Path, axis: int, min_foreground: float) -> tuple[list[int], int]:
+    """Indices of the slices along ``axis`` that pass the empty-slice rule (see :func:`nifti`),
+    and the number of slices along ``axis``."""
     img = _open_nifti(file)
     volume = _as_float(file, lambda: img.dataobj)
     if not np.isfinite(volume).all():
@@ -540,7 +557,7 @@ def _kept_slices(file: Path, axis: int, min_foreground: float) -> list[int]:
     threshold = np.percentile(volume, 1)
     others = tuple(a for a in range(3) if a != axis)
     fraction = (volume > threshold).mean(axis=others)
-    return [int(k) for k in np.flatnonzero(fraction > min_foreground)]
+    return [int(k) for k in np.flatnonzero(fraction > min_foreground)], volume.shape[axis]
 
 
 def _slice_options(axis: Any, min_foreground: Any) -> tuple[int, float]:

@@ -20,8 +20,13 @@ from medtl.errors import ConfigError, DataError
 DEFAULT_RATIOS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
+RATIO_TOLERANCE = 1e-3  # shares written with three decimals (0.333, 0.333, 0.334) sum to 1
+
+
 def check_ratios(ratios: dict[str, float]) -> dict[str, float]:
-    """Validate ``{"train": .7, "val": .15, "test": .15}``-style ratios; they are normalised."""
+    """Validate ``{"train": .7, "val": .15, "test": .15}``-style ratios: known splits,
+    non-negative, summing to 1 (a missing split is 0). Shares that do not sum to 1 are refused,
+    never rescaled: a typo (0.7, 0.15, 0.51) must not quietly become another split."""
     unknown = set(ratios) - {"train", "val", "test"}
     if unknown:
         raise ConfigError(
@@ -30,6 +35,12 @@ def check_ratios(ratios: dict[str, float]) -> dict[str, float]:
     if any(v < 0 for v in ratios.values()) or sum(ratios.values()) <= 0:
         raise ConfigError(f"split ratios {ratios} must be non-negative and sum to more than 0")
     total = sum(ratios.values())
+    if abs(total - 1.0) > RATIO_TOLERANCE:
+        shares = ", ".join(f"{k} {v:g}" for k, v in ratios.items())
+        raise ConfigError(
+            f"split ratios ({shares}) sum to {total:g}, not 1; give shares that sum to 1, "
+            "e.g. train 0.7, val 0.15, test 0.15"
+        )
     return {k: ratios.get(k, 0.0) / total for k in ("train", "val", "test")}
 
 

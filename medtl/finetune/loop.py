@@ -24,7 +24,7 @@ from medtl import __version__
 from medtl.artifacts import ModelCard, Normalisation, WeightsProvenance
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, DataError, reason
 from medtl.io import atomic_open
 from medtl.models import Classifier, build_classifier, check_backbone, create_backbone
 from medtl.predictions import Predictions
@@ -375,5 +375,12 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, ModelCard]:
         mean=stats.mean if stats else None,
         std=stats.std if stats else None,
     )
-    model.backbone.load_state_dict(load_file(str(model_path)), strict=True)
+    try:
+        state = load_file(str(model_path))
+    except Exception as exc:  # safetensors raises its own error types for a cut or garbled file
+        raise DataError(
+            f"{model_path} cannot be read ({reason(exc)}); the file is truncated or corrupt: "
+            "fine-tune the model again or restore the file"
+        ) from None
+    model.backbone.load_state_dict(state, strict=True)
     return model.eval(), card

@@ -22,7 +22,7 @@ from typing import Any
 from medtl import __version__
 from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
-from medtl.io import atomic_write_text, write_json
+from medtl.io import atomic_write_text, check_writable, write_json
 from medtl.report.entry import all_notes, entry_section, run_info
 from medtl.report.gallery import Gallery, entry_gallery
 from medtl.report.html import esc, page
@@ -67,6 +67,7 @@ def build_report(
     """
     evaluation_dir, out_dir = Path(evaluation_dir), Path(out_dir)
     roots = {str(k): Path(v) for k, v in (data_roots or {}).items()}
+    check_writable(out_dir)
     evaluation = load_evaluation(evaluation_dir, roots)
     galleries = _galleries(evaluation, roots)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

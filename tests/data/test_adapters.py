@@ -758,3 +758,44 @@ def test_manifest_holds_no_absolute_path(tmp_path: Path, dataset: str) -> None:
         assert not row["path"].startswith("/") and ".." not in row["path"].split("/")
         assert (data / row["path"]).is_file()
         assert row["id"] == row_id(row["path"], row["locator"])
+
+
+def test_medmnist_split_without_labels_is_counted_and_listed(tmp_path: Path) -> None:
+    from medtl.data.prepare import prepare
+
+    labels = {s: np.array(y, dtype=np.uint8) for s, y in BREAST.items()}
+    path = write_npz(tmp_path / "breastmnist.npz", labels)
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "test_labels"}
+    np.savez_compressed(path, **arrays)  # the test split's labels are lost
+    result = run("medmnist", tmp_path)
+    assert {s.split for s in result.samples} == {"train", "val"}
+    assert [(e.what, e.count) for e in result.left_out] == [("test_images of breastmnist.npz", 3)]
+    assert "no test_labels" in result.left_out[0].reason
+    prepared = prepare("medmnist", tmp_path, tmp_path / "out" / "m.csv", seed=0)
+    assert prepared.audit.left_out == [
+        {"what": "test_images of breastmnist.npz", "count": 3, "reason": result.left_out[0].reason}
+    ]
+    assert [p.kind for p in prepared.audit.problems] == ["left-out"]
+    assert "left out: 3 from test_images of breastmnist.npz" in prepared.audit.summary()
+
+
+def test_isic_images_without_a_ground_truth_row_are_counted_and_listed(isic_root: Path) -> None:
+    image(isic_root / "ISIC2018_Task3_Training_Input" / "ISIC_0099999.jpg", mode="RGB")
+    result = run("isic2018", isic_root)
+    assert len(result.samples) == 7  # the unlisted image is not a sample
+    assert [(e.what, e.count) for e in result.left_out] == [("ISIC2018_Task3_Training_Input", 1)]
+    assert "ISIC_0099999.jpg" in result.left_out[0].reason
+
+
+def test_folder_images_outside_the_layout_are_counted_and_listed(tmp_path: Path) -> None:
+    for name in ("train/a/1.png", "train/b/2.png", "test/a/3.png", "test/b/4.png"):
+        image(tmp_path / name)
+    image(tmp_path / "extra" / "a" / "5.png")  # beside the split folders: not read
+    image(tmp_path / "train" / "a" / "deeper" / "6.png")  # below a class folder: not read
+    image(tmp_path / "7.png")
+    image(tmp_path / ".hidden" / "8.png")  # hidden: skipped on purpose, not listed
+    result = run("folder", tmp_path)
+    assert len(result.samples) == 4
+    assert [(e.what, e.count) for e in result.left_out] == [("image files under the data root", 3)]
+    assert "<root>/<split>/<class>/), e.g. 7.png" in result.left_out[0].reason

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from medtl.data.manifest import Manifest, ManifestMeta, Row, check_relative_path, resolve, row_id
+from medtl.data.manifest import (
+    Manifest,
+    ManifestMeta,
+    Row,
+    check_relative_path,
+    check_root,
+    resolve,
+    row_id,
+)
 from medtl.errors import DataError
 
 
@@ -88,3 +96,30 @@ def test_missing_manifest_and_sidecar(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("id\n")
     with pytest.raises(DataError, match="sidecar"):
         Manifest.load(tmp_path / "m.csv")
+
+
+def test_links_pointing_outside_the_root_are_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (root / "inside.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "sub" / "folder").symlink_to(outside, target_is_directory=True)
+    (root / "alias.png").symlink_to(root / "inside.png")  # a link inside the root is fine
+    assert resolve(root, "alias.png") == root / "alias.png"
+    for path in ("link.png", "sub/folder/secret.png"):
+        with pytest.raises(DataError, match=rf"{path} is a link to .*outside the data root"):
+            resolve(root, path)
+    linked_root = tmp_path / "root-link"  # the data root itself may be a link
+    linked_root.symlink_to(root, target_is_directory=True)
+    assert resolve(linked_root, "inside.png") == linked_root / "inside.png"
+
+
+def test_a_data_root_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("x")
+    with pytest.raises(DataError, match=r"data root .*data\.csv is a file, not a folder"):
+        check_root(tmp_path / "data.csv")
+    with pytest.raises(DataError, match=r"data root .*nope does not exist"):
+        check_root(tmp_path / "nope")
+    assert check_root(tmp_path) == tmp_path

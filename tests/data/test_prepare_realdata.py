@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -161,13 +162,14 @@ def test_busi_recropped_duplicates_share_a_cluster_and_split(
 def test_busi_subset_gets_the_full_sets_split_for_every_shared_image(
     busi: PrepareResult, tmp_path: Path
 ) -> None:
-    """A copy holding every third BUSI image (links to the real files): each image whose
-    duplicate cluster is the same in both copies is in the same split in both manifests."""
+    """A copy holding every third BUSI image: each image whose duplicate cluster is the same in
+    both copies is in the same split in both manifests. (Copies, not links: links that leave the
+    data root are refused.)"""
     root = shared("busi")
     for row in busi.manifest.rows[::3]:
-        link = tmp_path / "subset" / row.path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to((root / row.path).resolve())
+        copy = tmp_path / "subset" / row.path
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / row.path, copy)
     sub = prepare("busi", tmp_path / "subset", tmp_path / "subset.csv", seed=0, workers=2)
     full = {r.path: r for r in busi.manifest.rows}
     same_group = [r for r in sub.manifest.rows if r.group == full[r.path].group]

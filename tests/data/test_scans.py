@@ -537,3 +537,20 @@ def test_deflated_files_are_checked_for_pixel_data(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_dicom(tmp_path / "with.dcm"), [[[0.0, 1.0]]])
     with pytest.raises(DataError, match=r"without\.dcm has no pixel data"):
         read_dicom(tmp_path / "without.dcm")
+
+
+def test_an_empty_volume_and_empty_slices_are_counted_and_listed(tmp_path: Path) -> None:
+    from medtl.data.prepare import prepare
+
+    write_nifti(tmp_path / "a.nii.gz", slab_volume())
+    write_nifti(tmp_path / "zero.nii.gz", np.zeros((6, 5, 4), dtype=np.float32))
+    result = nifti(tmp_path)
+    assert {s.path for s in result.samples} == {"a.nii.gz"}
+    assert [(e.what, e.count) for e in result.left_out] == [
+        ("zero.nii.gz", 4),
+        ("the other 1 volume(s)", 4 - len(result.samples)),
+    ]
+    assert "empty or constant volume" in result.left_out[0].reason
+    audit = prepare("nifti", tmp_path, tmp_path / "out" / "m.csv", ratios={"train": 1.0}).audit
+    assert [e["what"] for e in audit.left_out] == ["zero.nii.gz", "the other 1 volume(s)"]
+    assert "left out: 4 from zero.nii.gz" in audit.summary()

@@ -97,7 +97,7 @@ def test_zero_ratio_leaves_split_empty() -> None:
 
 def test_too_few_groups_is_a_clear_error() -> None:
     with pytest.raises(DataError, match="cannot fill 3 splits"):
-        group_split(["a", "a"], ["g", "h"], {"train": 1, "val": 1, "test": 1}, seed=0)
+        group_split(["a", "a"], ["g", "h"], {"train": 0.4, "val": 0.3, "test": 0.3}, seed=0)
 
 
 def test_bad_ratios() -> None:
@@ -119,3 +119,13 @@ def test_carve_validation_keeps_official_test_and_groups() -> None:
     for g, s in zip(groups, out, strict=True):
         by_group.setdefault(g, set()).add(s)
     assert all(len(v) == 1 for v in by_group.values())
+
+
+@pytest.mark.parametrize(
+    "ratios", [{"train": 0.8, "val": 0.15, "test": 0.15}, {"train": 7, "val": 1.5, "test": 1.5}]
+)
+def test_ratios_that_do_not_sum_to_one_are_refused_not_rescaled(ratios: dict) -> None:
+    with pytest.raises(ConfigError, match=r"split ratios \(train .*\) sum to [0-9.]+, not 1"):
+        check_ratios(ratios)
+    assert check_ratios({"train": 0.333, "val": 0.333, "test": 0.334})["test"] == 0.334
+    assert check_ratios({"train": 0.8, "val": 0.2}) == {"train": 0.8, "val": 0.2, "test": 0.0}
