@@ -31,7 +31,7 @@ def pairs_in_band(
     adapter: str, root: Path, options: dict[str, str], lo: int, hi: int, new_only: bool
 ) -> tuple[list[Item], list[tuple[int, int, int, int]]]:
     """Items and ``(dct bits, difference bits, a, b)`` for the pairs with ``lo <= dct <= hi``."""
-    samples, _ = run_adapter(adapter, root, options)
+    samples = run_adapter(adapter, root, options).samples
     items = [Item(s.key, s.path, s.locator, s.label or "") for s in samples]
     near_bits = DEFAULT_NEAR_BITS if new_only else -1
     _, _, pairs = duplicate_clusters(inspect_all(root, items), near_bits, phash_bits=hi)
