@@ -30,6 +30,7 @@ from medtl.calibrate import (
     calibration_summary,
     fit_calibrator,
 )
+from medtl.conformal import CONFORMAL_FILE, ConformalConfig, fit_conformal
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, MedtlError
@@ -53,6 +54,10 @@ class CalibrateConfig(BaseModel):
         description="calibrators also fitted (on val) and measured (on test) for the table",
     )
     n_bins: int = Field(15, ge=2, description="bins of the equal-width ECE")
+    conformal: ConformalConfig = Field(
+        default_factory=ConformalConfig,
+        description="split-conformal prediction sets fitted on validation (conformal.json)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -98,8 +103,10 @@ class ReportConfig(BaseModel):
 
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     """Fit ``cfg.method`` on ``predictions_val.csv``; store it, with the operating thresholds it
-    gives on validation, in the model card (``meta.json``); write ``calibration.json`` with every
-    compared calibrator measured on the test split."""
+    gives on validation, in the model card (``meta.json``); fit the conformal prediction sets
+    (``calibrate.conformal``) on the same calibrated validation probabilities
+    (``conformal.json``); write ``calibration.json`` with every compared calibrator measured
+    on the test split."""
     meta_path = folder / "meta.json"
     card = ModelCard.load(meta_path)  # a broken card stops here, before anything is fitted
     val = Predictions.load(folder / "predictions_val.csv")
@@ -125,6 +132,9 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     card.calibrator = fitted[cfg.method]
     card.thresholds = validation_thresholds(val, card.calibrator)
     card.save(meta_path)
+    conformal = fit_conformal(val, card.calibrator, cfg.conformal)
+    conformal.save(folder / CONFORMAL_FILE)
+    result["conformal"] = conformal.model_dump(mode="json")
     write_json(folder / "calibration.json", result)
     return result
 
@@ -300,6 +310,9 @@ def _evaluate_one(
         )
         if leaks is not None:
             entry["leaks"] = leaks
+        conformal = _conformal(spec.folder, test, calibrator)
+        if conformal is not None:
+            entry["conformal"] = conformal
         return entry, test, calibrator
     except MedtlError as exc:
         entry["error"] = str(exc).strip().splitlines()[-1]
@@ -341,6 +354,20 @@ def _predict(
     val_file = spec.folder / "predictions_val.csv"
     val = Predictions.load(val_file) if val_file.is_file() else None
     return card, test, val
+
+
+def _conformal(folder: Path, test: Predictions, calibrator: Calibrator) -> dict[str, Any] | None:
+    """The model's conformal sets (fitted on its validation split) measured on ``test``; None
+    when the model has no ``conformal.json`` (calibrated before conformal sets existed) or the
+    split is unlabelled."""
+    from medtl.conformal import ConformalCard, conformal_summary
+
+    path = folder / CONFORMAL_FILE
+    if not path.is_file() or not (test.labels >= 0).any():
+        return None
+    card = ConformalCard.load(path)
+    card.check_calibrator(calibrator, path)
+    return conformal_summary(test, calibrator, card)
 
 
 def _test_leaks(data: DataSpec, split: str) -> SplitLeaks | None:
