@@ -311,6 +311,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medtl.pipeline import pick_device
+    from medtl.predict import PredictOptions, predict_images
+
+    opts = PredictOptions(
+        batch_size=args.batch_size,
+        device=pick_device(args.device),
+        positive=args.positive,
+        operating_point=args.operating_point,
+        uncalibrated=args.uncalibrated,
+        split=args.split,
+        progress=show_progress(args),
+    )
+    root = Path(args.data_root) if args.data_root else None
+    result = predict_images(Path(args.model), Path(args.input), Path(args.out), opts, root)
+    resumed = f" ({result.resumed} done before a resume)" if result.resumed else ""
+    print(
+        f"{result.predicted} image(s) predicted{resumed}, {result.skipped} skipped "
+        f"(listed in {result.files['skipped.csv']}); predictions in {result.files['predictions.csv']}"
+    )
+    return 0
+
+
 def _ci(entry: dict[str, Any]) -> str:
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -530,6 +553,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="apply a calibrated model to new images: probabilities, called class, conformal sets",
+    )
+    p.add_argument("model", help="fine-tuned, calibrated model folder (runs/NAME/finetune)")
+    p.add_argument("input", help="folder of images / DICOM / NIfTI, or a manifest (.csv)")
+    p.add_argument(
+        "--out", required=True, help="output folder (resumed when it holds a partial run)"
+    )
+    p.add_argument("--data-root", default=None, help="data root of a manifest input")
+    p.add_argument("--split", default=None, help="only this split of a manifest input")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ..."
+    )
+    p.add_argument(
+        "--positive",
+        default=None,
+        help="class of the operating point (default: the recipe's evaluate.positive, or class 1 "
+        "of a binary model; a multi-class model without one calls the argmax)",
+    )
+    p.add_argument(
+        "--operating-point",
+        default="youden",
+        help="threshold chosen on validation: youden (default), argmax, target_sensitivity_0.90, "
+        "target_sensitivity_0.95",
+    )
+    p.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="allow a model that was never calibrated: raw probabilities, argmax, no conformal sets",
+    )
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "report", help="one self-contained HTML report (+ JSON, CSV) from an evaluation"
