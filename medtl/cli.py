@@ -264,9 +264,24 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from medtl.conformal import ConformalConfig
     from medtl.evaluate import CalibrateConfig, calibrate_model
 
-    cfg = CalibrateConfig(method=args.method, **({"compare": args.compare} if args.compare else {}))
+    try:
+        conformal = ConformalConfig(
+            coverage=args.coverage, score=args.conformal_score, mondrian=args.mondrian
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = {"score": "--conformal-score"}.get(str(error["loc"][0]), "--coverage")
+        raise ConfigError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+    cfg = CalibrateConfig(
+        method=args.method,
+        conformal=conformal,
+        **({"compare": args.compare} if args.compare else {}),
+    )
     for folder in args.model:
         result = calibrate_model(Path(folder), cfg)
         params = result["calibrators"][cfg.method]["params"]
@@ -287,6 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         positive=args.positive,
         n_boot=args.n_boot,
         ensemble=args.ensemble,
+        site_split=args.site_split,
     )
     path = evaluate(
         [ModelSpec.parse(m) for m in args.model],
@@ -513,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare", nargs="*", default=None, help="calibrators to compare on test (default: all)"
     )
+    p.add_argument(
+        "--coverage", type=float, default=0.9, help="conformal sets' target coverage (default 0.9)"
+    )
+    p.add_argument("--conformal-score", default="lac", help="conformal score: lac (default) or aps")
+    p.add_argument(
+        "--mondrian",
+        action="store_true",
+        help="class-conditional conformal sets (per-class coverage)",
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -549,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="keep",
         help="official test images sharing a duplicate or group with train / val: keep (official "
         "and clean figures side by side, default) or drop (clean subset only)",
+    )
+    p.add_argument(
+        "--site-split",
+        default=None,
+        metavar="SPLIT",
+        help="a labelled split of each dataset (a new site's calibration part, e.g. val) on which "
+        "the operating thresholds are chosen again and shown beside the model's own",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

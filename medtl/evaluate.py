@@ -79,6 +79,12 @@ class EvaluateConfig(BaseModel):
     ensemble: bool = Field(
         False, description="also evaluate the mean of the models' calibrated probabilities"
     )
+    site_split: str | None = Field(
+        None,
+        description="a labelled split of each evaluated dataset (e.g. an external site's 'val') "
+        "on which the operating thresholds are chosen again, reported beside the model's own "
+        "validation thresholds; never the split being evaluated",
+    )
     external: list[str] = Field(
         default_factory=list,
         description="further test sets for `medtl run`, as MANIFEST:ROOT[@NAME] (e.g. an external hospital)",
@@ -225,6 +231,11 @@ def evaluate(
     progress: bool = True,
 ) -> Path:
     """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
+    if cfg.site_split is not None and cfg.site_split in cfg.splits:
+        raise ConfigError(
+            f"site split '{cfg.site_split}' is also evaluated: thresholds chosen on a split are "
+            "never tested on it; evaluate the site's test split and choose on its calibration split"
+        )
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
@@ -310,6 +321,8 @@ def _evaluate_one(
         )
         if leaks is not None:
             entry["leaks"] = leaks
+        if cfg.site_split is not None:
+            entry["site_thresholds"] = _site_thresholds(spec, data, split, test, card, cfg, device)
         conformal = _conformal(spec.folder, test, calibrator)
         if conformal is not None:
             entry["conformal"] = conformal
@@ -354,6 +367,45 @@ def _predict(
     val_file = spec.folder / "predictions_val.csv"
     val = Predictions.load(val_file) if val_file.is_file() else None
     return card, test, val
+
+
+def _site_thresholds(
+    spec: ModelSpec,
+    data: DataSpec,
+    split: str,
+    test: Predictions,
+    card: ModelCard,
+    cfg: EvaluateConfig,
+    device: str,
+) -> dict[str, Any]:
+    """Operating thresholds chosen again on the labelled ``cfg.site_split`` of this dataset
+    (a new site's calibration part, with the model's calibrator) and applied to ``split``."""
+    from medtl.metrics import apply_threshold, choose_thresholds, positive_indices
+
+    site = str(cfg.site_split)
+    if site == split:
+        raise ConfigError(
+            f"site_split '{site}' is the split being evaluated: thresholds chosen on it would be "
+            "tested on the same images; give the site's calibration split (e.g. val)"
+        )
+    _, calib, _ = _predict(spec, data, site, cfg, device, progress=False)
+    keep = test.labels >= 0
+    probs, labels = test.probs(card.calibrator)[keep], test.labels[keep]
+    out: dict[str, Any] = {}
+    for c in positive_indices(cfg.positive, test.classes):
+        name = test.classes[c]
+        try:
+            chosen = choose_thresholds(calib.probs(card.calibrator), calib.labels, c)
+        except DataError as exc:
+            out[name] = {"chosen_on": f"{data.name}/{site}", "error": str(exc)}
+            continue
+        out[name] = {
+            "chosen_on": f"{data.name}/{site}",
+            "n_chosen_on": int((calib.labels >= 0).sum()),
+            "thresholds": chosen,
+            "test": {k: apply_threshold(probs, labels, c, t) for k, t in chosen.items()},
+        }
+    return out
 
 
 def _conformal(folder: Path, test: Predictions, calibrator: Calibrator) -> dict[str, Any] | None:
