@@ -195,3 +195,18 @@ def test_manifest_needs_its_data_root(trained, tmp_path: Path) -> None:
     _, model, manifest = trained
     assert Manifest.load(manifest).rows
     assert main(["predict", str(model), str(manifest), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_throughput_benchmark_runs_and_writes_its_section(trained, tmp_path: Path) -> None:
+    from tests.test_benchmark_scripts import load_script
+
+    _, model, _ = trained
+    folder = tmp_path / "in"
+    for i in range(3):
+        write_png(folder / f"x{i}.png", seed=i)
+    write_png(folder / "x0_mask.png")  # masks are left out
+    doc = tmp_path / "performance.md"
+    section = load_script("predict_throughput").main(
+        ["--model", str(model), "--input", str(folder), "--n", "5", "--out", str(doc)]
+    )
+    assert "| 3 |" in section and "images/s" in doc.read_text()
