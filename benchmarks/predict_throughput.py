@@ -61,7 +61,7 @@ def measure(model: Path, source: Path, n: int, batch_size: int) -> tuple[int, fl
 
 def report(count: int, seconds: float, card: ModelCard, args: argparse.Namespace) -> str:
     cmd = (
-        f"python benchmarks/predict_throughput.py --model MODEL --input {args.input} "
+        f"python benchmarks/predict_throughput.py --model MODEL --input {os.path.relpath(args.input, ROOT)} "
         f"--n {args.n} --batch-size {args.batch_size} --threads {args.threads}"
     )
     return "\n".join(
