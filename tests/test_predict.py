@@ -210,3 +210,19 @@ def test_throughput_benchmark_runs_and_writes_its_section(trained, tmp_path: Pat
         ["--model", str(model), "--input", str(folder), "--n", "5", "--out", str(doc)]
     )
     assert "| 3 |" in section and "images/s" in doc.read_text()
+
+
+def test_nifti_volume_predicted_per_kept_slice(trained, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    _, model, _ = trained
+    volume = np.zeros((24, 20, 6), dtype=np.float32)
+    volume[4:20, 4:16, 1:5] = np.linspace(1, 2, 16 * 12 * 4).reshape(16, 12, 4)  # slices 1-4
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / "case.nii.gz")
+    result = predict_images(model, folder, tmp_path / "out", PredictOptions(progress=False))
+    rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert result.predicted == 4
+    assert [r["locator"] for r in rows] == [f"axis=2/slice={k}" for k in range(1, 5)]
+    assert {r["group"] for r in rows} == {"case.nii.gz"}
