@@ -176,6 +176,8 @@ def test_conformal_sets_are_fitted_on_validation_and_measured_on_test(
     assert entry["conformal"]["fitted_on"] == "val" and entry["conformal"]["measured_on"] == "test"
     html = build_report(tmp_path / "eval", tmp_path / "report").html.read_text()
     assert "Conformal prediction sets (test split)" in html
+    payload = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert payload["entries"][0]["conformal"]["coverage"] == entry["conformal"]["coverage"]
 
 
 def test_site_thresholds_are_chosen_on_the_sites_calibration_split(
