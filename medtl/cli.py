@@ -321,6 +321,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(
                 f"{e['model']} on {e['dataset']}/{e['split']}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}"
             )
+            if "conformal" in e:
+                c = e["conformal"]
+                print(
+                    f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
+                    f"{_ci(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
+                )
         else:
             print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
     print(f"evaluation written to {path}")
