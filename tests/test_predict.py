@@ -73,6 +73,12 @@ def test_manifest_input_matches_trainings_preprocessing(trained, tmp_path: Path)
         "|".join(c for c, m in zip(conformal.classes, row, strict=True) if m) for row in members
     ]
     assert all(r["abstain"] == str(int(r["set_size"]) != 1).lower() for r in rows)
+    # binary, no positive class named: class 1 at the Youden threshold chosen on validation
+    youden = ModelCard.model_validate(card).thresholds["malignant"]["youden"]
+    clear = [r for r in rows if abs(float(r["prob_malignant"]) - youden) > 1e-5]  # the
+    # threshold is one of these validation images' own probabilities, which the CSV rounds
+    called = ["malignant" if float(r["prob_malignant"]) >= youden else "benign" for r in clear]
+    assert len(clear) >= len(rows) - 1 and [r["predicted"] for r in clear] == called
 
 
 def test_folder_with_corrupt_file_and_other_channel_counts(trained, tmp_path: Path) -> None:
@@ -226,3 +232,20 @@ def test_nifti_volume_predicted_per_kept_slice(trained, tmp_path: Path) -> None:
     assert result.predicted == 4
     assert [r["locator"] for r in rows] == [f"axis=2/slice={k}" for k in range(1, 5)]
     assert {r["group"] for r in rows} == {"case.nii.gz"}
+
+
+def test_operating_point_decision_by_hand(trained) -> None:
+    from medtl.artifacts import ModelCard
+    from medtl.calibrate import NoCalibration
+    from medtl.predict import Decision
+
+    _, model, _ = trained
+    card = ModelCard.load(model / "meta.json")
+    rule = Decision(card, NoCalibration(), None, positive=1, threshold=0.3, rule="youden")
+    probs = np.array([[0.6, 0.4], [0.75, 0.25]])
+    _, called, sets = rule.rows(np.log(probs))
+    assert called.tolist() == [1, 0]  # 0.4 >= 0.3 is called positive although argmax is 0
+    assert sets is None
+    three = Decision(card, NoCalibration(), None, positive=2, threshold=0.34, rule="youden")
+    _, called, _ = three.rows(np.log(np.array([[0.2, 0.45, 0.35], [0.5, 0.2, 0.3]])))
+    assert called.tolist() == [2, 0]  # below the threshold: the most probable other class
