@@ -292,9 +292,24 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from medtl.conformal import ConformalConfig
     from medtl.evaluate import CalibrateConfig, calibrate_model
 
-    cfg = CalibrateConfig(method=args.method, **({"compare": args.compare} if args.compare else {}))
+    try:
+        conformal = ConformalConfig(
+            coverage=args.coverage, score=args.conformal_score, mondrian=args.mondrian
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = {"score": "--conformal-score"}.get(str(error["loc"][0]), "--coverage")
+        raise ConfigError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+    cfg = CalibrateConfig(
+        method=args.method,
+        conformal=conformal,
+        **({"compare": args.compare} if args.compare else {}),
+    )
     failures = []
     for folder in args.model:
         try:
@@ -322,6 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         positive=args.positive,
         n_boot=args.n_boot,
         ensemble=args.ensemble,
+        site_split=args.site_split,
     )
     path = evaluate(
         [ModelSpec.parse(m) for m in args.model],
@@ -340,6 +356,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(
                 f"{e['model']} on {e['dataset']}/{e['split']}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}"
             )
+            if "conformal" in e:
+                c = e["conformal"]
+                print(
+                    f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
+                    f"{_ci(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
+                )
         else:
             print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
     print(f"evaluation written to {path}")
@@ -355,6 +377,29 @@ def _batch_exit(what: str, total: int, failures: list[str]) -> int:
     for failure in failures:
         print(f"  {failure}", file=sys.stderr)
     return EXIT_FAILURES
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medtl.pipeline import pick_device
+    from medtl.predict import PredictOptions, predict_images
+
+    opts = PredictOptions(
+        batch_size=args.batch_size,
+        device=pick_device(args.device),
+        positive=args.positive,
+        operating_point=args.operating_point,
+        uncalibrated=args.uncalibrated,
+        split=args.split,
+        progress=show_progress(args),
+    )
+    root = Path(args.data_root) if args.data_root else None
+    result = predict_images(Path(args.model), Path(args.input), Path(args.out), opts, root)
+    resumed = f" ({result.resumed} done before a resume)" if result.resumed else ""
+    print(
+        f"{result.predicted} image(s) predicted{resumed}, {result.skipped} skipped "
+        f"(listed in {result.files['skipped.csv']}); predictions in {result.files['predictions.csv']}"
+    )
+    return 0
 
 
 def _ci(entry: dict[str, Any]) -> str:
@@ -538,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare", nargs="*", default=None, help="calibrators to compare on test (default: all)"
     )
+    p.add_argument(
+        "--coverage", type=float, default=0.9, help="conformal sets' target coverage (default 0.9)"
+    )
+    p.add_argument("--conformal-score", default="lac", help="conformal score: lac (default) or aps")
+    p.add_argument(
+        "--mondrian",
+        action="store_true",
+        help="class-conditional conformal sets (per-class coverage)",
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -575,9 +629,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="official test images sharing a duplicate or group with train / val: keep (official "
         "and clean figures side by side, default) or drop (clean subset only)",
     )
+    p.add_argument(
+        "--site-split",
+        default=None,
+        metavar="SPLIT",
+        help="a labelled split of each dataset (a new site's calibration part, e.g. val) on which "
+        "the operating thresholds are chosen again and shown beside the model's own",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="apply a calibrated model to new images: probabilities, called class, conformal sets",
+    )
+    p.add_argument("model", help="fine-tuned, calibrated model folder (runs/NAME/finetune)")
+    p.add_argument("input", help="folder of images / DICOM / NIfTI, or a manifest (.csv)")
+    p.add_argument(
+        "--out", required=True, help="output folder (resumed when it holds a partial run)"
+    )
+    p.add_argument("--data-root", default=None, help="data root of a manifest input")
+    p.add_argument("--split", default=None, help="only this split of a manifest input")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ..."
+    )
+    p.add_argument(
+        "--positive",
+        default=None,
+        help="class of the operating point (default: the recipe's evaluate.positive, or class 1 "
+        "of a binary model; a multi-class model without one calls the argmax)",
+    )
+    p.add_argument(
+        "--operating-point",
+        default="youden",
+        help="threshold chosen on validation: youden (default), argmax, target_sensitivity_0.90, "
+        "target_sensitivity_0.95",
+    )
+    p.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="allow a model that was never calibrated: raw probabilities, argmax, no conformal sets",
+    )
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "report", help="one self-contained HTML report (+ JSON, CSV) from an evaluation"

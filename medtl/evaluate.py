@@ -31,6 +31,7 @@ from medtl.calibrate import (
     calibration_summary,
     fit_calibrator,
 )
+from medtl.conformal import CONFORMAL_FILE, ConformalConfig, fit_conformal
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, MedtlError, one_line
@@ -54,6 +55,10 @@ class CalibrateConfig(BaseModel):
         description="calibrators also fitted (on val) and measured (on test) for the table",
     )
     n_bins: int = Field(15, ge=2, description="bins of the equal-width ECE")
+    conformal: ConformalConfig = Field(
+        default_factory=ConformalConfig,
+        description="split-conformal prediction sets fitted on validation (conformal.json)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -74,6 +79,12 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     ensemble: bool = Field(
         False, description="also evaluate the mean of the models' calibrated probabilities"
+    )
+    site_split: str | None = Field(
+        None,
+        description="a labelled split of each evaluated dataset (e.g. an external site's 'val') "
+        "on which the operating thresholds are chosen again, reported beside the model's own "
+        "validation thresholds; never the split being evaluated",
     )
     external: list[str] = Field(
         default_factory=list,
@@ -99,8 +110,10 @@ class ReportConfig(BaseModel):
 
 def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     """Fit ``cfg.method`` on ``predictions_val.csv``; store it, with the operating thresholds it
-    gives on validation, in the model card (``meta.json``); write ``calibration.json`` with every
-    compared calibrator measured on the test split."""
+    gives on validation, in the model card (``meta.json``); fit the conformal prediction sets
+    (``calibrate.conformal``) on the same calibrated validation probabilities
+    (``conformal.json``); write ``calibration.json`` with every compared calibrator measured
+    on the test split."""
     meta_path = folder / "meta.json"
     card = ModelCard.load(meta_path)  # a broken card stops here, before anything is fitted
     check_writable(folder)
@@ -127,6 +140,9 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     card.calibrator = fitted[cfg.method]
     card.thresholds = validation_thresholds(val, card.calibrator)
     card.save(meta_path)
+    conformal = fit_conformal(val, card.calibrator, cfg.conformal)
+    conformal.save(folder / CONFORMAL_FILE)
+    result["conformal"] = conformal.model_dump(mode="json")
     write_json(folder / "calibration.json", result)
     return result
 
@@ -217,6 +233,11 @@ def evaluate(
     progress: bool = True,
 ) -> Path:
     """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
+    if cfg.site_split is not None and cfg.site_split in cfg.splits:
+        raise ConfigError(
+            f"site split '{cfg.site_split}' is also evaluated: thresholds chosen on a split are "
+            "never tested on it; evaluate the site's test split and choose on its calibration split"
+        )
     check_writable(out)
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
@@ -312,6 +333,11 @@ def _evaluate_one(
         )
         if leaks is not None:
             entry["leaks"] = leaks
+        if cfg.site_split is not None:
+            entry["site_thresholds"] = _site_thresholds(spec, data, split, test, card, cfg, device)
+        conformal = _conformal(spec.folder, test, calibrator)
+        if conformal is not None:
+            entry["conformal"] = conformal
         return entry, test, calibrator
     except MedtlError as exc:
         entry["error"] = one_line(exc)
@@ -356,6 +382,59 @@ def _predict(
     val_file = spec.folder / "predictions_val.csv"
     val = Predictions.load(val_file) if val_file.is_file() else None
     return card, test, val
+
+
+def _site_thresholds(
+    spec: ModelSpec,
+    data: DataSpec,
+    split: str,
+    test: Predictions,
+    card: ModelCard,
+    cfg: EvaluateConfig,
+    device: str,
+) -> dict[str, Any]:
+    """Operating thresholds chosen again on the labelled ``cfg.site_split`` of this dataset
+    (a new site's calibration part, with the model's calibrator) and applied to ``split``."""
+    from medtl.metrics import apply_threshold, choose_thresholds, positive_indices
+
+    site = str(cfg.site_split)
+    if site == split:
+        raise ConfigError(
+            f"site_split '{site}' is the split being evaluated: thresholds chosen on it would be "
+            "tested on the same images; give the site's calibration split (e.g. val)"
+        )
+    _, calib, _ = _predict(spec, data, site, cfg, device, progress=False)
+    keep = test.labels >= 0
+    probs, labels = test.probs(card.calibrator)[keep], test.labels[keep]
+    out: dict[str, Any] = {}
+    for c in positive_indices(cfg.positive, test.classes):
+        name = test.classes[c]
+        try:
+            chosen = choose_thresholds(calib.probs(card.calibrator), calib.labels, c)
+        except DataError as exc:
+            out[name] = {"chosen_on": f"{data.name}/{site}", "error": str(exc)}
+            continue
+        out[name] = {
+            "chosen_on": f"{data.name}/{site}",
+            "n_chosen_on": int((calib.labels >= 0).sum()),
+            "thresholds": chosen,
+            "test": {k: apply_threshold(probs, labels, c, t) for k, t in chosen.items()},
+        }
+    return out
+
+
+def _conformal(folder: Path, test: Predictions, calibrator: Calibrator) -> dict[str, Any] | None:
+    """The model's conformal sets (fitted on its validation split) measured on ``test``; None
+    when the model has no ``conformal.json`` (calibrated before conformal sets existed) or the
+    split is unlabelled."""
+    from medtl.conformal import ConformalCard, conformal_summary
+
+    path = folder / CONFORMAL_FILE
+    if not path.is_file() or not (test.labels >= 0).any():
+        return None
+    card = ConformalCard.load(path)
+    card.check_calibrator(calibrator, path)
+    return conformal_summary(test, calibrator, card)
 
 
 def _test_leaks(data: DataSpec, split: str) -> SplitLeaks | None:

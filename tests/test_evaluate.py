@@ -145,3 +145,70 @@ def test_a_broken_card_stops_calibrate_and_evaluate_with_one_line(
     )
     entry = json.loads(path.read_text())["entries"][0]
     assert entry["status"] == "failed" and "meta.json" in entry["error"]
+
+
+def test_conformal_sets_are_fitted_on_validation_and_measured_on_test(
+    trained: tuple[Path, DataSpec], tmp_path: Path
+) -> None:
+    from medtl.conformal import ConformalCard, ConformalConfig, conformal_summary, fit_conformal
+
+    folder = tmp_path / "m"
+    shutil.copytree(trained[0], folder)
+    cfg = CalibrateConfig(compare=[], conformal=ConformalConfig(coverage=0.8, score="aps"))
+    calibrate_model(folder, cfg)
+    card, model_card = (
+        ConformalCard.load(folder / "conformal.json"),
+        ModelCard.load(folder / "meta.json"),
+    )
+    val = Predictions.load(folder / "predictions_val.csv")
+    assert card == fit_conformal(val, model_card.calibrator, cfg.conformal)
+    path = evaluate(
+        [ModelSpec(folder, "m")],
+        [trained[1]],
+        tmp_path / "eval",
+        EvaluateConfig(n_boot=100),
+        progress=False,
+    )
+    entry = json.loads(path.read_text())["entries"][0]
+    test = Predictions.load(tmp_path / "eval" / entry["predictions"])
+    expected = conformal_summary(test, model_card.calibrator, card)
+    assert entry["conformal"]["coverage"] == pytest.approx(expected["coverage"])
+    assert entry["conformal"]["fitted_on"] == "val" and entry["conformal"]["measured_on"] == "test"
+    html = build_report(tmp_path / "eval", tmp_path / "report").html.read_text()
+    assert "Conformal prediction sets (test split)" in html
+    payload = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert payload["entries"][0]["conformal"]["coverage"] == entry["conformal"]["coverage"]
+
+
+def test_site_thresholds_are_chosen_on_the_sites_calibration_split(
+    trained: tuple[Path, DataSpec], tmp_path: Path
+) -> None:
+    from medtl.metrics import choose_thresholds
+
+    folder = _calibrated(trained, "temperature", tmp_path)
+    cfg = EvaluateConfig(n_boot=100, splits=["val", "test"])
+    both = evaluate([ModelSpec(folder, "m")], [trained[1]], tmp_path / "plain", cfg, progress=False)
+    val_entry = json.loads(both.read_text())["entries"][0]
+    site_val = Predictions.load(tmp_path / "plain" / val_entry["predictions"])
+    card = ModelCard.load(folder / "meta.json")
+
+    cfg = EvaluateConfig(n_boot=100, site_split="val")
+    path = evaluate([ModelSpec(folder, "m")], [trained[1]], tmp_path / "eval", cfg, progress=False)
+    entry = json.loads(path.read_text())["entries"][0]
+    assert entry["status"] == "ok", entry["error"]
+    site = entry["site_thresholds"]["malignant"]
+    assert site["chosen_on"] == "phantom/val"
+    assert site["thresholds"] == choose_thresholds(
+        site_val.probs(card.calibrator), site_val.labels, 1
+    )
+    html = build_report(tmp_path / "eval", tmp_path / "report").html.read_text()
+    assert "Thresholds re-chosen on the site" in html and "model&#x27;s validation" in html
+
+
+def test_site_split_that_is_evaluated_is_refused(
+    trained: tuple[Path, DataSpec], tmp_path: Path
+) -> None:
+    cfg = EvaluateConfig(splits=["test"], site_split="test")
+    with pytest.raises(ConfigError, match="never tested on it"):
+        evaluate([ModelSpec(trained[0], "m")], [trained[1]], tmp_path / "e", cfg, progress=False)
+    assert not (tmp_path / "e").exists()

@@ -186,6 +186,8 @@ def _entry_payload(entry: EntryView, gallery: Gallery) -> dict[str, Any]:
         "model_meta": entry.record.get("model_meta"),
         "data": entry.record.get("data"),
         "leaks": _leaks_payload(entry.record.get("leaks")),
+        "conformal": entry.record.get("conformal"),
+        "site_thresholds": entry.record.get("site_thresholds"),
         "metrics": entry.metrics,
         "notes": all_notes(entry),
         "gallery": gallery.to_dict(),

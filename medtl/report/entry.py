@@ -9,10 +9,12 @@ from typing import Any
 
 from medtl.data.manifest import SPLITS
 from medtl.report import plots
+from medtl.report.conformal import conformal_block
 from medtl.report.gallery import Gallery
 from medtl.report.html import bullet_list, ci_cell, definition_list, esc, figure, na, table
 from medtl.report.leaks import leaks_block
 from medtl.report.load import EntryView, as_float
+from medtl.report.site import site_block
 from medtl.report.tables import fmt, fmt_count, pretty
 
 PER_CLASS = (
@@ -53,6 +55,8 @@ def entry_section(entry: EntryView, number: str, gallery: Gallery) -> str:
         curves_block(entry),
         calibration_block(m, entry.split),
         operating_block(m, entry.split),
+        site_block(entry),
+        conformal_block(entry),
         "<h3>Notes</h3>",
         bullet_list((esc(n) for n in all_notes(entry)), "notes"),
         gallery_block(gallery, entry.split),
