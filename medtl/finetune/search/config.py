@@ -61,9 +61,17 @@ class BioTuneConfig(BaseModel):
     objectives: Literal["fitness", "fitness+params"] = Field(
         "fitness", description="'fitness+params': Pareto ranking with the trainable fraction"
     )
-    storage: str = Field(
-        "sqlite:///{out}/trials.db", description="trial store; {out} is the search folder"
+    promote_by: Literal["val_bacc", "val_loss"] = Field(
+        "val_bacc",
+        description="'halving': what a rung ranks candidates by (best-so-far validation "
+        "balanced accuracy, or lowest validation loss); the fitness is balanced accuracy either way",
     )
+    storage: str = Field(
+        "sqlite:///{out}/trials.db",
+        description="Optuna storage URL: sqlite:///FILE ({out} is the search folder) or "
+        "postgresql://user:password@host/db for workers on many machines",
+    )
+    study: str = Field("biotune", min_length=1, description="the study's name in the storage")
     cache_prefix: bool = Field(
         True, description="train on cached frozen-prefix features; candidates get no augmentation"
     )
@@ -82,7 +90,10 @@ class BioTuneConfig(BaseModel):
     )
     poll_seconds: float = Field(2.0, gt=0, description="a waiting worker polls this often")
     stale_seconds: float = Field(
-        1800.0, gt=0, description="a running trial without heartbeat this long is taken over"
+        300.0, gt=0, description="a running candidate without heartbeat this long is taken over"
+    )
+    heartbeat_seconds: float = Field(
+        20.0, gt=0, description="a running candidate's worker records it is alive this often"
     )
 
     @model_validator(mode="before")
