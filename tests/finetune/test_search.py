@@ -26,10 +26,12 @@ from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest, ManifestMeta, Row
 from medtl.errors import ConfigError
 from medtl.finetune import blocks_of, plan
+from medtl.finetune import evolution as ea
 from medtl.finetune import search as bt
 from medtl.finetune.loop import FinetuneConfig
 from medtl.finetune.search import candidate
 from medtl.models import build_classifier
+from medtl.train import mix_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GENE = FloatDistribution(0.0, 1.0)
@@ -299,6 +301,44 @@ def test_a_candidate_on_cached_prefix_features_trains_as_it_does_uncached(
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
 
 
+def test_the_sampler_breeds_each_generation_with_the_evolution_operators(tmp_path: Path) -> None:
+    cfg = _cfg(population=4, elite=1, exploit=1, generations=2, seed=7)
+    blocks, rungs = ["stem", "head"], bt.rungs(cfg)
+    sampler = bt.BioTuneSampler(cfg, blocks, rungs, [7])
+    study = bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune", sampler)
+    study.bind({"seed": 7}, 8, 4)
+    names = bt.gene_names(blocks)
+    fitness = [0.3, 0.1, 0.4, 0.2]
+    for i, waiting in enumerate(list(study.frozen())[:4]):  # generation 0, scored by hand
+        trial = study.claim(waiting, "w")
+        assert trial is not None
+        [trial.suggest_float(name, 0.0, 1.0) for name in names]
+        row = {
+            "rung": 0,
+            "seed": 7,
+            "budget_epochs": rungs[0].epochs,
+            "status": "done",
+            "val_bacc": 1 - fitness[i],
+            "fitness": fitness[i],
+            "trainable_fraction": 1.0,
+        }
+        trial.set_user_attr("rows", [row])
+        study.study.tell(trial, state=TrialState.PRUNED)
+    rng0 = np.random.default_rng(mix_seed(7, 0))
+    first = ea.random_genomes(4, len(names), rng0)
+    got = [[t.params[n] for n in names] for t in study.frozen()[:4]]
+    assert np.array_equal(got, first)
+    order = np.argsort(fitness)  # one rung reached by all: by fitness
+    children, origins = ea.next_generation(
+        first, order, cfg.operators(), np.random.default_rng(mix_seed(7, 1))
+    )
+    trial = study.claim(study.frozen()[4], "w")
+    assert trial is not None
+    assert [trial.suggest_float(n, 0.0, 1.0) for n in names] == children[0].tolist()
+    assert origins[0] == "elite" and children[0].tolist() == first[1].tolist()
+    assert sampler.origin(study.study, 5) == origins[1] == "exploit"
+
+
 # -- searches -----------------------------------------------------------------------------------------
 def test_asynchronous_halving_prunes_at_rungs_and_charges_what_ran(
     dataset: tuple[Manifest, Path], tmp_path: Path
@@ -323,15 +363,21 @@ def test_asynchronous_halving_prunes_at_rungs_and_charges_what_ran(
         top = max(reached[r["idx"]]) == len(epochs) - 1
         assert r["state"] == ("COMPLETE" if top else "PRUNED")
     # The pruner's rule, candidate by candidate in the order one worker ran them: go on iff
-    # among the best 1/eta (at least the best one) of the rung's values reported so far.
+    # among the best 1/eta (at least the best one) of the rung's values reported so far. The
+    # value reported is the lowest validation loss so far (promote_by: val_loss).
     study = bt.SearchStudy(f"sqlite:///{tmp_path}/trials.db", "biotune")
-    started = {t.number: t.datetime_start for t in study.frozen()}
+    trials = sorted(study.frozen(), key=lambda t: t.datetime_start)
+    for t in trials:
+        curve = t.user_attrs["curve"]
+        assert t.intermediate_values == {
+            e + 1: min(c[1] for c in curve[: e + 1]) for e in range(len(curve))
+        }
     for rung in range(len(epochs) - 1):
         seen: list[float] = []
-        for r in sorted((r for r in rows if r["rung"] == rung), key=lambda r: started[r["id"]]):
-            seen.append(r["fitness"])
+        for t in (t for t in trials if rung in reached[t.number]):
+            seen.append(t.intermediate_values[epochs[rung]])
             k = max(len(seen) // cfg.eta - 1, 0)
-            assert (rung + 1 in reached[r["idx"]]) == (r["fitness"] <= sorted(seen)[k])
+            assert (rung + 1 in reached[t.number]) == (seen[-1] <= sorted(seen)[k])
     assert result.epochs_trained == sum(r["epochs_trained"] for r in rows)
     assert result.epochs_trained < 6 * cfg.max_epochs  # less than everyone at full length
     assert result.epoch_equivalents == pytest.approx(

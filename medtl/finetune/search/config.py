@@ -61,10 +61,10 @@ class BioTuneConfig(BaseModel):
     objectives: Literal["fitness", "fitness+params"] = Field(
         "fitness", description="'fitness+params': Pareto ranking with the trainable fraction"
     )
-    promote_by: Literal["val_bacc", "val_loss"] = Field(
-        "val_bacc",
-        description="'halving': what a rung ranks candidates by (best-so-far validation "
-        "balanced accuracy, or lowest validation loss); the fitness is balanced accuracy either way",
+    promote_by: Literal["val_loss", "val_bacc"] = Field(
+        "val_loss",
+        description="'halving': what a rung ranks candidates by (lowest validation loss so far, "
+        "or best validation balanced accuracy so far); the fitness is balanced accuracy either way",
     )
     storage: str = Field(
         "sqlite:///{out}/trials.db",
@@ -130,10 +130,10 @@ class Rung:
 
 
 def rungs(cfg: BioTuneConfig) -> list[Rung]:
-    """The stages of one generation. ``reference``: everyone, ``max_epochs``, every seed.
-    ``halving``: ``min_epochs * eta**r`` epochs for ``population // eta**r`` members (at least
-    one) while that is below ``max_epochs`` and more than one member is left, then a last rung
-    of ``max_epochs`` for every seed."""
+    """The rungs of one generation. ``reference``: everyone, ``max_epochs``, every seed.
+    ``halving``: ``min_epochs * eta**r`` epochs (planned for ``population // eta**r`` members,
+    at least one) while that is below ``max_epochs`` and more than one member is left, then a
+    last rung of ``max_epochs`` for every seed; the pruner decides at the rungs below the last."""
     if cfg.schedule == "reference":
         return [Rung(cfg.max_epochs, cfg.population, cfg.seeds)]
     out, epochs, size = [], cfg.min_epochs, cfg.population
@@ -144,8 +144,10 @@ def rungs(cfg: BioTuneConfig) -> list[Rung]:
 
 
 def generation_epochs(cfg: BioTuneConfig) -> int:
-    """Training epochs one generation schedules when nothing is looked up: exact for
-    ``halving``, an upper bound for ``reference`` (early stopping ends runs sooner)."""
+    """Training epochs of one generation as :func:`rungs` plans it, nothing looked up: every
+    rung a fresh run of ``size`` members. An upper bound for ``reference`` (early stopping ends
+    runs sooner); for ``halving`` a guide only, as the asynchronous pruner promotes by the order
+    scores arrive in and promoted candidates continue their run."""
     return sum(r.epochs * r.size * r.seeds for r in rungs(cfg))
 
 
