@@ -131,30 +131,31 @@ class Candidate:
         """Look the genome up, or train it; tell the study how it ended."""
         prior = self.lookup() if self.search.cfg.schedule == "halving" else None
         if prior is not None:
-            return self.copy(prior)
-        seeds = self.search.seeds[: self.search.rungs[-1].seeds]
+            self.copy(prior)
+            return
+        top = len(self.search.rungs) - 1
         try:
-            for seed in seeds:
-                if not self.has(len(self.search.rungs) - 1, seed):
+            for seed in self.search.seeds[: self.search.rungs[top].seeds]:
+                if not self.has(top, seed):
                     self.train(seed)
         except Pruned:
             self.study.tell(self.trial, state=TrialState.PRUNED)
-            return self.log("pruned")
+            self.log("pruned")
+            return
         except TrainingError as exc:
             log.warning("candidate %d failed: %s", self.trial.number, exc)
             self.trial.set_user_attr("error", str(exc))
             self.study.tell(self.trial, state=TrialState.FAIL)
-            return self.log("failed")
-        top = [r["fitness"] for r in self.rows if r["rung"] == len(self.search.rungs) - 1]
-        self.study.tell(self.trial, sum(top) / len(top))
+            self.log("failed")
+            return
+        fitness = [r["fitness"] for r in self.rows if r["rung"] == top]
+        self.study.tell(self.trial, sum(fitness) / len(fitness))
         self.log("complete")
 
     def lookup(self) -> FrozenTrial | None:
         """The earliest finished candidate of an earlier generation with the same genome."""
-        key, start = (
-            genome_key(self.genome),
-            self.trial.number - self.trial.number % (self.search.cfg.population),
-        )
+        key = genome_key(self.genome)
+        start = self.trial.number - self.trial.number % self.search.cfg.population
         for t in self.study.get_trials(deepcopy=False)[:start]:
             if t.state.is_finished() and genome_key([t.params[k] for k in sorted(t.params)]) == key:
                 return t

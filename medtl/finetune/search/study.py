@@ -206,9 +206,6 @@ class SearchStudy:
             seen = count
             time.sleep(1.0)
 
-    def population(self) -> int:
-        return int(self.study.user_attrs["population"])
-
     def frozen(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
 
