@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -108,9 +107,10 @@ def compare(runs: list[list[list[float]]], rungs: Sequence[int], eta: int) -> li
             score = np.array([rule(c, e) for c in runs])
             promoted = np.lexsort((np.arange(len(runs)), score))[:keep]  # ties: by index
             _, counts = np.unique(score, return_counts=True)
-            rho = spearmanr(score, final).statistic
+            constant = np.ptp(score) == 0 or np.ptp(final) == 0  # ranks nothing
+            rho = None if constant else float(spearmanr(score, final).statistic)
             rows.append({
-                "rung": e, "rule": name, "rho": float(rho) if not math.isnan(rho) else None,
+                "rung": e, "rule": name, "rho": rho,
                 "tied": int(counts[counts > 1].sum()),
                 "regret": float(final[promoted].min() - final.min()),
                 "best_promoted": bool(final.argmin() in promoted),
