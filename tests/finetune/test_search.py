@@ -22,8 +22,10 @@ from optuna.trial import TrialState
 from PIL import Image
 from pydantic import ValidationError
 
+from medtl.cli import main
 from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest, ManifestMeta, Row
+from medtl.demo import DEMO_RECIPE, make_phantom
 from medtl.errors import ConfigError
 from medtl.finetune import blocks_of, plan
 from medtl.finetune import evolution as ea
@@ -160,6 +162,21 @@ def test_a_database_that_cannot_be_reached_is_one_line_naming_the_url() -> None:
     assert "\n" not in message and "s3cret" not in message
     assert f"postgresql://medtl:***@127.0.0.1:{port}/medtl" in message
     assert "start the server or fix search.storage" in message
+
+
+def test_a_worker_of_an_unreachable_database_exits_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_phantom(tmp_path / "phantom", n=12, size=32)
+    url = "postgresql://medtl:s3cret@127.0.0.1:9/medtl"  # the discard port: nothing answers
+    sets = ["finetune.strategy=biotune", "finetune.weights=null", "data.loader.image_size=32",
+            "finetune.backbone=medtl_tiny_convnext"]  # fmt: skip
+    argv = ["search", str(DEMO_RECIPE), "--data-root", str(data), "--out", str(tmp_path / "r")]
+    argv += ["--storage", url, "--worker", "--device", "cpu"]
+    assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("medtl: error: cannot open"), err
+    assert "postgresql://medtl:***@127.0.0.1:9/medtl" in err and "s3cret" not in err
 
 
 # -- the study: slots, claims, dead workers, the read API -----------------------------------------
@@ -468,6 +485,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
+from medtl.cli import main
 from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
 from medtl.finetune import search as bt

@@ -20,7 +20,7 @@ from medtl.finetune.loop import FinetuneConfig, FinetuneResult, finetune
 from medtl.finetune.search.candidate import Prepared, Search, SearchTask
 from medtl.finetune.search.config import BioTuneConfig, first_trainable, genome_key
 from medtl.finetune.search.results import SearchResult, plot_search, summarise, write_trials_csv
-from medtl.finetune.search.study import SearchStudy, storage_url, worker_id
+from medtl.finetune.search.study import SearchStudy, connect, storage_url, worker_id
 from medtl.io import write_json
 from medtl.train import TrainingError, duration
 
@@ -289,6 +289,7 @@ def run_worker(
     task = SearchTask(
         cfg, finetune_cfg, manifest, root, data_cfg, Path(out), weights, device, progress
     )
+    connect(storage_url(cfg.storage, Path(out)))  # an unreachable database fails before any work
     search = Search(task)
     return work(search, open_study(search), worker or worker_id(), max_trials)
 
@@ -325,6 +326,7 @@ def biotune_search(
 def search_to_the_end(task: SearchTask) -> SearchResult:
     """Run the search as one more worker until it is finished; write its results."""
     start = time.perf_counter()
+    connect(storage_url(task.cfg.storage, task.out))  # unreachable: fail before any work
     search = Search(task)
     study = open_study(search)
     work(search, study, worker_id())
