@@ -319,7 +319,7 @@ def read_trials(source: str | Path, study: str = "biotune") -> list[Trial]:
     url = str(source)
     if "://" not in url:
         if not Path(url).is_file():
-            raise ConfigError(f"trial store {url} does not exist; run the search first")
+            raise ConfigError(f"search database {url} does not exist; run the search first")
         url = SQLITE + url
     storage = connect(url)
     if not _exists(storage, study):
