@@ -333,7 +333,7 @@ def epoch_equivalents(meta: dict[str, Any], data: Data) -> float:
     return cost
 
 
-def search_counts(db: Path) -> dict[str, int]:
+def search_counts(db: str | Path) -> dict[str, int]:
     trials = read_trials(db)
     reused = sum(t.reused for t in trials)
     return {"trials": len(trials), "trained": len(trials) - reused, "looked_up": reused}

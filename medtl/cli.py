@@ -261,6 +261,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from medtl.finetune.search import BioTuneConfig, run_worker
     from medtl.pipeline import run_finetune
 
+    if args.storage:  # the same as --set search.storage=URL
+        args.set = [*(args.set or []), f"search.storage={args.storage}"]
     with _run_context(args) as ctx:
         cfg = ctx.recipe.section("finetune")
         if cfg.strategy != "biotune":
@@ -285,7 +287,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 ctx.device,
                 ctx.progress,
             )
-            print(f"worker trained {n} trial(s)")
+            print(f"worker ran {n} candidate(s)")
             return 0
         print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
         return 0
@@ -570,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker",
         action="store_true",
         help="join the search in the run folder as one more worker process",
+    )
+    p.add_argument(
+        "--storage",
+        help="the search's Optuna storage URL (search.storage), e.g. "
+        "postgresql://user:password@host/db to share it with workers on other machines",
     )
     p.set_defaults(func=cmd_search)
 

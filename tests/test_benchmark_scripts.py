@@ -203,3 +203,24 @@ def test_duplicate_pairs_draws_the_pairs_the_dct_hash_adds(tmp_path: Path) -> No
     assert [{items[a].key, items[b].key} for _, _, a, b in pairs] == [{"a/scan.png", "a/copy.png"}]
     module.main(["folder", str(tmp_path), "--bits", "0:40", "--out", str(tmp_path / "sheets")])
     assert [p.name for p in (tmp_path / "sheets").iterdir()] == ["pairs_00.png"]
+
+
+def test_first_rung_compares_rules_as_worked_by_hand(tmp_path: Path) -> None:
+    first_rung = load_script("first_rung")
+    # [val_bacc, val_loss] per epoch. At epoch 1 all three sit at chance (a three-way tie in
+    # balanced accuracy) while their losses already order them as their full runs end.
+    runs = [
+        [[0.5, 0.60], [0.9, 0.30]],  # full-run fitness 0.1
+        [[0.5, 0.65], [0.7, 0.50]],  # 0.3
+        [[0.5, 0.70], [0.6, 0.55]],  # 0.4
+    ]
+    rows = {(r["rung"], r["rule"]): r for r in first_rung.compare(runs, [1, 2], eta=3)}
+    bacc, loss = rows[(1, "val_bacc")], rows[(1, "val_loss")]
+    assert bacc["tied"] == 3 and bacc["rho"] is None  # a constant ranks nothing
+    assert loss["tied"] == 0 and loss["rho"] == pytest.approx(1.0)
+    assert bacc["regret"] == loss["regret"] == 0.0  # ties go by index: run 0 happens to lead
+    assert rows[(2, "val_bacc")]["rho"] == pytest.approx(1.0)
+    reordered = [runs[2], runs[1], runs[0]]  # now the index puts the worst run first
+    rows = {(r["rung"], r["rule"]): r for r in first_rung.compare(reordered, [1], eta=3)}
+    assert rows[(1, "val_bacc")]["regret"] == pytest.approx(0.3)
+    assert rows[(1, "val_loss")]["regret"] == 0.0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from medtl.demo import DEMO_RECIPE, make_phantom
+from medtl.finetune.search import read_trials
 
 OVERRIDES = [
     "pretrain.backbone=medtl_tiny_convnext",
@@ -80,11 +80,10 @@ def searching(out: Path) -> Callable[[], bool]:
         if not db.is_file() or (out / "finetune" / "DONE").is_file():
             return False
         try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as con:
-                done = con.execute("SELECT COUNT(*) FROM trials WHERE status = 'done'").fetchone()
-        except sqlite3.Error:
+            done = [t for t in read_trials(db) if t.status == "done"]
+        except Exception:  # created but not yet a study, or busy: look again
             return False
-        return int(done[0]) >= 2
+        return len(done) >= 2
 
     return check
 
@@ -126,10 +125,8 @@ def test_killed_during_pretraining_and_search_ends_with_the_same_report(tmp_path
     trials_logged = [e["trial"] for e in events if e.get("event") == "trial"]
     assert trials_logged and all("genome" in t and "fitness" in t for t in trials_logged)
     assert all(e["eta_s"] >= 0 for e in events if e.get("event") == "trial")
-    with sqlite3.connect(killed / "finetune" / "trials.db") as con:
-        trials = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
-    with sqlite3.connect(plain / "finetune" / "trials.db") as con:
-        assert con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == trials
+    trials = read_trials(killed / "finetune" / "trials.db")
+    assert len(trials) == len(read_trials(plain / "finetune" / "trials.db"))
 
     got = normalised(killed / "report" / "report.json", killed)
     want = normalised(plain / "report" / "report.json", plain)

@@ -5,28 +5,38 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
 from PIL import Image
 from pydantic import ValidationError
 
+from medtl.cli import main
 from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest, ManifestMeta, Row
+from medtl.demo import DEMO_RECIPE, make_phantom
 from medtl.errors import ConfigError
 from medtl.finetune import blocks_of, plan
+from medtl.finetune import evolution as ea
 from medtl.finetune import search as bt
 from medtl.finetune.loop import FinetuneConfig
 from medtl.finetune.search import candidate
 from medtl.models import build_classifier
+from medtl.train import mix_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+GENE = FloatDistribution(0.0, 1.0)
 
 CLASSES = ["left", "right"]
 SPLITS = {"train": 12, "val": 8, "test": 4}
@@ -85,16 +95,12 @@ def _cfg(**overrides: Any) -> bt.BioTuneConfig:
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
-    store = bt.TrialStore(out / "trials.db")
-    try:
-        return [dict(r) for r in store.rows()]
-    finally:
-        store.close()
+    return [dataclasses.asdict(t) for t in bt.read_trials(out / "trials.db")]
 
 
 def _outcome(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     keys = ("generation", "rung", "idx", "seed", "genome", "status", "reused", "val_bacc")
-    keys += ("fitness", "trainable_fraction", "cached", "epochs_trained", "epoch_cost")
+    keys += ("fitness", "trainable_fraction", "cached", "epochs_trained", "epoch_cost", "state")
     return [tuple(r[k] for k in keys) for r in rows]
 
 
@@ -137,109 +143,128 @@ def test_first_trainable_follows_the_genome_strategy() -> None:
         assert bt.first_trainable(genome) == min(names.index(b) for b in p.trainable_blocks)
 
 
-def test_storage_urls() -> None:
-    out = Path("/runs/a")
-    assert bt.store_path("sqlite:///{out}/trials.db", out) == Path("/runs/a/trials.db")
-    assert bt.store_path("sqlite:///rel/t.db", out) == Path("rel/t.db")
-    with pytest.raises(ConfigError, match="only 'sqlite:///PATH'"):
-        bt.store_path("postgresql://host/db", out)
+def test_storage_urls_and_masked_passwords(tmp_path: Path) -> None:
+    url = bt.storage_url("sqlite:///{out}/sub/trials.db", tmp_path)
+    assert url == f"sqlite:///{tmp_path}/sub/trials.db" and (tmp_path / "sub").is_dir()
+    assert bt.masked("postgresql://me:s3cret@db.example:5432/medtl") == (
+        "postgresql://me:***@db.example:5432/medtl"
+    )
+    assert bt.masked("postgresql://me@db/medtl") == "postgresql://me@db/medtl"
 
 
-# -- the trial store ------------------------------------------------------------------------------
-def _fill(store: bt.TrialStore, count: int) -> None:
-    with store.transaction():
-        for i in range(count):
-            store.insert(
-                generation=0, idx=i, rung=0, seed=0, genome="[0.5]", genome_key=f"k{i}",
-                budget_epochs=1, first_trainable=0, order_key=(count - i) % 5 * 100 + i,
-                status="pending",
-            )  # fmt: skip
+def test_a_database_that_cannot_be_reached_is_one_line_naming_the_url() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError) as err:
+        bt.connect(f"postgresql://medtl:s3cret@127.0.0.1:{port}/medtl")
+    message = str(err.value)
+    assert "\n" not in message and "s3cret" not in message
+    assert f"postgresql://medtl:***@127.0.0.1:{port}/medtl" in message
+    assert "start the server or fix search.storage" in message
 
 
-def test_concurrent_claims_never_hand_out_a_trial_twice(tmp_path: Path) -> None:
-    bt.TrialStore(tmp_path / "t.db").close()
-    first = bt.TrialStore(tmp_path / "t.db")
-    _fill(first, 40)
+def test_a_worker_of_an_unreachable_database_exits_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_phantom(tmp_path / "phantom", n=12, size=32)
+    url = "postgresql://medtl:s3cret@127.0.0.1:9/medtl"  # the discard port: nothing answers
+    sets = ["finetune.strategy=biotune", "finetune.weights=null", "data.loader.image_size=32",
+            "finetune.backbone=medtl_tiny_convnext"]  # fmt: skip
+    argv = ["search", str(DEMO_RECIPE), "--data-root", str(data), "--out", str(tmp_path / "r")]
+    argv += ["--storage", url, "--worker", "--device", "cpu"]
+    assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("medtl: error: cannot open"), err
+    assert "postgresql://medtl:***@127.0.0.1:9/medtl" in err and "s3cret" not in err
+
+
+# -- the study: slots, claims, dead workers, the read API -----------------------------------------
+def _study(tmp_path: Path, slots: int = 6, population: int = 3) -> bt.SearchStudy:
+    study = bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune")
+    study.bind({"seed": 0}, slots, population)
+    return study
+
+
+def _waiting(study: bt.SearchStudy) -> list[Any]:
+    return [t for t in study.frozen() if t.state == TrialState.WAITING]
+
+
+def test_a_study_holds_every_slot_once_and_refuses_another_search(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    again = bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune")
+    again.bind({"seed": 0}, 6, 3)  # a resumed or joining worker adds nothing
+    assert [t.number for t in _waiting(study)] == list(range(6))
+    with pytest.raises(ConfigError, match="belongs to another search"):
+        bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune").bind({"seed": 1}, 6, 3)
+
+
+def test_concurrent_claims_never_hand_out_a_candidate_twice(tmp_path: Path) -> None:
+    _study(tmp_path, slots=24, population=24)
     claimed: dict[str, list[int]] = {}
 
     def claim_all(name: str) -> None:
-        store = bt.TrialStore(tmp_path / "t.db")  # one connection per worker
+        study = bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune")  # one per worker
         got = claimed.setdefault(name, [])
-        while (trial := store.claim(name)) is not None:
-            got.append(int(trial["id"]))
-        store.close()
+        while waiting := _waiting(study):
+            for t in waiting:
+                if study.claim(t, name) is not None:
+                    got.append(t.number)
 
-    workers = [threading.Thread(target=claim_all, args=(f"w{i}",)) for i in range(4)]
+    workers = [threading.Thread(target=claim_all, args=(f"w{i}",)) for i in range(3)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    ids = [i for got in claimed.values() for i in got]
-    assert sorted(ids) == list(range(1, 41))  # every trial exactly once
-    rows = first.rows()
-    assert all(r["status"] == "running" and r["worker"] in claimed for r in rows)
-    assert all(int(r["id"]) in claimed[r["worker"]] for r in rows)
-    first.close()
+    numbers = [n for got in claimed.values() for n in got]
+    assert sorted(numbers) == list(range(24))  # every candidate exactly once
+    trials = bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune").frozen()
+    assert all(t.number in claimed[t.system_attrs["worker"]] for t in trials)
 
 
-def test_claims_follow_the_prefix_order_and_two_connections_see_each_other(tmp_path: Path) -> None:
-    a, b = bt.TrialStore(tmp_path / "t.db"), bt.TrialStore(tmp_path / "t.db")
-    _fill(a, 5)  # order keys: idx 0 -> 0, 1 -> 401, 2 -> 302, 3 -> 203, 4 -> 104
-    order = [int(a.claim("a")["idx"]), int(b.claim("b")["idx"]), int(a.claim("a")["idx"])]
-    assert order == [0, 4, 3]
-    assert b.claim("b")["idx"] == 2 and a.claim("a")["idx"] == 1
-    assert a.claim("a") is None and b.claim("b") is None
-    a.close()
-    b.close()
-
-
-def test_trials_of_a_dead_worker_are_reclaimed(tmp_path: Path) -> None:
-    store = bt.TrialStore(tmp_path / "t.db")
-    _fill(store, 3)
+def test_candidates_of_a_dead_worker_are_reclaimed(tmp_path: Path) -> None:
+    study = _study(tmp_path, slots=3)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = f"{socket.gethostname()}:{gone.pid}"
-    store.claim(dead)
-    store.claim(bt.worker_id())  # this process: alive
-    store.claim("elsewhere:1")  # another host: alive until its heartbeat is stale
-    assert store.reclaim(stale_seconds=3600) == 1
-    states = {r["worker"]: r["status"] for r in store.rows()}
-    assert states == {None: "pending", bt.worker_id(): "running", "elsewhere:1": "running"}
-    assert store.reclaim(stale_seconds=0) == 2
-    store.close()
+    first, second, third = _waiting(study)
+    study.claim(first, f"{socket.gethostname()}:{gone.pid}")
+    study.claim(second, bt.worker_id())  # this process: alive
+    study.claim(third, "elsewhere:1")  # another host: alive until its heartbeat is stale
+    assert study.reclaim(stale_seconds=3600) == 1
+    assert [t.number for t in _waiting(study)] == [0]
+    assert study.reclaim(stale_seconds=0) == 2
+    assert [t.number for t in _waiting(study)] == [0, 1, 2]
 
 
-def test_the_read_api_gives_back_typed_trials_as_written(tmp_path: Path) -> None:
-    store = bt.TrialStore(tmp_path / "t.db")
-    genomes = {(0, 0): [0.1, 0.9, 0.5], (0, 1): [0.7, 0.2, 0.4], (1, 0): [0.1, 0.9, 0.5]}
-    with store.transaction():
-        for (g, idx), genome in genomes.items():
-            store.insert(
-                generation=g, idx=idx, rung=0, seed=3, genome=json.dumps(genome),
-                genome_key=bt.genome_key(genome), budget_epochs=2,
-                first_trainable=bt.first_trainable(genome), order_key=idx, status="pending",
-                reused=int(g == 1),
-            )  # fmt: skip
-    first = store.claim("w")
-    assert first is not None
-    result = {"val_bacc": 0.75, "fitness": 0.25, "trainable_fraction": 0.5, "cached": 1}
-    store.finish(int(first["id"]), "w", "done", {**result, "epochs_trained": 2.0})
-    store.close()
-
+def test_the_read_api_gives_back_typed_rows_as_written(tmp_path: Path) -> None:
+    study = _study(tmp_path, slots=4, population=2)
+    genomes = [[0.1, 0.9, 0.5], [0.7, 0.2, 0.4], [0.1, 0.9, 0.5]]
+    row = {
+        "rung": 0, "seed": 3, "budget_epochs": 2, "status": "done", "reused": False,
+        "val_bacc": 0.75, "fitness": 0.25, "trainable_fraction": 0.5, "cached": True,
+        "epochs_trained": 2.0, "epoch_cost": 0.5, "epoch_equivalents": 1.0, "seconds": 0.1,
+        "error": None,
+    }  # fmt: skip
+    for number, (t, genome) in enumerate(zip(_waiting(study), genomes, strict=False)):
+        trial = study.claim(t, "w")
+        assert trial is not None
+        for name, gene in zip(["g00_stem", "g01_head", "threshold"], genome, strict=True):
+            study.storage.set_trial_param(trial._trial_id, name, gene, GENE)
+        rows = [row] if number < 2 else [{**row, "reused": True, "epochs_trained": 0.0}]
+        trial.set_user_attr("rows", rows)
+        if number < 2:
+            study.study.tell(trial, 0.25)
     trials = bt.read_trials(tmp_path / "t.db")
-    assert [(t.generation, t.idx) for t in trials] == list(genomes)
-    done, pending, reused = trials
-    assert done.genome == (0.1, 0.9, 0.5) and done.first_trainable == 1
-    assert done.status == "done" and done.finished and not pending.finished
-    assert (done.val_bacc, done.fitness, done.trainable_fraction) == (0.75, 0.25, 0.5)
-    assert done.cached is True and done.reused is False and done.epochs_trained == 2.0
-    assert done.worker == "w" and done.budget_epochs == 2 and done.seed == 3
-    assert pending.cached is None and pending.fitness is None and pending.worker is None
-    assert reused.reused is True and reused.genome_key == done.genome_key
-    store = bt.TrialStore(tmp_path / "t.db")
-    assert store.trials(generation=0, rung=0) == [done, pending]
-    assert store.trials(generation=1) == [reused] and store.trials(rung=1) == []
-    store.close()
+    assert [(t.generation, t.idx) for t in trials] == [(0, 0), (0, 1), (1, 0)]
+    first, second, reused = trials
+    assert first.genome == (0.1, 0.9, 0.5) and second.genome == (0.7, 0.2, 0.4)
+    assert first.first_trainable == 1 and reused.genome_key == first.genome_key
+    assert first.status == "done" and first.finished and first.state == "COMPLETE"
+    assert (first.val_bacc, first.fitness, first.trainable_fraction) == (0.75, 0.25, 0.5)
+    assert first.cached is True and first.reused is False and first.epochs_trained == 2.0
+    assert first.worker == "w" and first.budget_epochs == 2 and first.seed == 3
+    assert reused.reused is True and reused.state == "RUNNING" and reused.epochs_trained == 0
+    assert second.genome_key == bt.genome_key(second.genome)
     with pytest.raises(ConfigError, match="does not exist"):
         bt.read_trials(tmp_path / "none.db")
     assert not (tmp_path / "none.db").exists()
@@ -248,7 +273,7 @@ def test_the_read_api_gives_back_typed_trials_as_written(tmp_path: Path) -> None
 def _trial(g: int, r: int, idx: int, fitness: float, ee: float, seed: int = 0) -> bt.Trial:
     return bt.Trial(
         id=0, generation=g, idx=idx, rung=r, seed=seed, genome=(0.5, 0.5), genome_key="k",
-        budget_epochs=1, first_trainable=0, order_key=0, status="done", reused=ee == 0,
+        budget_epochs=1, first_trainable=0, status="done", reused=ee == 0,
         val_bacc=1 - fitness, fitness=fitness, trainable_fraction=1.0, cached=False,
         epochs_trained=ee, epoch_cost=1.0, epoch_equivalents=ee, seconds=0.0, worker=None,
         heartbeat=None, error=None,
@@ -270,37 +295,114 @@ def test_the_stage_curve_charges_each_stage_before_its_results_count() -> None:
     assert bt.cost_to_reach(curve, 0.1) is None and bt.stage_curve([pending]) == []
 
 
-def test_a_store_refuses_another_search(tmp_path: Path) -> None:
-    store = bt.TrialStore(tmp_path / "t.db")
-    store.bind({"seed": 0})
-    store.bind({"seed": 0})
-    with pytest.raises(ConfigError, match="belongs to another search"):
-        store.bind({"seed": 1})
-    store.close()
-
-
-# -- searches -----------------------------------------------------------------------------------------
-def test_successive_halving_spends_exactly_the_budget_it_says(
+def test_a_candidate_on_cached_prefix_features_trains_as_it_does_uncached(
     dataset: tuple[Manifest, Path], tmp_path: Path
 ) -> None:
     manifest, root = dataset
-    cfg = _cfg(generations=1, cache_prefix=False)
+    genome = [0.1, 0.9, 0.8, 0.7, 0.6, 0.9, 0.5]  # stem frozen: the cut is at block 1
+    curves = {}
+    for cache in (True, False):
+        search = candidate.Search(
+            bt.SearchTask(
+                _cfg(cache_prefix=cache), FT, manifest, root, DATA, tmp_path, progress=False
+            )
+        )
+        prepared = search.prepare(genome, 0)
+        assert prepared.cached is cache
+        curves[cache] = []
+        search.train(
+            prepared, 0, 3, tmp_path / f"c{cache}",
+            lambda _, r, c=curves[cache]: c.append(r["val_loss"]),
+        )  # fmt: skip
+    assert len(set(curves[True])) == 3  # it learns (the suffix of its own model trains)
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+
+
+def test_the_sampler_breeds_each_generation_with_the_evolution_operators(tmp_path: Path) -> None:
+    cfg = _cfg(population=4, elite=1, exploit=1, generations=2, seed=7)
+    blocks, rungs = ["stem", "head"], bt.rungs(cfg)
+    sampler = bt.BioTuneSampler(cfg, blocks, rungs, [7])
+    study = bt.SearchStudy(f"sqlite:///{tmp_path}/t.db", "biotune", sampler)
+    study.bind({"seed": 7}, 8, 4)
+    names = bt.gene_names(blocks)
+    fitness = [0.3, 0.1, 0.4, 0.2]
+    for i, waiting in enumerate(list(study.frozen())[:4]):  # generation 0, scored by hand
+        trial = study.claim(waiting, "w")
+        assert trial is not None
+        [trial.suggest_float(name, 0.0, 1.0) for name in names]
+        row = {
+            "rung": 0,
+            "seed": 7,
+            "budget_epochs": rungs[0].epochs,
+            "status": "done",
+            "val_bacc": 1 - fitness[i],
+            "fitness": fitness[i],
+            "trainable_fraction": 1.0,
+        }
+        trial.set_user_attr("rows", [row])
+        study.study.tell(trial, state=TrialState.PRUNED)
+    rng0 = np.random.default_rng(mix_seed(7, 0))
+    first = ea.random_genomes(4, len(names), rng0)
+    got = [[t.params[n] for n in names] for t in study.frozen()[:4]]
+    assert np.array_equal(got, first)
+    order = np.argsort(fitness)  # one rung reached by all: by fitness
+    children, origins = ea.next_generation(
+        first, order, cfg.operators(), np.random.default_rng(mix_seed(7, 1))
+    )
+    trial = study.claim(study.frozen()[4], "w")
+    assert trial is not None
+    assert [trial.suggest_float(n, 0.0, 1.0) for n in names] == children[0].tolist()
+    assert origins[0] == "elite" and children[0].tolist() == first[1].tolist()
+    assert sampler.origin(study.study, 5) == origins[1] == "exploit"
+
+
+# -- searches -----------------------------------------------------------------------------------------
+def test_asynchronous_halving_prunes_at_rungs_and_charges_what_ran(
+    dataset: tuple[Manifest, Path], tmp_path: Path
+) -> None:
+    manifest, root = dataset
+    cfg = _cfg(population=6, generations=1, cache_prefix=False)
     result = bt.biotune_search(
         cfg, FT, manifest, root, DATA, tmp_path, progress=False, retrain=False
     )
     rows = _rows(tmp_path)
-    assert [(r["rung"], r["budget_epochs"]) for r in rows] == [(0, 1)] * 4 + [(1, 2)] * 2 + [(2, 3)]
-    assert all(r["epochs_trained"] == r["budget_epochs"] for r in rows)
-    assert result.epochs_trained == bt.generation_epochs(cfg) == 4 * 1 + 2 * 2 + 1 * 3
+    epochs = [r.epochs for r in bt.rungs(cfg)]  # 1, 2, 3
+    reached: dict[int, list[int]] = {}
+    for r in rows:
+        reached.setdefault(r["idx"], []).append(r["rung"])
+        # a promoted candidate continues its run: each rung costs its extra epochs only
+        assert r["epochs_trained"] == epochs[r["rung"]] - (
+            epochs[r["rung"] - 1] if r["rung"] else 0
+        )
+    assert sorted(reached) == list(range(6))
+    assert all(got == list(range(len(got))) for got in reached.values())
+    for r in rows:
+        top = max(reached[r["idx"]]) == len(epochs) - 1
+        assert r["state"] == ("COMPLETE" if top else "PRUNED")
+    # The pruner's rule, candidate by candidate in the order one worker ran them: go on iff
+    # among the best 1/eta (at least the best one) of the rung's values reported so far. The
+    # value reported is the lowest validation loss so far (promote_by: val_loss).
+    study = bt.SearchStudy(f"sqlite:///{tmp_path}/trials.db", "biotune")
+    trials = sorted(study.frozen(), key=lambda t: t.datetime_start)
+    for t in trials:
+        curve = t.user_attrs["curve"]
+        assert t.intermediate_values == {
+            e + 1: min(c[1] for c in curve[: e + 1]) for e in range(len(curve))
+        }
+    for rung in range(len(epochs) - 1):
+        seen: list[float] = []
+        for t in (t for t in trials if rung in reached[t.number]):
+            seen.append(t.intermediate_values[epochs[rung]])
+            k = max(len(seen) // cfg.eta - 1, 0)
+            assert (rung + 1 in reached[t.number]) == (seen[-1] <= sorted(seen)[k])
+    assert result.epochs_trained == sum(r["epochs_trained"] for r in rows)
+    assert result.epochs_trained < 6 * cfg.max_epochs  # less than everyone at full length
     assert result.epoch_equivalents == pytest.approx(
         sum(r["epochs_trained"] * r["epoch_cost"] for r in rows)
     )
     v = SPLITS["val"] / SPLITS["train"]  # uncached: (1 + 2 s_k) / 3 + v / 3, s_k in (0, 1]
     assert all((1 + v) / 3 < r["epoch_cost"] <= 1 + v / 3 + 1e-12 for r in rows)
     assert all(not r["cached"] for r in rows)
-    promoted = {r["idx"] for r in rows if r["rung"] == 1}
-    rung0 = sorted((r["fitness"], r["idx"]) for r in rows if r["rung"] == 0)
-    assert promoted == {idx for _, idx in rung0[:2]}  # the best half goes on
 
 
 def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
@@ -321,12 +423,10 @@ def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
     # Generation 1 carries the elite: looked up, not retrained, at every rung it reached.
     reused = [r for r in rows if r["reused"]]
     assert reused and all(r["generation"] == 1 and r["epochs_trained"] == 0 for r in reused)
-    trained = [r for r in rows if not r["reused"]]
-    assert sum(r["epochs_trained"] for r in trained) == sum(r["budget_epochs"] for r in trained)
 
     # The same search again: test images gone, every dataset the search builds recorded;
-    # stopped after 3 trials, then killed inside a 2-epoch trial after its first epoch's
-    # checkpoint, then resumed.
+    # stopped after 3 candidates, then killed inside the second epoch of a candidate (after
+    # its first epoch's checkpoint), then resumed.
     for row in manifest.split("test"):
         (root / row.path).rename(root / f"{row.path}.hidden")
     built: list[str] = []
@@ -337,8 +437,6 @@ def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
         return real_build(m, split, *args, **kwargs)
 
     def killed(*args: Any, evaluate: Any, **kwargs: Any) -> Any:
-        if args[4].epochs < 2:
-            return real_fit(*args, evaluate=evaluate, **kwargs)
         epochs: list[int] = []
 
         def die_in_epoch_two(model: Any) -> dict[str, float]:
@@ -355,12 +453,15 @@ def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
         assert (
             bt.run_worker(cfg, FT, manifest, root, DATA, parts, progress=False, max_trials=3) == 3
         )
-        assert sum(r["status"] == "done" for r in _rows(parts)) == 3
+        assert {r["idx"] for r in _rows(parts)} == {0, 1, 2}
         monkeypatch.setattr(candidate, "fit", killed)
         with pytest.raises(KeyboardInterrupt):
             bt.biotune_search(cfg, FT, manifest, root, DATA, parts, progress=False, retrain=False)
-        pending = [r for r in _rows(parts) if r["budget_epochs"] == 2 and r["status"] == "pending"]
-        assert len(pending) == 2 and pending[0]["worker"] is None  # released, not lost
+        study = bt.SearchStudy(f"sqlite:///{parts}/trials.db", "biotune")
+        started = [t for t in study.frozen() if t.params]
+        assert [t.state for t in started[:3]] != [TrialState.WAITING] * 3
+        killed_one = [t for t in started if t.state == TrialState.WAITING]
+        assert len(killed_one) == 1 and len(killed_one[0].user_attrs["curve"]) == 1  # released
         assert len(list((parts / "trials").glob("*/checkpoint.pt"))) == 1  # epoch 1 kept
         monkeypatch.setattr(candidate, "fit", real_fit)
         resumed = bt.biotune_search(
@@ -384,6 +485,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
+from medtl.cli import main
 from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
 from medtl.finetune import search as bt
@@ -398,39 +500,96 @@ print(bt.run_worker(cfg, ft, manifest, Path(a["root"]), data, Path(a["out"]), pr
 """
 
 
-@pytest.mark.slow  # two fresh interpreters import torch: ~20 s on a busy 2-core machine
-def test_two_worker_processes_share_one_search(
-    dataset: tuple[Manifest, Path], tmp_path: Path
-) -> None:
+def _workers(
+    tmp_path: Path, dataset: tuple[Manifest, Path], cfg: bt.BioTuneConfig, out: Path
+) -> list[subprocess.Popen[str]]:
+    """Two worker processes of the search in ``out``, started together."""
     manifest, root = dataset
-    cfg = _cfg(generations=1)
-    alone = bt.biotune_search(
-        cfg, FT, manifest, root, DATA, tmp_path / "alone", progress=False, retrain=False
-    )
     csv_path = manifest.save(tmp_path / "manifest.csv")
     ready = [str(tmp_path / f"ready{i}") for i in range(2)]
     jobs = []
     for i in range(2):
         args = {
             "cfg": cfg.model_dump(), "ft": FT.model_dump(), "data": DATA.model_dump(),
-            "manifest": str(csv_path), "root": str(root), "out": str(tmp_path / "shared"),
+            "manifest": str(csv_path), "root": str(root), "out": str(out),
             "ready": ready[i], "everyone": ready,
         }  # fmt: skip
         command = [sys.executable, "-c", WORKER, json.dumps(args)]
         jobs.append(
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
+    return jobs
+
+
+@pytest.mark.slow  # two fresh interpreters import torch: ~20 s on a busy 2-core machine
+def test_two_worker_processes_share_one_search(
+    dataset: tuple[Manifest, Path], tmp_path: Path
+) -> None:
+    manifest, root = dataset
+    cfg = _cfg(generations=1)
+    jobs = _workers(tmp_path, dataset, cfg, tmp_path / "shared")
     outputs = [job.communicate(timeout=240) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs
     counts = [int(out.strip().splitlines()[-1]) for out, _ in outputs]
+    study = bt.SearchStudy(f"sqlite:///{tmp_path}/shared/trials.db", "biotune")
+    trials = study.frozen()
+    assert sum(counts) == len(trials) == cfg.population and min(counts) >= 1  # both worked
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({t.system_attrs["worker"] for t in trials}) == 2
     rows = _rows(tmp_path / "shared")
-    assert sum(counts) == len(rows) and min(counts) >= 1  # every trial ran once, both worked
-    assert len({r["worker"] for r in rows}) == 2
-    assert _outcome(rows) == _outcome(_rows(tmp_path / "alone"))
-    shared = bt.biotune_search(
+    shared = bt.biotune_search(  # a third process finds it finished: nothing more to train
         cfg, FT, manifest, root, DATA, tmp_path / "shared", progress=False, retrain=False
     )
-    assert shared.best_genes == alone.best_genes and shared.best_fitness == alone.best_fitness
+    assert _rows(tmp_path / "shared") == rows
+    assert shared.epochs_trained == sum(r["epochs_trained"] for r in rows)
+
+
+PG_URL = os.environ.get("MEDTL_TEST_PG_URL")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not PG_URL, reason="no PostgreSQL server: .ci/run starts one and sets MEDTL_TEST_PG_URL"
+)
+def test_two_workers_on_postgresql_finish_a_study_when_one_is_killed(
+    dataset: tuple[Manifest, Path], tmp_path: Path
+) -> None:
+    manifest, root = dataset
+    name = f"kill-{os.getpid()}-{time.time_ns()}"
+    cfg = _cfg(storage=PG_URL, study=name, max_epochs=4, stale_seconds=600)
+    jobs = _workers(tmp_path, dataset, cfg, tmp_path / "out")
+    victim, survivor = jobs
+    study: bt.SearchStudy | None = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill the first worker inside one of its candidates
+        if study is None and name in {s.study_name for s in optuna.get_all_study_summaries(PG_URL)}:
+            study = bt.SearchStudy(PG_URL, name)
+        mine = [
+            t for t in (study.frozen() if study else [])
+            if t.state == TrialState.RUNNING and t.user_attrs.get("curve")
+            and t.system_attrs.get("worker", "").endswith(f":{victim.pid}")
+        ]  # fmt: skip
+        if mine:
+            victim.kill()
+            break
+        time.sleep(0.02)
+    assert mine, "the first worker never held a candidate"
+    victim.wait()
+    _, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+    assert study is not None
+    trials = study.frozen()
+    assert len(trials) == cfg.generations * cfg.population
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    taken_over = trials[mine[0].number]
+    assert taken_over.system_attrs["worker"].endswith(f":{survivor.pid}")
+    rows = [(r.id, r.rung, r.seed) for r in bt.read_trials(PG_URL, name)]
+    assert len(rows) == len(set(rows))  # one row per candidate, rung and seed
+    assert {r[0] for r in rows} == set(range(len(trials)))
+    result = bt.biotune_search(
+        cfg, FT, manifest, root, DATA, tmp_path / "out", progress=False, retrain=False
+    )
+    assert result.trials_db == bt.masked(PG_URL)
 
 
 def test_reference_schedule_retrains_everyone_and_reports_a_pareto_front(

@@ -8,17 +8,19 @@ exceeds the threshold, at ``10 ** (2 * (gene - 0.5))`` times the base rate). The
 in :mod:`medtl.finetune.evolution`, the frozen-prefix feature cache in
 :mod:`medtl.finetune.prefix`.
 
+The search is an Optuna study. Trial ``n`` is member ``n % population`` of generation
+``n // population``; :class:`~medtl.finetune.search.sampler.BioTuneSampler` proposes its genome
+from the previous generation's results with the operators of :mod:`medtl.finetune.evolution`.
 Two evaluation schedules share the search space and the population settings:
 
 - ``reference``: every member of every generation (carried elites included) trains for up to
   ``max_epochs`` with early stopping (``patience``) for every seed: a plain :func:`fit`.
-- ``halving``: successive halving within each generation (:func:`rungs`). All members train
-  ``min_epochs``; the best ``1/eta`` train ``eta`` times longer, ... up to ``max_epochs``, where
-  the survivors train for every seed. Each rung is a fresh run with a cosine schedule over its
-  own epochs and no early stopping, so it spends exactly its epochs. A genome already evaluated
-  at a rung and seed is looked up in the trial store, not retrained (the validation split is
-  fixed, so the result would be the same), and pending trials run ordered by their frozen
-  prefix so that cached prefix features are reused.
+- ``halving``: asynchronous successive halving, Optuna's ``SuccessiveHalvingPruner``. A
+  candidate is one ``max_epochs`` run reporting its validation score every epoch; at each rung
+  (``min_epochs * eta**r`` epochs) it goes on only if among the best ``1/eta`` of the scores
+  reported there so far, so promoted candidates continue and no worker waits for a rung to
+  fill. Candidates that reach ``max_epochs`` train the other seeds. A genome already evaluated
+  is looked up, not retrained (the validation split is fixed, so the result would be the same).
 
 Compute is counted in epoch-equivalents: FLOPs actually run over those of one forward and
 backward pass of the whole model over the training split, with backward = 2 x forward (so a
@@ -30,18 +32,19 @@ without segments) and ``v = n_val / n_train``, one epoch and its validation pass
 process and prefix (see :class:`~medtl.finetune.prefix.Cuts`).
 
 The package: :mod:`~medtl.finetune.search.config` (the recipe section, presets, rungs),
-:mod:`~medtl.finetune.search.store` (the trial store and its typed read API),
+:mod:`~medtl.finetune.search.sampler` (the evolution as an Optuna sampler),
+:mod:`~medtl.finetune.search.study` (the study's storage, its typed rows, workers' claims),
 :mod:`~medtl.finetune.search.candidate` (training one candidate),
-:mod:`~medtl.finetune.search.driver` (workers and the generation driver) and
-:mod:`~medtl.finetune.search.results` (the best genome, ``trials.csv``, ``search.png``).
+:mod:`~medtl.finetune.search.driver` (workers and one candidate's run) and
+:mod:`~medtl.finetune.search.results` (ranking, the best genome, ``trials.csv``,
+``search.png``).
 
-Trials live in SQLite (``storage = "sqlite:///PATH"``; WAL, busy timeout). Workers claim
-pending trials atomically; the process that finds a stage complete creates the next one in the
-same kind of transaction. A stopped or killed search resumes where it was and reaches the same
-result, as every random choice is seeded from ``(seed, generation)`` and training is
-deterministic. The test split is never read here; :func:`biotune_search` retrains the best
-genome with :func:`~medtl.finetune.loop.finetune`, which writes test predictions once, after
-the choice.
+The study lives in a SQLite file (``storage = "sqlite:///PATH"``) or a PostgreSQL database
+(``postgresql://...``) that workers on many machines share. A stopped or killed search resumes
+where it was; with one worker it reaches the same result, as every random choice is seeded
+from ``(seed, generation)`` and training is deterministic. The test split is never read here;
+:func:`biotune_search` retrains the best genome with :func:`~medtl.finetune.loop.finetune`,
+which writes test predictions once, after the choice.
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ from medtl.finetune.search.config import (
     rungs,
 )
 from medtl.finetune.search.driver import (
-    advance,
+    Candidate,
     biotune_search,
-    open_store,
+    finished,
+    next_candidate,
+    open_study,
+    pruner,
     retrain_best,
     retrain_genome,
     run_worker,
@@ -75,18 +81,21 @@ from medtl.finetune.search.results import (
     knowledge,
     per_generation,
     plot_search,
+    ranking,
     stage_curve,
     summarise,
     write_trials_csv,
 )
-from medtl.finetune.search.store import (
+from medtl.finetune.search.sampler import BioTuneSampler, gene_names
+from medtl.finetune.search.study import (
     RESULT_FIELDS,
-    SCHEMA,
     SQLITE,
+    SearchStudy,
     Trial,
-    TrialStore,
+    connect,
+    masked,
     read_trials,
-    store_path,
+    storage_url,
     worker_id,
 )
 
@@ -95,27 +104,34 @@ __all__ = [
     "RESULT_FIELDS",
     "RETRAIN_ONLY",
     "SCHEDULE_KEYS",
-    "SCHEMA",
     "SQLITE",
     "BioTuneConfig",
+    "BioTuneSampler",
+    "Candidate",
     "Rung",
     "Runner",
     "Search",
     "SearchResult",
+    "SearchStudy",
     "SearchTask",
     "Standing",
     "Trial",
-    "TrialStore",
-    "advance",
     "biotune_search",
+    "connect",
     "cost_to_reach",
+    "finished",
     "first_trainable",
+    "gene_names",
     "generation_epochs",
     "genome_key",
     "knowledge",
-    "open_store",
+    "masked",
+    "next_candidate",
+    "open_study",
     "per_generation",
     "plot_search",
+    "pruner",
+    "ranking",
     "read_trials",
     "retrain_best",
     "retrain_genome",
@@ -123,7 +139,7 @@ __all__ = [
     "rungs",
     "search_to_the_end",
     "stage_curve",
-    "store_path",
+    "storage_url",
     "summarise",
     "work",
     "worker_id",

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medtl import tracking
@@ -27,11 +28,11 @@ from medtl.finetune.loop import (
     predict,
 )
 from medtl.finetune.search.config import RETRAIN_ONLY, SCHEDULE_KEYS, BioTuneConfig, rungs
-from medtl.finetune.search.store import Trial
+from medtl.finetune.search.sampler import BioTuneSampler, gene_names
 from medtl.finetune.strategies import Plan, plan
 from medtl.models import Classifier, build_classifier
 from medtl.sources import resolve as resolve_weights
-from medtl.train import Schedule, fit
+from medtl.train import FitResult, Schedule, fit
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -65,6 +66,17 @@ class Runner:
     fill: float
 
 
+@dataclasses.dataclass
+class Prepared:
+    """One candidate ready to train: its plan, what ``fit`` trains, whether on cached features,
+    and the epoch-equivalents of one of its epochs (validation included)."""
+
+    plan: Plan
+    runner: Runner
+    cached: bool
+    cost: float
+
+
 class Search:
     """What every worker of a search shares: configuration, data, blocks, where the model can be
     cut (:class:`~medtl.finetune.prefix.Cuts`) and this process's prefix-feature cache.
@@ -89,6 +101,8 @@ class Search:
         side, channels = self.data_cfg.image_size, self.data_cfg.channels
         sample = torch.rand(2, channels, side, side, generator=torch.Generator().manual_seed(0))
         self.cuts = px.Cuts.of(model, blocks_of(model), sample, self.n_train + self.n_val)
+        self.genes = gene_names(self.blocks)
+        self.sampler = BioTuneSampler(self.cfg, self.blocks, self.rungs, self.seeds)
 
     def build(self, seed: int) -> Classifier:
         """The candidate's initial model, built under ``seed`` as ``finetune`` builds it."""
@@ -100,7 +114,7 @@ class Search:
 
     def identity(self) -> dict[str, Any]:
         """What must match for workers and resumed runs to share a store."""
-        skip = {"storage", "poll_seconds", "stale_seconds"}
+        skip = {"storage", "study", "poll_seconds", "stale_seconds", "heartbeat_seconds"}
         return {
             "biotune": self.cfg.model_dump(mode="json", exclude=skip),
             "finetune": self.ft.model_dump(mode="json", exclude=RETRAIN_ONLY),
@@ -136,7 +150,7 @@ class Search:
         """Prefix outputs of train and val for cut ``k`` of ``model``, and whether they came
         from the cache (keyed by ``k`` and the frozen prefix's weights). Train features are
         computed under ``fit``'s autocast, val features without, as ``predict`` runs."""
-        segments, batch, device = self.cuts.segments or [], self.ft.batch_size, self.device
+        segments, batch, device = px.segments_of(model) or [], self.ft.batch_size, self.device
         train, val = self.dataset("train"), self.dataset("val")
 
         def compute() -> dict[str, Any]:
@@ -148,58 +162,55 @@ class Search:
 
         return self.cache.get((k, px.prefix_digest(model, segments, k)), compute)
 
-    # -- one trial ------------------------------------------------------------------------------------
+    # -- one candidate ------------------------------------------------------------------------------
     def schedule(self, epochs: int) -> Schedule:
         """The recipe's optimisation for ``epochs``; early stopping only in ``reference``;
-        checkpoints at epoch ends only (enough to resume a killed trial)."""
+        checkpoints at epoch ends only (enough to resume a killed candidate)."""
         patience = self.cfg.patience if self.cfg.schedule == "reference" else None
         recipe = self.ft.model_dump(include=set(SCHEDULE_KEYS))
         return Schedule(epochs, patience=patience, checkpoint_every=10**9, **recipe)
 
-    def folder(self, trial: Trial) -> Path:
-        """The trial's checkpoint folder (kept only while it trains, to resume a killed run)."""
-        name = f"g{trial.generation}-r{trial.rung}-i{trial.idx}-s{trial.seed}"
-        return self.out / "trials" / name
+    def folder(self, number: int, seed: int) -> Path:
+        """Candidate ``number``'s checkpoint folder for ``seed`` (kept only while it trains, to
+        resume a killed run)."""
+        return self.out / "trials" / f"t{number}-s{seed}"
 
-    def evaluate(self, trial: Trial, beat: Callable[[], None]) -> dict[str, Any]:
-        """Train one trial (resuming its checkpoint, deleted after) and return its results."""
-        start = time.perf_counter()
-        model = self.build(trial.seed)
-        genome = list(trial.genome)
-        the_plan = plan("genome", model, blocks_of(model), genes=genome[:-1], threshold=genome[-1])
+    def prepare(self, genome: Sequence[float], seed: int) -> Prepared:
+        """The candidate's model under ``seed``, its plan, what ``fit`` trains and the cost of
+        one of its epochs (filling the prefix cache first when it trains on cached features)."""
+        model = self.build(seed)
+        genes = list(genome)
+        the_plan = plan("genome", model, blocks_of(model), genes=genes[:-1], threshold=genes[-1])
         k = min(self.blocks.index(b) for b in the_plan.trainable_blocks)
         cached = self.cached(k)
-        runner = self._runner(model, the_plan, k, cached)
-        bacc, samples = self._fit(trial, the_plan, runner, beat)
-        epochs = samples / self.n_train  # the whole run, resumed or not
         cost = self.cuts.epoch_cost(k, cached, self.n_val / self.n_train)
-        return {
-            "val_bacc": bacc, "fitness": 1.0 - bacc,
-            "trainable_fraction": the_plan.trainable_fraction, "cached": int(cached),
-            "epochs_trained": epochs, "epoch_cost": cost,
-            "epoch_equivalents": epochs * cost + runner.fill,
-            "seconds": time.perf_counter() - start,
-        }  # fmt: skip
+        return Prepared(the_plan, self._runner(model, the_plan, k, cached), cached, cost)
 
-    def _fit(
-        self, trial: Trial, the_plan: Plan, runner: Runner, beat: Callable[[], None]
-    ) -> tuple[float, int]:
-        """Train ``runner.net`` for the trial's budget in its checkpoint folder (removed after);
-        the best validation balanced accuracy and the training samples seen."""
-        folder = self.folder(trial)
+    def train(
+        self,
+        prepared: Prepared,
+        seed: int,
+        epochs: int,
+        folder: Path,
+        on_epoch: Callable[[int, dict[str, float]], None],
+    ) -> FitResult:
+        """Train ``prepared`` for ``epochs`` in ``folder`` (resuming its checkpoint; removed
+        after), calling ``on_epoch(epoch, record)`` after each epoch's validation, which may
+        raise to stop the run (a pruned candidate)."""
+        runner = prepared.runner
         balanced = self.ft.class_weights == "balanced"
         step = make_step(
             class_weight_tensor(self.manifest) if balanced else None, self.ft.label_smoothing
         )
         with tracking.child(f"search/{folder.name}"):
             result = fit(
-                runner.net, step, the_plan.param_groups, runner.data,
-                self.schedule(trial.budget_epochs), folder, seed=trial.seed, device=self.device,
-                evaluate=runner.evaluate, monitor="val_bacc", on_epoch_end=lambda *_: beat(),
+                runner.net, step, prepared.plan.param_groups, runner.data, self.schedule(epochs),
+                folder, seed=seed, device=self.device, evaluate=runner.evaluate,
+                monitor="val_bacc", on_epoch_end=lambda _, epoch, record: on_epoch(epoch, record),
                 train_mode=runner.train_mode, progress=self.progress,
             )  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
-        return float(result.best_score or 0.0), result.samples_seen
+        return result
 
     def _runner(self, model: Classifier, the_plan: Plan, k: int, cached: bool) -> Runner:
         """What ``fit`` trains: the whole model on images, or (``cached``) its suffix from
@@ -215,12 +226,13 @@ class Search:
             parts = [
                 m(xv[i : i + batch].to(device)).float().cpu() for i in range(0, len(xv), batch)
             ]
-            return {"val_bacc": balanced_accuracy(yv.numpy(), torch.cat(parts).numpy())}
+            return scores(yv.numpy(), torch.cat(parts).numpy())
 
         def train_mode(m: nn.Module) -> None:
             the_plan.train_mode(model)  # the plan names modules of the whole model
 
-        net = px.SuffixModel(model, self.cuts.segments or [], k)
+        # the candidate's own segments: ``self.cuts`` runs the model it was measured on
+        net = px.SuffixModel(model, px.segments_of(model) or [], k)
         fill = 0.0 if hit else self.cuts.caching_cost(k, self.n_val / self.n_train)
         return Runner(net, px.FeatureSet(*feats["train"]), evaluate_cached, train_mode, fill)
 
@@ -230,6 +242,12 @@ class Search:
 
         def evaluate(m: nn.Module) -> dict[str, float]:
             _, y, z = predict(m, val, batch, device)
-            return {"val_bacc": balanced_accuracy(y, z)}
+            return scores(y, z)
 
         return evaluate
+
+
+def scores(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Validation balanced accuracy and mean cross-entropy of ``logits [N, K]``."""
+    loss = F.cross_entropy(torch.from_numpy(logits).float(), torch.from_numpy(labels).long())
+    return {"val_bacc": balanced_accuracy(labels, logits), "val_loss": float(loss)}

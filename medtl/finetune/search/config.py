@@ -61,9 +61,17 @@ class BioTuneConfig(BaseModel):
     objectives: Literal["fitness", "fitness+params"] = Field(
         "fitness", description="'fitness+params': Pareto ranking with the trainable fraction"
     )
-    storage: str = Field(
-        "sqlite:///{out}/trials.db", description="trial store; {out} is the search folder"
+    promote_by: Literal["val_loss", "val_bacc"] = Field(
+        "val_loss",
+        description="'halving': what a rung ranks candidates by (lowest validation loss so far, "
+        "or best validation balanced accuracy so far); the fitness is balanced accuracy either way",
     )
+    storage: str = Field(
+        "sqlite:///{out}/trials.db",
+        description="Optuna storage URL: sqlite:///FILE ({out} is the search folder) or "
+        "postgresql://user:password@host/db for workers on many machines",
+    )
+    study: str = Field("biotune", min_length=1, description="the study's name in the storage")
     cache_prefix: bool = Field(
         True, description="train on cached frozen-prefix features; candidates get no augmentation"
     )
@@ -82,7 +90,10 @@ class BioTuneConfig(BaseModel):
     )
     poll_seconds: float = Field(2.0, gt=0, description="a waiting worker polls this often")
     stale_seconds: float = Field(
-        1800.0, gt=0, description="a running trial without heartbeat this long is taken over"
+        300.0, gt=0, description="a running candidate without heartbeat this long is taken over"
+    )
+    heartbeat_seconds: float = Field(
+        20.0, gt=0, description="a running candidate's worker records it is alive this often"
     )
 
     @model_validator(mode="before")
@@ -119,10 +130,10 @@ class Rung:
 
 
 def rungs(cfg: BioTuneConfig) -> list[Rung]:
-    """The stages of one generation. ``reference``: everyone, ``max_epochs``, every seed.
-    ``halving``: ``min_epochs * eta**r`` epochs for ``population // eta**r`` members (at least
-    one) while that is below ``max_epochs`` and more than one member is left, then a last rung
-    of ``max_epochs`` for every seed."""
+    """The rungs of one generation. ``reference``: everyone, ``max_epochs``, every seed.
+    ``halving``: ``min_epochs * eta**r`` epochs (planned for ``population // eta**r`` members,
+    at least one) while that is below ``max_epochs`` and more than one member is left, then a
+    last rung of ``max_epochs`` for every seed; the pruner decides at the rungs below the last."""
     if cfg.schedule == "reference":
         return [Rung(cfg.max_epochs, cfg.population, cfg.seeds)]
     out, epochs, size = [], cfg.min_epochs, cfg.population
@@ -133,8 +144,10 @@ def rungs(cfg: BioTuneConfig) -> list[Rung]:
 
 
 def generation_epochs(cfg: BioTuneConfig) -> int:
-    """Training epochs one generation schedules when nothing is looked up: exact for
-    ``halving``, an upper bound for ``reference`` (early stopping ends runs sooner)."""
+    """Training epochs of one generation as :func:`rungs` plans it, nothing looked up: every
+    rung a fresh run of ``size`` members. An upper bound for ``reference`` (early stopping ends
+    runs sooner); for ``halving`` a guide only, as the asynchronous pruner promotes by the order
+    scores arrive in and promoted candidates continue their run."""
     return sum(r.epochs * r.size * r.seeds for r in rungs(cfg))
 
 

@@ -1,5 +1,5 @@
-"""What a search found, from its trial store: the best genome, the Pareto front, the compute
-spent, ``trials.csv`` and ``search.png``."""
+"""What a search found, from its study's rows: the ranking of a generation, the best genome,
+the Pareto front, the compute spent, ``trials.csv`` and ``search.png``."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from medtl.errors import ConfigError
 from medtl.finetune import evolution as ea
 from medtl.finetune.loop import FinetuneResult
 from medtl.finetune.search.candidate import Search
-from medtl.finetune.search.config import Rung
-from medtl.finetune.search.store import Trial, TrialStore
+from medtl.finetune.search.config import BioTuneConfig, Rung, genome_key
+from medtl.finetune.search.study import Trial
 from medtl.io import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = (
     "generation", "idx", "rung", "seed", "budget_epochs", "status", "reused", "val_bacc",
     "fitness", "trainable_fraction", "cached", "epochs_trained", "epoch_cost",
-    "epoch_equivalents", "seconds", "worker", "genome_key",
+    "epoch_equivalents", "seconds", "worker", "genome_key", "state",
 )  # fmt: skip
 
 
@@ -57,7 +57,7 @@ class SearchResult:
     epochs_trained: float
     trial_seconds: float  # summed over trials (all workers)
     seconds: float  # wall time of this call's search phase
-    trials_db: Path
+    trials_db: str  # the SQLite file, or the database URL with its password masked
     trials_csv: Path
     plot: Path
     finetune: FinetuneResult | None = None
@@ -98,10 +98,25 @@ def knowledge(
     return known
 
 
-def summarise(search: Search, store: TrialStore, seconds: float) -> SearchResult:
+def objectives(cfg: BioTuneConfig, standing: Sequence[Standing]) -> np.ndarray:
+    """``[N, 1]`` fitness, or ``[N, 2]`` (fitness, trainable fraction) in the Pareto mode."""
+    columns = [[s.fitness for s in standing]]
+    if cfg.objectives == "fitness+params":
+        columns.append([s.trainable_fraction for s in standing])
+    return np.array(columns, dtype=np.float64).T
+
+
+def ranking(cfg: BioTuneConfig, population: np.ndarray, known: dict[str, Standing]) -> np.ndarray:
+    """A generation's members best first: by the rung each reached, then by fitness (or by
+    Pareto front and crowding distance in the Pareto mode)."""
+    standing = [known[genome_key(p.tolist())] for p in population]
+    fidelity = np.array([s.rung for s in standing])
+    return ea.order_candidates(fidelity, objectives(cfg, standing))
+
+
+def summarise(search: Search, trials: Sequence[Trial], where: str, seconds: float) -> SearchResult:
     """The best genome (lowest fitness at the last rung; earliest on ties), the Pareto front of
-    (fitness, trainable fraction) and the compute spent, from a finished store."""
-    trials = store.trials()
+    (fitness, trainable fraction) and the compute spent, from a finished study's rows."""
     known = knowledge(trials, search.rungs, search.seeds)
     first: dict[str, Trial] = {}
     for t in trials:
@@ -109,7 +124,7 @@ def summarise(search: Search, store: TrialStore, seconds: float) -> SearchResult
     top = len(search.rungs) - 1
     finals = [(v.fitness, first[k].id, k) for k, v in known.items() if v.rung == top]
     if not finals:
-        raise ConfigError(f"{store.path} holds no finished candidate; run the search to the end")
+        raise ConfigError(f"{where} holds no finished candidate; run the search to the end")
     _, _, best = min(finals)
     genome, standing = list(first[best].genome), known[best]
     points = np.array([[known[k].fitness, known[k].trainable_fraction] for _, _, k in finals])
@@ -121,7 +136,7 @@ def summarise(search: Search, store: TrialStore, seconds: float) -> SearchResult
         search.blocks, genome[:-1], genome[-1], standing.fitness, 1.0 - standing.fitness,
         standing.trainable_fraction, sorted(pareto, key=lambda c: c["fitness"]),
         per_generation(trials), _total(trials, "epoch_equivalents"),
-        _total(trials, "epochs_trained"), _total(trials, "seconds"), seconds, store.path,
+        _total(trials, "epochs_trained"), _total(trials, "seconds"), seconds, where,
         search.out / "trials.csv", search.out / "search.png",
     )  # fmt: skip
 
