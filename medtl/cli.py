@@ -327,6 +327,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         Path(args.out),
         {k: Path(str(v)) for k, v in roots.items()} if roots else None,
         args.rank_by,
+        explain=args.explain,
     )
     print(f"report: {result.html}")
     return 0
@@ -565,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="clean",
         help="where an official test split leaks, rank the leaderboard on the clean subset "
         "(default) or on the official split",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="Grad-CAM and occlusion maps of a seeded sample and the most confident errors "
+        "(loads each model; needs --data-root)",
     )
     p.set_defaults(func=cmd_report)
 
