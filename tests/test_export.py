@@ -4,6 +4,7 @@ own tools load and run; a model that does not export leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def test_export_writes_card_onnx_and_bundle(exported: Path, trained: tuple[Path,
     assert "## Intended use" in md and "## Limitations" in md
     assert "<h2>Licence of the pretrained source</h2>" in (exported / "model_card.html").read_text()
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".out.")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
 
 
 @pytest.mark.parametrize("batch", [1, 7])

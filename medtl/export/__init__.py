@@ -33,7 +33,7 @@ from medtl.export.network import (
     export_onnx,
     onnx_parity,
 )
-from medtl.io import sha256_file, write_json
+from medtl.io import _UMASK, sha256_file, write_json
 
 FORMATS = ("card", "onnx", "bundle")
 __all__ = ["FORMATS", "ExportError", "ExportResult", "export_model"]
@@ -72,6 +72,7 @@ def export_model(
     net = CalibratedClassifier(model, card.calibrator, len(card.classes)).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; OUT gets the usual permissions
     try:
         parity = _write(net, card, folder, entries, tmp, formats, intended_use)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

@@ -159,13 +159,21 @@ def _model_section(card: ModelCard) -> Section:
         f"Input: {card.in_chans} channel(s), {card.image_size} x {card.image_size} px "
         f"({card.resize}), intensities in [0, 1]",
         "Normalisation inside the model: "
-        + (f"mean {norm.mean}, std {norm.std} ({norm.source})" if norm else "the backbone's"),
+        + (
+            f"mean {_short(norm.mean)}, std {_short(norm.std)} ({norm.source})"
+            if norm
+            else "the backbone's"
+        ),
         f"Classes (output order): {', '.join(card.classes)}",
         f"Selected at epoch {card.best_epoch} of {card.epochs_run} "
         f"(validation balanced accuracy {card.val_bacc:.3f})",
         f"medtl {card.medtl_version}",
     ]
     return Section("Model", bullets=bullets)
+
+
+def _short(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def _data_section(card: ModelCard, entries: list[dict[str, Any]]) -> Section:
@@ -259,7 +267,11 @@ def _subgroup_section(entries: list[dict[str, Any]]) -> Section:
                     f"{gap['low']}: {fmt_entry(gap)}"
                 )
     if not section.tables:
-        section.paragraphs.append("No subgroup metadata in the evaluated manifests.")
+        section.paragraphs.append(
+            "No subgroup metadata in the evaluated manifests."
+            if entries
+            else "No evaluation was given: no subgroup figures."
+        )
     return section
 
 
