@@ -52,8 +52,8 @@ def _model(seed: int) -> torch.nn.Module:
     return build_classifier("medtl_tiny_convnext", num_classes=2, in_chans=1)
 
 
-@pytest.fixture(scope="module")
-def trained() -> torch.nn.Module:
+def train_square_finder() -> torch.nn.Module:
+    """The tiny ConvNeXt after 150 AdamW steps on :func:`squares` (seeded)."""
     model = _model(0)
     images, labels, _ = squares(256, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -65,6 +65,11 @@ def trained() -> torch.nn.Module:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained() -> torch.nn.Module:
+    return train_square_finder()
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +162,22 @@ def test_errors_are_the_most_confident_wrong_calls() -> None:
     pred = Predictions([str(i) for i in range(5)], ["g"] * 5, labels, logits, ["a", "b"], "test")
     _, errors = choose_examples(pred, pred.probs(), k=1, n_errors=2)
     assert errors == [2, 0]
+
+
+if __name__ == "__main__":  # the figures docs/report.md quotes: python -m tests.test_explain
+    model, random = train_square_finder(), _model(1).eval()
+    images, labels, masks = squares(16, seed=1)
+    images, masks = images[labels == 1], masks[labels == 1].numpy()
+    target = torch.ones(len(images), dtype=torch.long)
+    for method in ("gradcam", "occlusion"):
+        a = explain(model, _card(), images, (method,), target).maps[method]
+        b = explain(random, _card(), images, (method,), target).maps[method]
+        ratios = [
+            [m[k].mean() / max(m[~k].mean(), 1e-9) for m, k in zip(maps, masks, strict=True)]
+            for maps in (a, b)
+        ]
+        print(
+            f"{method}: rank correlation trained vs random {_rank_correlation(a, b):.3f}; "
+            f"inside / outside the square: trained {np.median(ratios[0]):.2f}, "
+            f"random {np.median(ratios[1]):.2f}"
+        )
