@@ -34,6 +34,7 @@ from medtl.report.sections import (
     header,
     leaderboard_section,
 )
+from medtl.report.subgroups import subgroup_block
 from medtl.report.tables import all_rows, leaderboard, rows_csv
 
 __all__ = ["ReportResult", "build_report"]
@@ -115,7 +116,10 @@ def render_html(
         f"and split ({len(ok)} in all).</p></section>",
         *(
             entry_section(
-                e, f"3.{i}", galleries[e.index], panel_block(panels.get(e.index), e.split)
+                e,
+                f"3.{i}",
+                galleries[e.index],
+                subgroup_block(e.metrics, e.split) + panel_block(panels.get(e.index), e.split),
             )
             for i, e in enumerate(ok, 1)
         ),
