@@ -145,3 +145,14 @@ def test_real_isic_sample_carries_ham_subgroups(tmp_path: Path) -> None:
     ages = {parse_subgroups(r.subgroups)["age"] for r in train}
     assert all(a == "unknown" or a.endswith("9") for a in ages)
     assert not any("HAM_" in r.subgroups or "ISIC_" in r.subgroups for r in manifest.rows)
+
+
+def test_isic_benchmark_runs_on_the_real_sample(tmp_path: Path) -> None:
+    from tests.test_benchmark_scripts import load_script
+
+    root = shared("isic2018_sample")
+    script = load_script("isic_subgroups")
+    entries = script.run(root, tmp_path, "medtl_tiny_convnext", 1, 32, 100)
+    lines = script.summary(entries)
+    assert lines[0].startswith("val: n ") and any(line.startswith("  sex: ") for line in lines)
+    assert "test: n 70" in "\n".join(lines)  # the sample's metadata covers training images only
