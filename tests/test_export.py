@@ -229,3 +229,24 @@ def test_card_carries_the_evaluations_metrics_with_cis(
     assert f"{auroc['value']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]" in md
     assert "Phantom tests." in md
     assert not (out / "model.onnx").exists()
+
+
+def test_clinic_outputs_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    from tests.test_benchmark_scripts import load_script
+
+    script = load_script("clinic_outputs")
+    root = make_phantom(tmp_path / "phantom", n=48, size=32, seed=0, duplicates=0)
+    lines = script.run("folder", root, tmp_path / "out", "medtl_tiny_convnext", 1, 32)
+    assert any(line.startswith("test macro_auroc: ") for line in lines)
+    assert lines.count("Grad-CAM layer: backbone.stages.0") == 1
+    assert (tmp_path / "out" / "export" / "model.onnx").is_file()
+    assert "Explanations (test split)" in (tmp_path / "out" / "report" / "report.html").read_text()
+
+
+def test_card_of_a_run_folder_is_named_for_the_run(
+    trained: tuple[Path, DataSpec], tmp_path: Path
+) -> None:
+    folder = tmp_path / "runs" / "busi" / "finetune"
+    shutil.copytree(trained[0], folder)
+    export_model(folder, tmp_path / "card", formats=["card"])
+    assert (tmp_path / "card" / "model_card.md").read_text().startswith("# Model card: busi\n")

@@ -111,7 +111,10 @@ def _write(
     if "bundle" in formats:
         write_bundle(net, example, card, tmp / "bundle")
     if "card" in formats:
-        doc = build_document(card, folder, entries, folder.name, intended_use)
+        name = (
+            folder.parent.name if folder.name == "finetune" else folder.name
+        )  # runs/NAME/finetune
+        doc = build_document(card, folder, entries, name, intended_use)
         (tmp / "model_card.md").write_text(doc.markdown(), encoding="utf-8")
         (tmp / "model_card.html").write_text(doc.html(), encoding="utf-8")
         card.save(tmp / "model_card.json")
