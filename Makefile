@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,imagenet]'
+	$(PY) -m pip install -q -e '.[dev,imagenet,export]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -420,8 +420,25 @@ def cmd_report(args: argparse.Namespace) -> int:
         Path(args.out),
         {k: Path(str(v)) for k, v in roots.items()} if roots else None,
         args.rank_by,
+        explain=args.explain,
     )
     print(f"report: {result.html}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medtl.export import export_model
+
+    result = export_model(
+        Path(args.model),
+        Path(args.out),
+        Path(args.evaluation) if args.evaluation else None,
+        [f.strip() for f in args.formats.split(",") if f.strip()],
+        args.intended_use,
+    )
+    if result.onnx_max_abs_diff is not None:
+        print(f"ONNX parity with PyTorch: max |difference| {result.onnx_max_abs_diff:.1e}")
+    print(f"exported {len(result.files)} file(s) to {result.out}")
     return 0
 
 
@@ -700,7 +717,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="where an official test split leaks, rank the leaderboard on the clean subset "
         "(default) or on the official split",
     )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="Grad-CAM and occlusion maps of a seeded sample and the most confident errors "
+        "(loads each model; needs --data-root)",
+    )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "export", help="model card (Markdown, HTML), ONNX file and MONAI bundle of a model"
+    )
+    p.add_argument("model", help="fine-tuned model folder (runs/NAME/finetune)")
+    p.add_argument("--out", required=True, help="export folder (must not exist)")
+    p.add_argument(
+        "--evaluation",
+        default=None,
+        help="evaluation folder of this model (from medtl evaluate): metrics with CIs in the card",
+    )
+    p.add_argument(
+        "--formats", default="card,onnx,bundle", help="comma-separated: card, onnx, bundle (all)"
+    )
+    p.add_argument(
+        "--intended-use", default=None, help="the card's intended-use statement (default: research)"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("kind", nargs="?", choices=["adapters", "masking", "sources", "strategies"])

@@ -319,6 +319,13 @@ def _evaluate_one(
             seed,
             calibrator,
         )
+        from medtl.subgroups import entry_subgroups
+
+        groups = entry_subgroups(
+            Manifest.load(data.manifest), test, test.probs(calibrator), cfg.n_boot, seed
+        )
+        if groups is not None:
+            metrics["subgroups"] = groups
         test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
         test.save(test_file)
         entry.update(

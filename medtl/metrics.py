@@ -774,3 +774,27 @@ def _run_notes(
     if positive is None and len(test.classes) == 2:
         notes.append(f"no positive class named: {test.classes[1]!r} is used")
     return notes
+
+
+def bootstrap_samples(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    groups: Sequence[str],
+    name: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, np.ndarray]:
+    """Point value and ``[n_boot]`` stratified group-bootstrap samples of one overall figure
+    (``balanced_accuracy``, ``macro_auroc``, ...) of labelled ``probs: [N, K]``: for intervals
+    of differences between disjoint sets of cases (subgroups), resampled independently."""
+    point = _point_metrics(probs, labels)
+    if name not in point["overall"]:
+        raise ValueError(f"unknown overall figure {name!r}; one of {sorted(point['overall'])}")
+    boot = _bootstrap(
+        lambda w: {name: _resample_metrics(probs, labels, point["defined"], w)[name]},
+        groups,
+        labels,
+        n_boot,
+        seed,
+    )
+    return float(point["overall"][name]), boot[name]

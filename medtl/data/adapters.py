@@ -129,10 +129,13 @@ def isic2018(root: Path) -> AdapterResult:
 
     Training, Validation and Test parts are the official splits, used as found.
     ``HAM10000_metadata.csv`` (when present anywhere under the root) maps each image to its
-    ``lesion_id``, so all images of one lesion form one group.
+    ``lesion_id``, so all images of one lesion form one group, and gives its subgroups for the
+    report: ``age`` in ten-year bands, ``sex``, ``localization`` and ``dataset`` (the columns
+    present; never an identifier).
     """
     require_root(root)
     lesions = _ham_lesions(root)
+    subgroups = _ham_subgroups(root)
     samples, left_out = [], []
     for part, split in _ISIC_SPLITS.items():
         inputs = next(iter(sorted(root.rglob(f"ISIC2018_Task3_{part}_Input"))), None)
@@ -154,7 +157,15 @@ def isic2018(root: Path) -> AdapterResult:
                     f"{truth} lists {image_id} but {f} does not exist; restore the image or "
                     "remove its row"
                 )
-            samples.append(Sample(rel(f, root), label, split=split, group=lesions.get(image_id)))
+            samples.append(
+                Sample(
+                    rel(f, root),
+                    label,
+                    split=split,
+                    group=lesions.get(image_id),
+                    subgroups=subgroups.get(image_id),
+                )
+            )
         unlisted = {f.stem for f in inputs.glob("*.jpg")} - {image_id for image_id, _ in listed}
         if unlisted:
             left_out.append(
@@ -202,6 +213,41 @@ def _ham_lesions(root: Path) -> dict[str, str]:
         if not {"lesion_id", "image_id"} <= set(reader.fieldnames or []):
             raise DataError(f"{meta} lacks the lesion_id / image_id columns")
         return {r["image_id"]: r["lesion_id"] for r in reader}
+
+
+HAM_SUBGROUPS = ("age", "sex", "localization", "dataset")
+
+
+def age_band(age: str, width: int = 10) -> str:
+    """``"57"`` / ``"57.0"`` -> ``"50-59"``; blank or unreadable -> ``"unknown"``. Only coarse
+    bands are kept, never the exact age."""
+    try:
+        years = int(float(age))
+    except ValueError:
+        return "unknown"
+    if years < 0:
+        return "unknown"
+    low = years // width * width
+    return f"{low}-{low + width - 1}"
+
+
+def _ham_subgroups(root: Path) -> dict[str, str]:
+    """``{image_id: "age=50-59;localization=back;sex=female"}`` from HAM10000_metadata.csv."""
+    from medtl.data.manifest import format_subgroups
+
+    meta = next(iter(sorted(root.rglob("HAM10000_metadata.csv"))), None)
+    if meta is None:
+        return {}
+    with open(meta, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c for c in HAM_SUBGROUPS if c in (reader.fieldnames or [])]
+        out = {}
+        for r in reader:
+            values = {c: (r[c] or "").strip() or "unknown" for c in columns}
+            if "age" in values:
+                values["age"] = age_band(r["age"] or "")
+            out[r["image_id"]] = format_subgroups(values) if values else ""
+        return out
 
 
 # -- Kvasir -------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Sample:
     split: str | None = None
     group: str | None = None
     mask: str | None = None
+    subgroups: str | None = None
     locator: str = ""
 
     @property
@@ -70,10 +71,35 @@ class Row:
     height: int
     locator: str = ""
     mask: str = ""
+    subgroups: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.path}#{self.locator}" if self.locator else self.path
+
+
+SUBGROUPS = "subgroups"  # optional column: "age=50-59;sex=female;localization=back"
+
+
+def format_subgroups(values: dict[str, str]) -> str:
+    """``{"sex": "female", "age": "50-59"}`` -> ``"age=50-59;sex=female"`` (keys sorted)."""
+    for key, value in values.items():
+        if not key or any(c in f"{key}{value}" for c in ";=\n"):
+            raise DataError(
+                f"subgroup {key!r}={value!r}: names and values may not hold ; = or newlines"
+            )
+    return ";".join(f"{k}={v}" for k, v in sorted(values.items()))
+
+
+def parse_subgroups(text: str) -> dict[str, str]:
+    """The inverse of :func:`format_subgroups`; a DataError for a malformed cell."""
+    out = {}
+    for part in filter(None, text.split(";")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise DataError(f"subgroups cell {text!r}: expected name=value pairs separated by ;")
+        out[key] = value
+    return out
 
 
 def row_id(path: str, locator: str = "") -> str:
@@ -186,11 +212,14 @@ class Manifest:
         return out
 
     def csv_text(self) -> str:
+        """The CSV; the optional ``subgroups`` column only when a row has subgroups, so a
+        manifest without them keeps its format and hash."""
+        columns = COLUMNS + ((SUBGROUPS,) if any(r.subgroups for r in self.rows) else ())
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: getattr(row, k) for k in COLUMNS})
+            writer.writerow({k: getattr(row, k) for k in columns})
         return buffer.getvalue()
 
     @property
@@ -251,6 +280,7 @@ class Manifest:
                         )
                         if rec["mask"]
                         else "",
+                        subgroups=format_subgroups(parse_subgroups(rec.get(SUBGROUPS) or "")),
                     )
                 )
             except (DataError, ValueError) as exc:

@@ -119,6 +119,7 @@ def prepare(
             width=inspections[i].width,
             height=inspections[i].height,
             mask=samples[i].mask or "",
+            subgroups=samples[i].subgroups or "",
         )
         for i in keep
     ]

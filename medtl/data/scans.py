@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medtl.data.adapters import ADAPTERS, AdapterResult, LeftOut, rel, require_root
-from medtl.data.manifest import Sample, check_relative_path
+from medtl.data.adapters import ADAPTERS, AdapterResult, LeftOut, age_band, rel, require_root
+from medtl.data.manifest import Sample, check_relative_path, format_subgroups
 from medtl.data.readers import DICOM_SUFFIXES, MAX_PIXELS, NIFTI_SUFFIXES, is_dicom
 from medtl.errors import DataError
 
@@ -388,6 +388,7 @@ class _DicomFile:
     path: str  # relative to the root
     frames: int
     patient: str  # identifying grouping key: kept in memory, never written
+    subgroups: str = ""  # coarse only: sex and a ten-year age band
 
 
 @ADAPTERS.register("dicom")
@@ -415,7 +416,10 @@ def dicom(root: Path, labels: str | None = None, label_from: str = "none") -> Ad
         label, _ = source.lookup(f.path)
         group = _pseudonym(names, f.patient)
         locators = [f"frame={k}" for k in range(f.frames)] if f.frames > 1 else [""]
-        samples += [Sample(f.path, label, group=group, locator=loc) for loc in locators]
+        samples += [
+            Sample(f.path, label, group=group, locator=loc, subgroups=f.subgroups or None)
+            for loc in locators
+        ]
     return AdapterResult(samples, _classes(samples))
 
 
@@ -434,7 +438,26 @@ def _scan_dicom(file: Path, root: Path, number: int) -> _DicomFile:
             "and prepare again"
         )
     _require_pixels(file, ds, has_pixels)
-    return _DicomFile(path, _frame_count(ds), _patient_key(ds, path))
+    return _DicomFile(path, _frame_count(ds), _patient_key(ds, path), _subgroups(ds))
+
+
+_SEXES = {"M": "male", "F": "female", "O": "other"}
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+
+
+def _subgroups(ds: Dataset) -> str:
+    """``"age=40-49;sex=female"`` from PatientSex and PatientAge (``045Y``; days, weeks and
+    months count as 0 years): coarse bands only, never the age, birth date or any identifier;
+    empty when the header has neither."""
+    sex, age = _raw_text(ds, "PatientSex").upper(), _raw_text(ds, "PatientAge").upper()
+    values = {}
+    if sex:
+        values["sex"] = _SEXES.get(sex, "unknown")
+    if age:
+        match = _AGE.match(age)
+        years = int(match.group(1)) if match and match.group(2) == "Y" else 0
+        values["age"] = age_band(str(years)) if match else "unknown"
+    return format_subgroups(values) if values else ""
 
 
 def _raw_text(ds: Dataset, keyword: str) -> str:

@@ -35,8 +35,8 @@ AVERAGED = ("specificity", "ppv", "npv", "f1", "auroc", "auprc")
 CALIBRATION = ("ece", "adaptive_ece", "classwise_ece", "mce", "brier", "nll", "slope", "intercept")
 
 
-def entry_section(entry: EntryView, number: str, gallery: Gallery) -> str:
-    """The whole per-model section (``number`` like ``3.1``)."""
+def entry_section(entry: EntryView, number: str, gallery: Gallery, extra: str = "") -> str:
+    """The whole per-model section (``number`` like ``3.1``); ``extra``: HTML after the gallery."""
     m = entry.metrics
     split = esc(entry.split)
     parts = [
@@ -60,6 +60,7 @@ def entry_section(entry: EntryView, number: str, gallery: Gallery) -> str:
         "<h3>Notes</h3>",
         bullet_list((esc(n) for n in all_notes(entry)), "notes"),
         gallery_block(gallery, entry.split),
+        extra,
     ]
     return "".join(parts) + "</section>"
 

@@ -56,6 +56,8 @@ table.stack .ci { display: block; font-size: 0.8em; }
         align-items: start; }
 figure { margin: 6px 0; }
 figure img { max-width: 100%; height: auto; display: block; }
+img.explain { max-width: 100%; height: auto; display: block; }
+p.flag { background: var(--badbg); border-left: 3px solid var(--bad); padding: 4px 10px; }
 figcaption { color: var(--muted); font-size: 0.85rem; }
 .entry { margin-top: 56px; }
 .entry > h2 { border-bottom-color: var(--accent); }
