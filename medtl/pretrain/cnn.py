@@ -79,18 +79,22 @@ class KeepMaps:
         return F.max_pool2d(self.keep, kernel_size=(h // size[0], w // size[1]))
 
 
-def masked_batch_norm(bn: nn.BatchNorm2d, x: Tensor, keep: Tensor) -> Tensor:
+def masked_batch_norm(
+    bn: nn.BatchNorm2d, x: Tensor, keep: Tensor, *, remask: bool = True
+) -> Tensor:
     """BatchNorm of ``x: [B, C, H, W]`` over the visible positions of ``keep: [B, 1, H, W]``.
 
     In training the batch mean and (biased) variance come from visible positions only, and the
     running statistics are updated from them as ``nn.BatchNorm2d`` would (unbiased variance);
-    in evaluation the running statistics are used. Masked positions of the result are zero.
+    in evaluation the running statistics are used. Whatever ``x`` holds at masked positions is
+    ignored. Masked positions of the result are zero, unless ``remask`` is False (the caller
+    masks later, e.g. after an activation).
     """
     if bn.training or not bn.track_running_stats:
-        xk = x * keep
+        xk = x * keep  # zero-filled: sums over it are sums over the visible positions
         count = keep.sum().clamp_min(2.0)  # visible positions, every channel alike
         mean = xk.sum(dim=(0, 2, 3)) / count
-        var = ((xk * x).sum(dim=(0, 2, 3)) / count - mean.square()).clamp_min(0.0)
+        var = (xk.square().sum(dim=(0, 2, 3)) / count - mean.square()).clamp_min(0.0)
         if bn.training and bn.track_running_stats:
             _update_running(bn, mean.detach(), var.detach() * count / (count - 1))
     else:
@@ -102,7 +106,7 @@ def masked_batch_norm(bn: nn.BatchNorm2d, x: Tensor, keep: Tensor) -> Tensor:
     if bn.bias is not None:
         shift = shift + bn.bias
     y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
-    return y * keep
+    return y * keep if remask else y
 
 
 def _update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> None:
@@ -227,6 +231,7 @@ class CNNMAE(MaskedAutoencoder):
     # -- the masking, installed once ------------------------------------------------------
     def _install(self, encoder: nn.Module) -> None:
         inside_se = {id(m) for se in encoder.modules() if isinstance(se, _SE) for m in se.modules()}
+        into_bn = _convs_into_batch_norm(encoder)
         for name, module in encoder.named_modules():
             if id(module) in inside_se and not isinstance(module, _SE):
                 continue  # SE acts on [B, C, 1, 1]: its layers are not spatial
@@ -234,7 +239,7 @@ class CNNMAE(MaskedAutoencoder):
                 module.forward = self._wrap(module, _masked_se)  # type: ignore[method-assign,assignment]
             elif isinstance(module, nn.BatchNorm2d):
                 module.forward = self._wrap(module, _bn_forward)  # type: ignore[method-assign,assignment]
-            elif isinstance(module, (nn.Conv2d, *_POOLS)):
+            elif isinstance(module, (nn.Conv2d, *_POOLS)) and id(module) not in into_bn:
                 module.register_forward_hook(self._remask)
             if name in self._taps:
                 module.register_forward_hook(self._tap(name))
@@ -296,14 +301,29 @@ class CNNMAE(MaskedAutoencoder):
 
 
 def _bn_forward(bn: nn.BatchNorm2d, x: Tensor, keep: Tensor) -> Tensor:
-    """Masked BatchNorm, then timm's ``BatchNormAct2d`` dropout and activation, re-masked."""
-    y = masked_batch_norm(bn, x, keep)
+    """Masked BatchNorm, then timm's ``BatchNormAct2d`` dropout and activation; the result is
+    re-masked once, after the activation."""
     drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    if drop is None and act is None:
+        return masked_batch_norm(bn, x, keep)
+    y = masked_batch_norm(bn, x, keep, remask=False)
     if drop is not None:
         y = drop(y)
-    if act is not None:
-        y = act(y) * keep
-    return y
+    return (act(y) if act is not None else y) * keep
+
+
+def _convs_into_batch_norm(encoder: nn.Module) -> set[int]:
+    """Ids of the convolutions registered just before a BatchNorm in the same parent (timm's
+    ``conv_pw``/``bn1``, ``conv1``/``bn1``, a downsample's ``0``/``1``), which is the order
+    they run in: that BatchNorm ignores masked positions and writes zeros there, which is the
+    re-masking, so these convolutions need no hook of their own."""
+    found = set()
+    for parent in encoder.modules():
+        children = list(parent.children())
+        for conv, norm in itertools.pairwise(children):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                found.add(id(conv))
+    return found
 
 
 def _in_chans(encoder: nn.Module) -> int:
