@@ -149,6 +149,30 @@ def test_masked_batch_norm_equals_batch_norm_of_the_visible_positions() -> None:
     assert torch.allclose(y.permute(0, 2, 3, 1)[keep[:, 0].bool()], reference(visible), atol=1e-5)
 
 
+@pytest.mark.parametrize("remask", [True, False])
+def test_masked_batch_norm_gradients_equal_those_of_the_visible_positions(remask: bool) -> None:
+    """The hand-written backward against autograd through BatchNorm1d on the visible positions."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 6, 6, dtype=torch.double) * 3 + 2).requires_grad_()
+    keep = (torch.rand(2, 1, 6, 6, generator=gen(), dtype=torch.double) > 0.5).double()
+    grad = torch.randn(2, 3, 6, 6, generator=gen(1), dtype=torch.double)
+    ours = nn.BatchNorm2d(3).double()
+    nn.init.normal_(ours.weight)
+    nn.init.normal_(ours.bias)
+    reference = nn.BatchNorm1d(3).double()
+    reference.load_state_dict(ours.state_dict())
+    y = masked_batch_norm(ours, x, keep, remask=remask)
+    (y * keep * grad).sum().backward()
+    ours_grads = [x.grad.clone(), ours.weight.grad.clone(), ours.bias.grad.clone()]
+    x.grad = None
+    visible = keep[:, 0].bool()
+    out = reference(x.permute(0, 2, 3, 1)[visible])
+    (out * grad.permute(0, 2, 3, 1)[visible]).sum().backward()
+    assert torch.allclose(ours_grads[0], x.grad, atol=1e-10)  # zero at masked positions
+    assert torch.allclose(ours_grads[1], reference.weight.grad, atol=1e-10)
+    assert torch.allclose(ours_grads[2], reference.bias.grad, atol=1e-10)
+
+
 def test_squeeze_excitation_pools_over_visible_positions_only() -> None:
     """With the right half masked, SE's output on the left half is that of the left half alone."""
     mae = cnn("test_efficientnet").train()
