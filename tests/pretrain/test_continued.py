@@ -74,3 +74,30 @@ def test_a_source_for_another_backbone_is_refused() -> None:
         PretrainConfig(backbone="resnet18", weights=SOURCE)
     with pytest.raises(ConfigError, match="did you mean"):
         PretrainConfig(backbone="efficientnet_lite0", weights="imagenet:efficientnet_lite00")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_killed_masked_cnn_pretraining_resumes_to_the_same_encoder(tmp_path: Path) -> None:
+    """BatchNorm's running statistics live in the checkpoint: resume is bit-equal."""
+    root = make_phantom(tmp_path / "phantom", n=16, size=64, seed=1)
+    manifest = prepare("folder", root, tmp_path / "m.csv").manifest
+    cfg = PretrainConfig(
+        backbone="test_resnet",
+        epochs=2,
+        batch_size=4,
+        warmup_epochs=0,
+        checkpoint_every=2,
+        picture_every=0,
+        decoder_dim=16,
+        mask_unit=16,
+    )
+    data_cfg = DataConfig(image_size=64, channels=1)
+    full = pretrain(cfg, manifest, root, data_cfg, tmp_path / "a", seed=3, progress=False)
+    pretrain(
+        cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False, stop_after_steps=3
+    )
+    resumed = pretrain(cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    a, b = read_state_dict(full.encoder), read_state_dict(resumed.encoder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("running_mean" in k for k in a)
