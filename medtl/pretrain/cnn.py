@@ -228,7 +228,7 @@ class CNNMAE(MaskedAutoencoder):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         *,
-        decoder_dim: int = 256,
+        decoder_dim: int = 128,
         mask_unit: int | None = None,
         decoder_scales: int = 3,
         norm_pix_loss: bool = True,
