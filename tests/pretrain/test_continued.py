@@ -101,3 +101,26 @@ def test_a_killed_masked_cnn_pretraining_resumes_to_the_same_encoder(tmp_path: P
     a, b = read_state_dict(full.encoder), read_state_dict(resumed.encoder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("running_mean" in k for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_pretrains_a_masked_cnn_and_fine_tunes_from_it(tmp_path: Path) -> None:
+    """The pipeline: the masked EfficientNet's encoder is the fine-tuning start (``pretrain``)."""
+    from medtl.artifacts import ModelCard
+    from medtl.demo import run_demo
+
+    overrides = [
+        "pretrain.backbone=test_efficientnet",
+        "finetune.backbone=test_efficientnet",
+        "pretrain.epochs=1",
+        "finetune.epochs=1",
+        "pretrain.mask_unit=16",
+        "pretrain.decoder_dim=16",
+        "evaluate.n_boot=100",
+    ]
+    run_demo(tmp_path, n=24, size=64, quiet=True, overrides=overrides)
+    card = ModelCard.load(tmp_path / "finetune" / "meta.json")
+    assert card.source is not None and card.source["name"] == "medtl-mae"
+    assert card.init_weights == str(tmp_path / "pretrain" / "encoder.safetensors")
+    assert EncoderCard.load(tmp_path / "pretrain" / META_FILE).patch_size == 16
