@@ -269,6 +269,19 @@ def local_name(path: Path) -> str:
     return "medtl-mae" if mae else "file"
 
 
+def encoder_stats(
+    path: Path, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input statistics a medtl encoder was pretrained with (its card's ``normalize``),
+    so fine-tuning feeds it inputs on the same scale; ``mean`` / ``std`` when the card has none."""
+    from medtl.artifacts import EncoderCard
+
+    card = EncoderCard.load(path.parent / "meta.json")
+    if card.normalize is None:
+        return mean, std
+    return tuple(card.normalize.mean), tuple(card.normalize.std)
+
+
 def validate(spec: str | Path) -> str:
     """One line for ``medtl check``: the weights resolve to a readable file of the right hash."""
     resolved = resolve(spec)
@@ -305,6 +318,8 @@ def load_source(model: nn.Module, spec: str | Path) -> SourceInfo:
     cfg: Any = getattr(model, "pretrained_cfg", None) or {}
     mean = resolved.source.mean if resolved.source else tuple(cfg.get("mean", IMAGENET_MEAN))
     std = resolved.source.std if resolved.source else tuple(cfg.get("std", IMAGENET_STD))
+    if resolved.source is None and local_name(resolved.path) == "medtl-mae":
+        mean, std = encoder_stats(resolved.path, mean, std)
     model.pretrained_cfg = {**cfg, "mean": mean, "std": std}  # type: ignore[assignment]
     return SourceInfo(
         name=resolved.source.name if resolved.source else local_name(resolved.path),

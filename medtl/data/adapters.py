@@ -477,6 +477,27 @@ def folder(root: Path) -> AdapterResult:
     return AdapterResult(samples, sorted(classes), unused_images(root, samples, where))
 
 
+@ADAPTERS.register("images")
+def images(root: Path) -> AdapterResult:
+    """Unlabelled images for pretraining: every image file under ``root``, at any depth, sorted
+    by path (hidden files and folders skipped); no classes. For DICOM / NIfTI trees use the
+    ``dicom`` / ``nifti`` adapters, which are unlabelled by default."""
+    require_root(root)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise DataError(
+            f"{root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); point "
+            "'medtl prepare images' at a folder of images"
+        )
+    return AdapterResult([Sample(rel(f, root)) for f in files], [])
+
+
 def unused_images(root: Path, samples: list[Sample], where: str) -> list[LeftOut]:
     """Image files under ``root`` (hidden ones aside) that no sample uses: a stray folder or an
     image outside the layout is counted and listed, not passed over."""

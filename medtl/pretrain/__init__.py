@@ -1,7 +1,9 @@
-"""Pretraining stage: patch masking strategies and masked autoencoders on timm backbones."""
+"""Pretraining stage: patch masking strategies and masked autoencoders on timm backbones
+(ConvNeXt, ViT, and BatchNorm CNNs: EfficientNet, ResNet)."""
 
 from __future__ import annotations
 
+from medtl.pretrain.cnn import CNNMAE
 from medtl.pretrain.mae import ConvNeXtMAE, MaskedAutoencoder, ViTMAE, build_mae
 from medtl.pretrain.masking import (
     MASKING,
@@ -13,6 +15,7 @@ from medtl.pretrain.masking import (
 )
 
 __all__ = [
+    "CNNMAE",
     "MASKING",
     "ConvNeXtMAE",
     "EntropyMasking",

@@ -25,7 +25,7 @@ from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import atomic_open
-from medtl.models import check_backbone, load_weights
+from medtl.models import check_backbone
 from medtl.pretrain.mae import MaskedAutoencoder, build_mae
 from medtl.pretrain.masking import (
     MASKING,
@@ -47,9 +47,15 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backbone: str = Field("convnext_atto", description="timm ConvNeXt or ViT name")
+    backbone: str = Field(
+        "convnext_atto",
+        description="timm ConvNeXt, ViT, or BatchNorm CNN (EfficientNet, ResNet) name",
+    )
     weights: str | None = Field(
-        None, description="start from a local timm weights file (nothing is downloaded)"
+        None,
+        description="starting weights (continued pretraining): a pretrained source "
+        "('imagenet:efficientnet_lite0', see `medtl list sources`) or a local file (a timm "
+        "checkpoint, a medtl encoder); its classifier is left out; nothing is downloaded",
     )
     masking: str = Field("entropy", description="masking strategy: entropy or random")
     mask_ratio: float | None = Field(
@@ -72,6 +78,12 @@ class PretrainConfig(BaseModel):
     grad_clip: float | None = Field(3.0, gt=0)
     decoder_dim: int | None = Field(None, ge=8, description="decoder width (default: the MAE's)")
     decoder_depth: int | None = Field(None, ge=0, description="decoder blocks (default: the MAE's)")
+    mask_unit: int | None = Field(
+        None,
+        ge=1,
+        description="BatchNorm CNNs: pixels per mask cell; default the network stride (32); "
+        "16 or 8 give a finer grid (128 px: 8 x 8 or 16 x 16 cells instead of 4 x 4)",
+    )
     augment: Literal["none", "light", "medium"] = Field(
         "light", description="train-time augmentation"
     )
@@ -94,6 +106,17 @@ class PretrainConfig(BaseModel):
     @classmethod
     def _masking(cls, name: str) -> str:
         return MASKING.validate(name)
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.weights:
+            from medtl.sources import check_spec
+
+            try:
+                check_spec(self.weights, self.backbone)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"pretrain.weights: {str(exc).replace('finetune.', 'pretrain.')}"
+                ) from None
 
 
 @dataclass
@@ -150,11 +173,13 @@ def build_model(
     std: Sequence[float] | None = None,
 ) -> MaskedAutoencoder:
     """The MAE of ``cfg.backbone``; ``mean`` / ``std`` default to the backbone's."""
-    options: dict[str, Any] = {"mean": mean, "std": std}
+    options: dict[str, Any] = {"mean": mean, "std": std, "weights": cfg.weights}
     if cfg.decoder_dim is not None:
         options["decoder_dim"] = cfg.decoder_dim
     if cfg.decoder_depth is not None:
         options["decoder_depth"] = cfg.decoder_depth
+    if cfg.mask_unit is not None:
+        options["mask_unit"] = cfg.mask_unit
     mae = build_mae(
         cfg.backbone, in_chans=data_cfg.channels, img_size=data_cfg.image_size, **options
     )
@@ -163,15 +188,16 @@ def build_model(
             f"data.loader.image_size {data_cfg.image_size} is not a multiple of the {cfg.backbone} "
             f"patch size {mae.patch_size}; use e.g. {mae.patch_size * max(1, round(data_cfg.image_size / mae.patch_size))}"
         )
-    if cfg.weights:
-        load_weights(mae.encoder, cfg.weights)
     freeze_unused(mae, data_cfg)
     return mae
 
 
 def freeze_unused(mae: MaskedAutoencoder, data_cfg: DataConfig) -> list[str]:
     """Freeze parameters the MAE never uses (e.g. a ConvNeXt's classifier-head norm): they
-    would get no gradient, which DistributedDataParallel refuses. Found by one dummy step."""
+    would get no gradient, which DistributedDataParallel refuses. Found by one dummy step,
+    after which the buffers are restored: BatchNorm's running statistics (ImageNet's, when
+    continuing from a source) must not learn from the dummy image."""
+    buffers = {n: b.clone() for n, b in mae.named_buffers()}
     x = torch.rand(1, data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
     grid = (data_cfg.image_size // mae.patch_size,) * 2
     mask = torch.zeros(1, *grid, dtype=torch.bool)
@@ -183,6 +209,9 @@ def freeze_unused(mae: MaskedAutoencoder, data_cfg: DataConfig) -> list[str]:
         p.grad = None
         if n in unused:
             p.requires_grad_(False)
+    with torch.no_grad():
+        for n, b in mae.named_buffers():
+            b.copy_(buffers[n])
     return unused
 
 
@@ -264,7 +293,7 @@ def pretrain(
         seed=seed,
         seconds=time.perf_counter() - start,
         init_weights=cfg.weights,
-        weights=WeightsProvenance.of_file(cfg.weights),
+        weights=weights_provenance(mae, cfg.weights),
         config=cfg.model_dump(mode="json"),
         recipe=recipe or {},
     )
@@ -276,6 +305,16 @@ def pretrain(
         card.save(out / META_FILE)
         plot_loss(result.history, out / "loss.png")
     return PretrainResult(out / ENCODER_FILE, card, result.history)
+
+
+def weights_provenance(mae: MaskedAutoencoder, weights: str | None) -> WeightsProvenance | None:
+    """Where the encoder's starting weights came from: the source registry's record (name,
+    file, sha256, licence) when it loaded them, else the file's path and hash."""
+    info = getattr(mae.encoder, "source_info", None)
+    if info is None:
+        return WeightsProvenance.of_file(weights)
+    name = info.name if ":" in info.name else None  # a registered source, not a local file
+    return WeightsProvenance(source=name, path=info.path, sha256=info.sha256, licence=info.licence)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

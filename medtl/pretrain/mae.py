@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import timm
 import torch
@@ -395,17 +395,30 @@ class ViTMAE(MaskedAutoencoder):
         return self.decoder(self._encode(x, keep_ids), keep_ids, grid)
 
 
-def _create_backbone(name: str, in_chans: int, img_size: int, pretrained: bool) -> nn.Module:
-    """``timm.create_model(name, num_classes=0)``; ViTs are built for ``img_size``."""
+def _create_backbone(
+    name: str, in_chans: int, img_size: int, pretrained: bool, weights: str | None = None
+) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)``; ViTs are built for ``img_size``.
+
+    ``weights`` (a pretrained source such as ``imagenet:efficientnet_lite0`` or a local file)
+    is loaded through :func:`medtl.sources.load_source` into the model with a one-class head,
+    which is then removed (``reset_classifier(0)``): a source's classifier has nowhere to go
+    in an encoder, and the registry's layout converters expect the full network.
+    """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown timm backbone {name!r}{hint}")
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans)
+    options: dict[str, Any] = {"pretrained": pretrained, "in_chans": in_chans}
+    options["num_classes"] = 1 if weights else 0
+    model = timm.create_model(name, **options)
     if isinstance(model, VisionTransformer) and model.patch_embed.img_size != (img_size, img_size):
-        model = timm.create_model(
-            name, pretrained=pretrained, num_classes=0, in_chans=in_chans, img_size=img_size
-        )
+        model = timm.create_model(name, img_size=img_size, **options)
+    if weights:
+        from medtl.sources import load_source
+
+        model.source_info = load_source(model, weights)  # type: ignore[assignment]
+        model.reset_classifier(0)  # type: ignore[operator]
     return model
 
 
@@ -417,27 +430,38 @@ def build_mae(
     std: Sequence[float] | None = None,
     *,
     pretrained: bool = False,
+    weights: str | None = None,
     norm_pix_loss: bool = True,
-    **decoder_kwargs: int,
+    **decoder_kwargs: int | None,
 ) -> MaskedAutoencoder:
-    """A masked autoencoder around the timm ``backbone`` (a ConvNeXt or a ViT).
+    """A masked autoencoder around the timm ``backbone``: a ConvNeXt, a ViT, or a BatchNorm
+    CNN (EfficientNet, ResNet; :class:`medtl.pretrain.cnn.CNNMAE`).
 
     ``mean``/``std`` default to the backbone's ``pretrained_cfg`` (averaged for one channel).
     ``decoder_kwargs``: ``decoder_dim``, ``decoder_depth`` and, for ViTs, ``decoder_heads``.
     ``img_size`` fixes a ViT's position grid; ConvNeXts take any multiple of 32.
+    ``weights``: starting weights (a pretrained source or a local file, see
+    :mod:`medtl.sources`); ``mean``/``std`` then default to the source's.
     """
     if in_chans < 1 or img_size < 1:
         raise ValueError(f"in_chans {in_chans} and img_size {img_size} must be positive")
-    encoder = _create_backbone(backbone, in_chans, img_size, pretrained)
+    from medtl.pretrain.cnn import CNNMAE, SUPPORTED
+
+    encoder = _create_backbone(backbone, in_chans, img_size, pretrained, weights)
+    options = {k: v for k, v in decoder_kwargs.items() if v is not None}
+    if isinstance(encoder, SUPPORTED):
+        _check_options(CNNMAE, options)
+        return CNNMAE(encoder, mean, std, norm_pix_loss=norm_pix_loss, **options)
     if isinstance(encoder, ConvNeXt):
-        _check_options(ConvNeXtMAE, decoder_kwargs)
-        return ConvNeXtMAE(encoder, mean, std, norm_pix_loss=norm_pix_loss, **decoder_kwargs)
+        _check_options(ConvNeXtMAE, options)
+        return ConvNeXtMAE(encoder, mean, std, norm_pix_loss=norm_pix_loss, **options)
     if isinstance(encoder, VisionTransformer):
-        _check_options(ViTMAE, decoder_kwargs)
-        return ViTMAE(encoder, mean, std, norm_pix_loss=norm_pix_loss, **decoder_kwargs)
+        _check_options(ViTMAE, options)
+        return ViTMAE(encoder, mean, std, norm_pix_loss=norm_pix_loss, **options)
     raise ConfigError(
         f"backbone {backbone!r} is a {type(encoder).__name__}; MAE pretraining supports timm "
-        f"ConvNeXt (convnext_*, convnextv2_*) and ViT (vit_*) backbones"
+        f"ConvNeXt (convnext_*, convnextv2_*), ViT (vit_*), EfficientNet (efficientnet_*) and "
+        f"ResNet (resnet*) backbones"
     )
 
 

@@ -515,6 +515,23 @@ def test_folder_without_class_folders(tmp_path: Path) -> None:
         run("folder", tmp_path)
 
 
+def test_images_finds_every_image_unlabelled(tmp_path: Path) -> None:
+    image(tmp_path / "b.png")
+    image(tmp_path / "scans" / "day1" / "a.jpg")
+    image(tmp_path / ".cache" / "c.png")
+    image(tmp_path / "scans" / ".d.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = run("images", tmp_path)
+    assert paths(result) == ["b.png", "scans/day1/a.jpg"]
+    assert result.classes == [] and all(s.label is None for s in result.samples)
+
+
+def test_images_in_an_empty_folder_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"holds no image files .*'medtl prepare images'"):
+        run("images", tmp_path)
+
+
 # -- csv -------------------------------------------------------------------------------------
 def test_csv_path_label_split_group(tmp_path: Path) -> None:
     write_csv(

@@ -267,8 +267,8 @@ def test_vit_mask_counts_must_agree(small: MaskedAutoencoder) -> None:
 def test_unknown_or_unsupported_backbones_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"did you mean 'convnext_atto'\?"):
         build_mae("convnext_ato")
-    with pytest.raises(ConfigError, match=r"is a ResNet; MAE pretraining supports"):
-        build_mae("test_resnet")
+    with pytest.raises(ConfigError, match=r"is a ByobNet; MAE pretraining supports"):
+        build_mae("test_byobnet")
     with pytest.raises(
         ConfigError, match=r"no decoder option decoder_heads \(allowed: decoder_dim"
     ):
