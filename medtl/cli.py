@@ -279,7 +279,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 cfg,
                 ctx.manifest,
                 ctx.root,
-                ctx.recipe.section("data").loader,
+                ctx.recipe.section("data").loader.data_config(),
                 ctx.out / "finetune",
                 weights,
                 ctx.device,

@@ -151,7 +151,7 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
         log.info("pretrain: already done (%s)", stage.folder)
         return stage.folder / ENCODER_FILE
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader
+    data_cfg = ctx.recipe.section("data").loader.data_config()
     with ctx.tracker.scope("pretrain"):
         result = pretrain(
             ctx.recipe.section("pretrain"),
@@ -376,7 +376,7 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
         log.info("finetune: already done (%s)", stage.folder)
         return model_dir(ctx.out)
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader
+    data_cfg = ctx.recipe.section("data").loader.data_config()
     if cfg.strategy == "biotune":
         from medtl.finetune.search import BioTuneConfig, biotune_search
 

@@ -51,6 +51,40 @@ def test_errors_name_the_key(tmp_path: Path, text: str, needles: list[str]) -> N
         assert needle in message, message
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [("batch_size", "64", "finetune.batch_size"), ("augment", "medium", "finetune.augment")],
+)
+def test_loader_keys_without_effect_are_refused(
+    tmp_path: Path, key: str, value: str, where: str
+) -> None:
+    """``data.loader.batch_size`` / ``augment`` never reached a stage: a recipe (or ``--set``)
+    naming them is refused with the key that does."""
+    in_file = tmp_path / "in_file.yaml"
+    in_file.write_text(f"data: {{adapter: busi, loader: {{{key}: {value}}}}}")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("data: {adapter: busi}")
+    for source, overrides in ((in_file, []), (plain, [f"data.loader.{key}={value}"])):
+        with pytest.raises(ConfigError) as err:
+            load_recipe(source, overrides)
+        message = str(err.value)
+        assert f"data.loader.{key}: unknown key" in message and where in message, message
+        assert len(message.splitlines()) == 1
+
+
+def test_stage_data_config_takes_the_loader_and_the_stage_settings(tmp_path: Path) -> None:
+    loader = (
+        load_recipe(
+            _write(tmp_path, "data: {adapter: busi, loader: {image_size: 48, channels: 1}}")
+        )
+        .section("data")
+        .loader
+    )
+    cfg = loader.data_config(augment="light", batch_size=8)
+    assert (cfg.image_size, cfg.channels, cfg.augment, cfg.batch_size) == (48, 1, "light", 8)
+    assert "batch_size" not in loader.model_dump() and "augment" not in loader.model_dump()
+
+
 def test_presets_then_overrides(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
