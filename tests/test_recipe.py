@@ -150,3 +150,30 @@ def test_a_key_given_twice_is_refused_by_name(tmp_path: Path) -> None:
     top = _write(tmp_path, "seed: 1\ndata: {adapter: busi}\nseed: 2\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: line 3: key 'seed' appears twice"):
         load_recipe(top)
+
+
+def test_one_optimisation_section_for_pretraining_and_fine_tuning(tmp_path: Path) -> None:
+    """``pretrain`` and ``finetune`` share :class:`OptimConfig`: the flat recipe keys reach
+    the :class:`Schedule` of each stage unchanged, and no shared key is lost on the way."""
+    from dataclasses import fields
+
+    from medtl.train import OptimConfig, Schedule
+
+    assert set(OptimConfig.model_fields) <= {f.name for f in fields(Schedule)}
+    keys = "{epochs: 7, batch_size: 12, lr: 0.002, weight_decay: 0.1, warmup_epochs: 2, "
+    keys += "grad_clip: 1.5, num_workers: 1, amp: true}"
+    recipe = load_recipe(_write(tmp_path, f"pretrain: {keys}\nfinetune: {keys}"))
+    for name in ("pretrain", "finetune"):
+        section = recipe.section(name)
+        assert isinstance(section, OptimConfig)
+        schedule = section.schedule()
+        got = {key: getattr(schedule, key) for key in OptimConfig.model_fields}
+        assert got == {
+            "epochs": 7, "batch_size": 12, "lr": 0.002, "weight_decay": 0.1,
+            "warmup_epochs": 2.0, "grad_clip": 1.5, "num_workers": 1, "amp": True,
+        }  # fmt: skip
+    assert recipe.section("finetune").schedule(epochs=3, patience=2).epochs == 3
+    # each stage keeps its own defaults
+    defaults = load_recipe(_write(tmp_path, "pretrain: {}\nfinetune: {}"))
+    assert defaults.section("pretrain").schedule().grad_clip == 3.0
+    assert defaults.section("finetune").schedule().grad_clip is None
