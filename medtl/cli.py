@@ -258,14 +258,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The BioTune search alone (``--worker``: join a running search as one more process)."""
-    from medtl.finetune.search import BioTuneConfig, run_worker
-    from medtl.pipeline import run_finetune
+    from medtl.finetune.methods import SEARCHES
+    from medtl.pipeline import run_finetune, search_job
 
     with _run_context(args) as ctx:
         cfg = ctx.recipe.section("finetune")
-        if cfg.strategy != "biotune":
+        if cfg.strategy not in SEARCHES:
             raise ConfigError(
-                f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to 'biotune' to search"
+                f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to a search "
+                f"({', '.join(SEARCHES.names())}) to search"
             )
         if args.worker:
             weights = (
@@ -273,18 +274,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 if cfg.weights == "pretrain"
                 else cfg.weights
             )
-            search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
-            n = run_worker(
-                search,
-                cfg,
-                ctx.manifest,
-                ctx.root,
-                ctx.recipe.section("data").loader.data_config(),
-                ctx.out / "finetune",
-                weights,
-                ctx.device,
-                ctx.progress,
-            )
+            job = search_job(ctx, ctx.out / "finetune", weights)
+            n = SEARCHES.get(cfg.strategy).work(job)
             print(f"worker trained {n} trial(s)")
             return 0
         print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
@@ -380,6 +371,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from medtl.data.adapters import ADAPTERS
+    from medtl.finetune.methods import SEARCHES
     from medtl.finetune.strategies import STRATEGIES
     from medtl.pretrain.masking import MASKING
     from medtl.sources import SOURCES
@@ -387,6 +379,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     registries: dict[str, Any] = {
         "adapters": ADAPTERS,
         "masking": MASKING,
+        "searches": SEARCHES,
         "sources": SOURCES,
         "strategies": STRATEGIES,
     }
@@ -601,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("kind", nargs="?", choices=["adapters", "masking", "sources", "strategies"])
+    p.add_argument(
+        "kind", nargs="?", choices=["adapters", "masking", "searches", "sources", "strategies"]
+    )
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")

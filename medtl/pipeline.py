@@ -351,16 +351,27 @@ def finetune_stage(ctx: RunContext, resume: bool = True) -> tuple[Stage, str | N
     if weights == "pretrain":
         weights = str(run_pretrain(ctx, resume))
         encoder_hash = (ctx.out / "pretrain" / "DONE").read_text()
-    search = ctx.recipe.resolved().get("search") if cfg.strategy == "biotune" else None
+    search = ctx.recipe.resolved().get("search") if _is_search(cfg.strategy) else None
     return Stage(
         ctx.out / "finetune",
         stage_inputs(ctx, "finetune", {"encoder": encoder_hash, "search": search}),
     ), weights
 
 
+def _is_search(strategy: str) -> bool:
+    from medtl.finetune.methods import SEARCHES
+
+    return strategy in SEARCHES
+
+
 def model_dir(out: Path) -> Path:
-    """The fine-tuned model of a run: ``finetune/``, or ``finetune/final/`` after a search."""
-    final = out / "finetune" / "final"
+    """The fine-tuned model of a run, as its finetune stage recorded it in ``DONE``:
+    ``finetune/``, or the folder a search retrained its winner into (``finetune/final/``)."""
+    marker = out / "finetune" / "DONE"
+    record = json.loads(marker.read_text()) if marker.is_file() else {}
+    if "model" in record:
+        return out / "finetune" / record["model"]
+    final = out / "finetune" / "final"  # a run finished before DONE recorded the model
     return final if (final / "meta.json").is_file() else out / "finetune"
 
 
@@ -377,30 +388,8 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
         return model_dir(ctx.out)
     stage.begin()
     data_cfg = ctx.recipe.section("data").loader.data_config()
-    if cfg.strategy == "biotune":
-        from medtl.finetune.search import BioTuneConfig, biotune_search
-
-        search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
-        with ctx.tracker.scope("finetune"):
-            found = biotune_search(
-                search,
-                cfg,
-                ctx.manifest,
-                ctx.root,
-                data_cfg,
-                stage.folder,
-                weights,
-                ctx.device,
-                ctx.progress,
-            )
-            log_summary(
-                {
-                    "best_fitness": found.best_fitness,
-                    "epoch_equivalents": found.epoch_equivalents,
-                }
-            )
-        stage.mark_done({"best_fitness": found.best_fitness})
-        return model_dir(ctx.out)
+    if _is_search(cfg.strategy):
+        return _run_search(ctx, stage, weights)
     with ctx.tracker.scope("finetune"):
         result = finetune(
             cfg,
@@ -416,5 +405,34 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
             recipe=ctx.recipe.resolved(),
         )
         log_summary({"best_val_bacc": result.meta["val_bacc"]})
-    stage.mark_done({"val_bacc": result.meta["val_bacc"]})
+    stage.mark_done({"val_bacc": result.meta["val_bacc"], "model": "."})
     return stage.folder
+
+
+def search_job(ctx: RunContext, folder: Path, weights: str | None) -> Any:
+    """The :class:`~medtl.finetune.methods.SearchJob` of this run's ``finetune`` section."""
+    from medtl.finetune.methods import SearchJob
+
+    return SearchJob(
+        ctx.recipe.section("finetune"),
+        ctx.recipe.sections.get("search"),
+        ctx.manifest,
+        ctx.root,
+        ctx.recipe.section("data").loader.data_config(),
+        folder,
+        weights,
+        ctx.device,
+        ctx.progress,
+    )
+
+
+def _run_search(ctx: RunContext, stage: Stage, weights: str | None) -> Path:
+    """A registered search (``finetune.strategy``) to the end; ``DONE`` records its model."""
+    from medtl.finetune.methods import SEARCHES
+
+    search = SEARCHES.get(ctx.recipe.section("finetune").strategy)
+    with ctx.tracker.scope("finetune"):
+        outcome = search.run(search_job(ctx, stage.folder, weights))
+        log_summary(outcome.summary)
+    stage.mark_done({**outcome.summary, "model": str(outcome.model)})
+    return stage.folder / outcome.model

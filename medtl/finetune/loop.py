@@ -83,15 +83,10 @@ class FinetuneConfig(OptimConfig):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        """A registered strategy, or ``biotune``: the search over ``genome`` strategies."""
-        from medtl.finetune.strategies import STRATEGIES
+        """A registered strategy, or a registered search (``biotune``) over strategies."""
+        from medtl.finetune.methods import check_strategy
 
-        if name != "biotune":
-            try:
-                STRATEGIES.get(name)
-            except ConfigError as exc:
-                raise ValueError(f"{exc}; or 'biotune' for the search") from None
-        return name
+        return check_strategy(name)
 
 
 @dataclass
