@@ -338,6 +338,10 @@ class EvaluationEntry(Artifact):
     model_meta: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
     leaks: dict[str, Any] | None = None
+    conformal: dict[str, Any] | None = Field(None, description="conformal sets on this split")
+    site_thresholds: dict[str, Any] | None = Field(
+        None, description="operating thresholds chosen on another labelled split of the data"
+    )
 
     @model_validator(mode="before")
     @classmethod

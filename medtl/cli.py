@@ -220,19 +220,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from medtl.pipeline import run_pretrain
+    from medtl.pipeline import PretrainStage
 
     with _run_context(args) as ctx:
-        encoder = run_pretrain(ctx, resume=not args.no_resume)
+        encoder = PretrainStage(resume=not args.no_resume).run(ctx).path
     print(f"encoder: {encoder}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from medtl.pipeline import run_finetune
+    from medtl.pipeline import FinetuneStage
 
     with _run_context(args) as ctx:
-        folder = run_finetune(ctx, resume=not args.no_resume)
+        folder = FinetuneStage(resume=not args.no_resume).run(ctx).path
     print(f"fine-tuned model: {folder}")
     return 0
 

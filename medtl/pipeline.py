@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -180,14 +180,7 @@ def run_all(ctx: RunContext, resume: bool = True, force: str | None = None) -> d
             raise ConfigError(f"--force {force!r}: not a stage ({', '.join(STAGES)})")
         for name in STAGES[STAGES.index(force) :]:
             Stage(ctx.out / name, {}).invalidate()
-    done: dict[str, Path] = {}
-    if ctx.recipe.has("pretrain"):
-        done["pretrain"] = run_pretrain(ctx, resume)
-    if ctx.recipe.has("finetune"):
-        done["finetune"] = run_finetune(ctx, resume)
-        done["calibrate"] = run_calibrate(ctx)
-        done["evaluate"] = run_evaluate(ctx)
-        done["report"] = run_report(ctx)
+    done = {stage.name: stage.run(ctx).path for stage in recipe_stages(ctx, resume)}
     remove_stray_temps(ctx.out)  # left by a process killed while writing; the run holds the lock
     return done
 
@@ -436,3 +429,107 @@ def _run_search(ctx: RunContext, stage: Stage, weights: str | None) -> Path:
         log_summary(outcome.summary)
     stage.mark_done({**outcome.summary, "model": str(outcome.model)})
     return stage.folder / outcome.model
+
+
+# -- the stage protocol ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage hands on: where its output is, and the typed artifact read back from it
+    (validated, so a later stage never reads a loose dict)."""
+
+    path: Path
+    artifact: Any
+
+
+class RunStage(Protocol):
+    """One stage of a run: ``run(ctx)`` does the work, or skips it when its ``DONE`` matches
+    its inputs, and returns its :class:`StageOutput`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, ctx: RunContext) -> StageOutput: ...
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    """``pretrain``: the encoder file; artifact: its :class:`~medtl.artifacts.EncoderCard`."""
+
+    resume: bool = True
+    name: str = "pretrain"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        from medtl.artifacts import EncoderCard
+        from medtl.pretrain.loop import META_FILE
+
+        encoder = run_pretrain(ctx, self.resume)
+        return StageOutput(encoder, EncoderCard.load(encoder.parent / META_FILE))
+
+
+@dataclass(frozen=True)
+class FinetuneStage:
+    """``finetune`` (one strategy, or a registered search): the model folder; artifact: its
+    :class:`~medtl.artifacts.ModelCard`."""
+
+    resume: bool = True
+    name: str = "finetune"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        folder = run_finetune(ctx, self.resume)
+        return StageOutput(folder, _model_card(folder))
+
+
+@dataclass(frozen=True)
+class CalibrateStage:
+    """``calibrate``: the stage folder; artifact: the model's card with its calibrator and
+    operating thresholds."""
+
+    name: str = "calibrate"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        return StageOutput(run_calibrate(ctx), _model_card(model_dir(ctx.out)))
+
+
+@dataclass(frozen=True)
+class EvaluateStage:
+    """``evaluate``: the stage folder; artifact: its entries as
+    :class:`~medtl.artifacts.EvaluationEntry` objects."""
+
+    name: str = "evaluate"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        from medtl.artifacts import EvaluationEntry
+
+        folder = run_evaluate(ctx)
+        entries = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))["entries"]
+        return StageOutput(folder, [EvaluationEntry.model_validate(e) for e in entries])
+
+
+@dataclass(frozen=True)
+class ReportStage:
+    """``report``: ``report.html``; artifact: ``report.json`` (not yet a typed model)."""
+
+    name: str = "report"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        html = run_report(ctx)
+        return StageOutput(
+            html, json.loads((html.parent / "report.json").read_text(encoding="utf-8"))
+        )
+
+
+def _model_card(folder: Path) -> Any:
+    from medtl.artifacts import ModelCard
+    from medtl.finetune.loop import META_FILE
+
+    return ModelCard.load(folder / META_FILE)
+
+
+def recipe_stages(ctx: RunContext, resume: bool = True) -> list[RunStage]:
+    """The stages the recipe has, in order (``medtl run``)."""
+    stages: list[RunStage] = []
+    if ctx.recipe.has("pretrain"):
+        stages.append(PretrainStage(resume))
+    if ctx.recipe.has("finetune"):
+        stages += [FinetuneStage(resume), CalibrateStage(), EvaluateStage(), ReportStage()]
+    return stages
