@@ -46,6 +46,7 @@ from medtl.io import write_json
 
 MODEL_CARD_VERSION = 1
 ENCODER_CARD_VERSION = 1
+EVALUATION_ENTRY_VERSION = 1
 
 
 def _calibrator(value: Any) -> Calibrator:
@@ -310,3 +311,69 @@ class EncoderCard(Artifact):
     @classmethod
     def load(cls, path: Path) -> EncoderCard:
         return read_artifact(cls, path, "re-run 'medtl pretrain' to rewrite it")
+
+
+# -- the evaluation result -------------------------------------------------------------------
+class EvaluationEntry(Artifact):
+    """One model on one dataset split in ``evaluation.json`` (``medtl evaluate``); the report
+    validates each entry when it reads one. A failed entry has ``status: failed`` and its
+    ``error``; an ok one its predictions, calibrator and metrics."""
+
+    VERSION: ClassVar[int] = EVALUATION_ENTRY_VERSION
+    schema_version: int = EVALUATION_ENTRY_VERSION
+    model: str
+    model_dir: str | None = None
+    dataset: str
+    split: str
+    manifest: str | None = None
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    predictions: str | None = None
+    val_predictions: str | None = None
+    temperature: float | None = Field(
+        1.0, description="the scalar temperature; null when the calibrator is not a temperature"
+    )
+    calibrator: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    model_meta: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    leaks: dict[str, Any] | None = None
+    conformal: dict[str, Any] | None = Field(None, description="conformal sets on this split")
+    site_thresholds: dict[str, Any] | None = Field(
+        None, description="operating thresholds chosen on another labelled split of the data"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Entries written before ``schema_version`` existed hold the same keys."""
+        if isinstance(data, dict) and "schema_version" not in data:
+            return dict(data, schema_version=EVALUATION_ENTRY_VERSION)
+        return data
+
+    @model_validator(mode="after")
+    def _ok_has_metrics(self) -> EvaluationEntry:
+        if self.status == "ok" and self.metrics is None:
+            raise ValueError("status 'ok' needs 'metrics'")
+        return self
+
+
+def check_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with its ``schema_version``, after validating it as an :class:`EvaluationEntry`
+    (the dict itself is written, so the JSON keeps its keys and numbers as they are)."""
+    entry = {"schema_version": EVALUATION_ENTRY_VERSION, **entry}
+    EvaluationEntry.model_validate(entry)
+    return entry
+
+
+def entry_problem(entry: Any) -> str | None:
+    """Why ``entry`` is not a valid :class:`EvaluationEntry`, as one line naming the key;
+    ``None`` when it is."""
+    try:
+        EvaluationEntry.model_validate(entry)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "entry"
+        message = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}"
+    return None

@@ -220,19 +220,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from medtl.pipeline import run_pretrain
+    from medtl.pipeline import PretrainStage
 
     with _run_context(args) as ctx:
-        encoder = run_pretrain(ctx, resume=not args.no_resume)
+        encoder = PretrainStage(resume=not args.no_resume).run(ctx).path
     print(f"encoder: {encoder}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from medtl.pipeline import run_finetune
+    from medtl.pipeline import FinetuneStage
 
     with _run_context(args) as ctx:
-        folder = run_finetune(ctx, resume=not args.no_resume)
+        folder = FinetuneStage(resume=not args.no_resume).run(ctx).path
     print(f"fine-tuned model: {folder}")
     return 0
 
@@ -258,16 +258,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The BioTune search alone (``--worker``: join a running search as one more process)."""
-    from medtl.finetune.search import BioTuneConfig, run_worker
-    from medtl.pipeline import run_finetune
+    from medtl.finetune.methods import SEARCHES
+    from medtl.pipeline import run_finetune, search_job
 
     if args.storage:  # the same as --set search.storage=URL
         args.set = [*(args.set or []), f"search.storage={args.storage}"]
     with _run_context(args) as ctx:
         cfg = ctx.recipe.section("finetune")
-        if cfg.strategy != "biotune":
+        if cfg.strategy not in SEARCHES:
             raise ConfigError(
-                f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to 'biotune' to search"
+                f"{args.recipe}: finetune.strategy is {cfg.strategy!r}; set it to a search "
+                f"({', '.join(SEARCHES.names())}) to search"
             )
         if args.worker:
             weights = (
@@ -275,18 +276,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 if cfg.weights == "pretrain"
                 else cfg.weights
             )
-            search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
-            n = run_worker(
-                search,
-                cfg,
-                ctx.manifest,
-                ctx.root,
-                ctx.recipe.section("data").loader,
-                ctx.out / "finetune",
-                weights,
-                ctx.device,
-                ctx.progress,
-            )
+            job = search_job(ctx, ctx.out / "finetune", weights)
+            n = SEARCHES.get(cfg.strategy).work(job)
             print(f"worker ran {n} candidate(s)")
             return 0
         print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
@@ -444,6 +435,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from medtl.data.adapters import ADAPTERS
+    from medtl.finetune.methods import SEARCHES
     from medtl.finetune.strategies import STRATEGIES
     from medtl.pretrain.masking import MASKING
     from medtl.sources import SOURCES
@@ -451,6 +443,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     registries: dict[str, Any] = {
         "adapters": ADAPTERS,
         "masking": MASKING,
+        "searches": SEARCHES,
         "sources": SOURCES,
         "strategies": STRATEGIES,
     }
@@ -744,7 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("kind", nargs="?", choices=["adapters", "masking", "sources", "strategies"])
+    p.add_argument(
+        "kind", nargs="?", choices=["adapters", "masking", "searches", "sources", "strategies"]
+    )
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medtl import __version__
-from medtl.artifacts import ModelCard
+from medtl.artifacts import ModelCard, check_entry
 from medtl.calibrate import (
     CALIBRATORS,
     Calibrator,
@@ -257,6 +257,7 @@ def evaluate(
             if len(members) > 1
         ]
     comparisons = _comparisons(kept)
+    entries = [check_entry(e) for e in entries]  # typed: EvaluationEntry
     result = {
         "medtl_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

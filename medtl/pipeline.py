@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -151,7 +151,7 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
         log.info("pretrain: already done (%s)", stage.folder)
         return stage.folder / ENCODER_FILE
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader
+    data_cfg = ctx.recipe.section("data").loader.data_config()
     with ctx.tracker.scope("pretrain"):
         result = pretrain(
             ctx.recipe.section("pretrain"),
@@ -180,14 +180,7 @@ def run_all(ctx: RunContext, resume: bool = True, force: str | None = None) -> d
             raise ConfigError(f"--force {force!r}: not a stage ({', '.join(STAGES)})")
         for name in STAGES[STAGES.index(force) :]:
             Stage(ctx.out / name, {}).invalidate()
-    done: dict[str, Path] = {}
-    if ctx.recipe.has("pretrain"):
-        done["pretrain"] = run_pretrain(ctx, resume)
-    if ctx.recipe.has("finetune"):
-        done["finetune"] = run_finetune(ctx, resume)
-        done["calibrate"] = run_calibrate(ctx)
-        done["evaluate"] = run_evaluate(ctx)
-        done["report"] = run_report(ctx)
+    done = {stage.name: stage.run(ctx).path for stage in recipe_stages(ctx, resume)}
     remove_stray_temps(ctx.out)  # left by a process killed while writing; the run holds the lock
     return done
 
@@ -351,16 +344,27 @@ def finetune_stage(ctx: RunContext, resume: bool = True) -> tuple[Stage, str | N
     if weights == "pretrain":
         weights = str(run_pretrain(ctx, resume))
         encoder_hash = (ctx.out / "pretrain" / "DONE").read_text()
-    search = ctx.recipe.resolved().get("search") if cfg.strategy == "biotune" else None
+    search = ctx.recipe.resolved().get("search") if _is_search(cfg.strategy) else None
     return Stage(
         ctx.out / "finetune",
         stage_inputs(ctx, "finetune", {"encoder": encoder_hash, "search": search}),
     ), weights
 
 
+def _is_search(strategy: str) -> bool:
+    from medtl.finetune.methods import SEARCHES
+
+    return strategy in SEARCHES
+
+
 def model_dir(out: Path) -> Path:
-    """The fine-tuned model of a run: ``finetune/``, or ``finetune/final/`` after a search."""
-    final = out / "finetune" / "final"
+    """The fine-tuned model of a run, as its finetune stage recorded it in ``DONE``:
+    ``finetune/``, or the folder a search retrained its winner into (``finetune/final/``)."""
+    marker = out / "finetune" / "DONE"
+    record = json.loads(marker.read_text()) if marker.is_file() else {}
+    if "model" in record:
+        return out / "finetune" / record["model"]
+    final = out / "finetune" / "final"  # a run finished before DONE recorded the model
     return final if (final / "meta.json").is_file() else out / "finetune"
 
 
@@ -376,31 +380,9 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
         log.info("finetune: already done (%s)", stage.folder)
         return model_dir(ctx.out)
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader
-    if cfg.strategy == "biotune":
-        from medtl.finetune.search import BioTuneConfig, biotune_search
-
-        search = ctx.recipe.section("search") if ctx.recipe.has("search") else BioTuneConfig()
-        with ctx.tracker.scope("finetune"):
-            found = biotune_search(
-                search,
-                cfg,
-                ctx.manifest,
-                ctx.root,
-                data_cfg,
-                stage.folder,
-                weights,
-                ctx.device,
-                ctx.progress,
-            )
-            log_summary(
-                {
-                    "best_fitness": found.best_fitness,
-                    "epoch_equivalents": found.epoch_equivalents,
-                }
-            )
-        stage.mark_done({"best_fitness": found.best_fitness})
-        return model_dir(ctx.out)
+    data_cfg = ctx.recipe.section("data").loader.data_config()
+    if _is_search(cfg.strategy):
+        return _run_search(ctx, stage, weights)
     with ctx.tracker.scope("finetune"):
         result = finetune(
             cfg,
@@ -416,5 +398,138 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
             recipe=ctx.recipe.resolved(),
         )
         log_summary({"best_val_bacc": result.meta["val_bacc"]})
-    stage.mark_done({"val_bacc": result.meta["val_bacc"]})
+    stage.mark_done({"val_bacc": result.meta["val_bacc"], "model": "."})
     return stage.folder
+
+
+def search_job(ctx: RunContext, folder: Path, weights: str | None) -> Any:
+    """The :class:`~medtl.finetune.methods.SearchJob` of this run's ``finetune`` section."""
+    from medtl.finetune.methods import SearchJob
+
+    return SearchJob(
+        ctx.recipe.section("finetune"),
+        ctx.recipe.sections.get("search"),
+        ctx.manifest,
+        ctx.root,
+        ctx.recipe.section("data").loader.data_config(),
+        folder,
+        weights,
+        ctx.device,
+        ctx.progress,
+    )
+
+
+def _run_search(ctx: RunContext, stage: Stage, weights: str | None) -> Path:
+    """A registered search (``finetune.strategy``) to the end; ``DONE`` records its model."""
+    from medtl.finetune.methods import SEARCHES
+
+    search = SEARCHES.get(ctx.recipe.section("finetune").strategy)
+    with ctx.tracker.scope("finetune"):
+        outcome = search.run(search_job(ctx, stage.folder, weights))
+        log_summary(outcome.summary)
+    stage.mark_done({**outcome.summary, "model": str(outcome.model)})
+    return stage.folder / outcome.model
+
+
+# -- the stage protocol ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage hands on: where its output is, and the typed artifact read back from it
+    (validated, so a later stage never reads a loose dict)."""
+
+    path: Path
+    artifact: Any
+
+
+class RunStage(Protocol):
+    """One stage of a run: ``run(ctx)`` does the work, or skips it when its ``DONE`` matches
+    its inputs, and returns its :class:`StageOutput`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, ctx: RunContext) -> StageOutput: ...
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    """``pretrain``: the encoder file; artifact: its :class:`~medtl.artifacts.EncoderCard`."""
+
+    resume: bool = True
+    name: str = "pretrain"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        from medtl.artifacts import EncoderCard
+        from medtl.pretrain.loop import META_FILE
+
+        encoder = run_pretrain(ctx, self.resume)
+        return StageOutput(encoder, EncoderCard.load(encoder.parent / META_FILE))
+
+
+@dataclass(frozen=True)
+class FinetuneStage:
+    """``finetune`` (one strategy, or a registered search): the model folder; artifact: its
+    :class:`~medtl.artifacts.ModelCard`."""
+
+    resume: bool = True
+    name: str = "finetune"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        folder = run_finetune(ctx, self.resume)
+        return StageOutput(folder, _model_card(folder))
+
+
+@dataclass(frozen=True)
+class CalibrateStage:
+    """``calibrate``: the stage folder; artifact: the model's card with its calibrator and
+    operating thresholds."""
+
+    name: str = "calibrate"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        return StageOutput(run_calibrate(ctx), _model_card(model_dir(ctx.out)))
+
+
+@dataclass(frozen=True)
+class EvaluateStage:
+    """``evaluate``: the stage folder; artifact: its entries as
+    :class:`~medtl.artifacts.EvaluationEntry` objects."""
+
+    name: str = "evaluate"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        from medtl.artifacts import EvaluationEntry
+
+        folder = run_evaluate(ctx)
+        entries = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))["entries"]
+        return StageOutput(folder, [EvaluationEntry.model_validate(e) for e in entries])
+
+
+@dataclass(frozen=True)
+class ReportStage:
+    """``report``: ``report.html``; artifact: ``report.json`` (not yet a typed model)."""
+
+    name: str = "report"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        html = run_report(ctx)
+        return StageOutput(
+            html, json.loads((html.parent / "report.json").read_text(encoding="utf-8"))
+        )
+
+
+def _model_card(folder: Path) -> Any:
+    from medtl.artifacts import ModelCard
+    from medtl.finetune.loop import META_FILE
+
+    return ModelCard.load(folder / META_FILE)
+
+
+def recipe_stages(ctx: RunContext, resume: bool = True) -> list[RunStage]:
+    """The stages the recipe has, in order (``medtl run``)."""
+    stages: list[RunStage] = []
+    if ctx.recipe.has("pretrain"):
+        stages.append(PretrainStage(resume))
+    if ctx.recipe.has("finetune"):
+        stages += [FinetuneStage(resume), CalibrateStage(), EvaluateStage(), ReportStage()]
+    return stages

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medtl.data.adapters import ADAPTERS
 from medtl.data.audit import DEFAULT_NEAR_BITS, DEFAULT_PHASH_BITS
-from medtl.data.dataset import DataConfig
+from medtl.data.dataset import LoaderConfig
 from medtl.data.leaks import LeakPolicy
 from medtl.data.split import DEFAULT_RATIOS, check_ratios
 from medtl.errors import ConfigError
@@ -57,8 +57,10 @@ class DataSection(Strict):
         description="near-duplicate threshold in bits of the 256-bit DCT hash; a pair within "
         "either threshold is one duplicate cluster",
     )
-    loader: DataConfig = Field(
-        default_factory=DataConfig, description="image size, channels, caching, ..."
+    loader: LoaderConfig = Field(
+        default_factory=LoaderConfig,
+        description="image size, channels, caching, normalisation (augmentation and batch size "
+        "are set per stage: pretrain.*, finetune.*)",
     )
     leaks: LeakPolicy = Field(
         "keep",
@@ -123,6 +125,11 @@ class Recipe:
 
 
 TOP_KEYS = {"name", "seed", "preset", "presets", "description"}
+# keys that recipes once set without any effect, and where the setting lives
+MOVED = {
+    "data.loader.batch_size": "set finetune.batch_size, pretrain.batch_size or evaluate.batch_size",
+    "data.loader.augment": "set finetune.augment or pretrain.augment",
+}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -225,6 +232,9 @@ def _validate(model: type[BaseModel], data: Any, section: str, source: str) -> B
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join([section, *(str(p) for p in err["loc"])])
+        if err["type"] == "extra_forbidden" and where in MOVED:
+            moved = f"{source}: {where}: unknown key (it has no effect); {MOVED[where]}"
+            raise ConfigError(moved) from None
         if err["type"] == "extra_forbidden":
             raise ConfigError(
                 _unknown(source, where, str(err["loc"][-1]), _fields(model, err["loc"][:-1]))

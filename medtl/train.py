@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
@@ -88,6 +89,32 @@ class Schedule:
         progress = (step - warm) / max(1.0, total - warm)
         low = self.lr * self.min_lr_ratio
         return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class OptimConfig(BaseModel):
+    """The optimisation keys shared by the ``pretrain`` and ``finetune`` recipe sections (and so
+    by search candidates, which train with the ``finetune`` section's): AdamW, linear warm-up,
+    cosine decay. Both sections subclass it, so the keys stay flat in a recipe;
+    :meth:`schedule` is the one place they become a :class:`Schedule`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(
+        32, ge=1, description="global batch (split across processes under torchrun)"
+    )
+    lr: float = Field(1e-3, gt=0, description="base learning rate (AdamW, warm-up then cosine)")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="gradient-norm clip (null: none)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+
+    def schedule(self, **stage: Any) -> Schedule:
+        """These keys as a :class:`Schedule`; ``stage`` adds or replaces what the caller decides
+        (``patience``, ``checkpoint_every``, the ``epochs`` of a search rung)."""
+        keys = self.model_dump(include=set(OptimConfig.model_fields))
+        return Schedule(**{**keys, **stage})
 
 
 @dataclass

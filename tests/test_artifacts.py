@@ -172,3 +172,19 @@ def test_a_broken_card_is_one_line_naming_the_key_and_the_fix(
 def test_a_missing_encoder_card_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="re-run 'medtl pretrain'"):
         EncoderCard.load(tmp_path / "meta.json")
+
+
+def test_evaluation_entry_round_trip_and_older_entries() -> None:
+    """``check_entry`` adds the schema version and keeps every key; an entry written before
+    the version existed reads as version 1; a failed entry needs no metrics, an ok one does."""
+    from medtl.artifacts import EvaluationEntry, check_entry, entry_problem
+
+    failed = {"model": "m", "model_dir": None, "dataset": "d", "split": "test",
+              "manifest": None, "status": "failed", "error": "boom"}  # fmt: skip
+    written = check_entry(failed)
+    assert written == {"schema_version": 1, **failed}
+    again = EvaluationEntry.model_validate(json.loads(json.dumps(written)))
+    assert again.model_dump(exclude_unset=True) == written
+    assert EvaluationEntry.model_validate(failed).schema_version == 1
+    assert entry_problem(dict(failed, status="ok")) == "entry: status 'ok' needs 'metrics'"
+    assert entry_problem(dict(failed, split=3)) == "split: Input should be a valid string"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medtl.artifacts import ModelCard
+from medtl.artifacts import EvaluationEntry, ModelCard
 from medtl.calibrate import Calibrator, ece
 from medtl.data.dataset import DataConfig
 from medtl.data.prepare import prepare
@@ -95,6 +95,8 @@ def test_ensemble_averages_each_members_calibrated_probabilities(
         progress=False,
     )
     entries = json.loads(path.read_text())["entries"]
+    # every entry, the ensemble's too, is a typed EvaluationEntry with its schema version
+    assert [EvaluationEntry.model_validate(e).schema_version for e in entries] == [1, 1, 1]
     members = [Predictions.load(tmp_path / "eval" / e["predictions"]) for e in entries[:2]]
     cals = [Calibrator.from_dict(e["calibrator"]) for e in entries[:2]]
     combined = Predictions.load(tmp_path / "eval" / entries[2]["predictions"])

@@ -29,7 +29,7 @@ def _run(planted: Planted, policy: str, out: Path) -> dict:
             "adapter": "brain_tumor_mri",
             "manifest": str(planted.path),
             "leaks": policy,
-            "loader": {"image_size": 32, "channels": 1, "batch_size": 16},
+            "loader": {"image_size": 32, "channels": 1},
         },
         "finetune": {
             "backbone": "medtl_tiny_convnext",

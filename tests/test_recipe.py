@@ -51,6 +51,40 @@ def test_errors_name_the_key(tmp_path: Path, text: str, needles: list[str]) -> N
         assert needle in message, message
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [("batch_size", "64", "finetune.batch_size"), ("augment", "medium", "finetune.augment")],
+)
+def test_loader_keys_without_effect_are_refused(
+    tmp_path: Path, key: str, value: str, where: str
+) -> None:
+    """``data.loader.batch_size`` / ``augment`` never reached a stage: a recipe (or ``--set``)
+    naming them is refused with the key that does."""
+    in_file = tmp_path / "in_file.yaml"
+    in_file.write_text(f"data: {{adapter: busi, loader: {{{key}: {value}}}}}")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("data: {adapter: busi}")
+    for source, overrides in ((in_file, []), (plain, [f"data.loader.{key}={value}"])):
+        with pytest.raises(ConfigError) as err:
+            load_recipe(source, overrides)
+        message = str(err.value)
+        assert f"data.loader.{key}: unknown key" in message and where in message, message
+        assert len(message.splitlines()) == 1
+
+
+def test_stage_data_config_takes_the_loader_and_the_stage_settings(tmp_path: Path) -> None:
+    loader = (
+        load_recipe(
+            _write(tmp_path, "data: {adapter: busi, loader: {image_size: 48, channels: 1}}")
+        )
+        .section("data")
+        .loader
+    )
+    cfg = loader.data_config(augment="light", batch_size=8)
+    assert (cfg.image_size, cfg.channels, cfg.augment, cfg.batch_size) == (48, 1, "light", 8)
+    assert "batch_size" not in loader.model_dump() and "augment" not in loader.model_dump()
+
+
 def test_presets_then_overrides(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
@@ -116,3 +150,30 @@ def test_a_key_given_twice_is_refused_by_name(tmp_path: Path) -> None:
     top = _write(tmp_path, "seed: 1\ndata: {adapter: busi}\nseed: 2\n")
     with pytest.raises(ConfigError, match=r"r\.yaml: line 3: key 'seed' appears twice"):
         load_recipe(top)
+
+
+def test_one_optimisation_section_for_pretraining_and_fine_tuning(tmp_path: Path) -> None:
+    """``pretrain`` and ``finetune`` share :class:`OptimConfig`: the flat recipe keys reach
+    the :class:`Schedule` of each stage unchanged, and no shared key is lost on the way."""
+    from dataclasses import fields
+
+    from medtl.train import OptimConfig, Schedule
+
+    assert set(OptimConfig.model_fields) <= {f.name for f in fields(Schedule)}
+    keys = "{epochs: 7, batch_size: 12, lr: 0.002, weight_decay: 0.1, warmup_epochs: 2, "
+    keys += "grad_clip: 1.5, num_workers: 1, amp: true}"
+    recipe = load_recipe(_write(tmp_path, f"pretrain: {keys}\nfinetune: {keys}"))
+    for name in ("pretrain", "finetune"):
+        section = recipe.section(name)
+        assert isinstance(section, OptimConfig)
+        schedule = section.schedule()
+        got = {key: getattr(schedule, key) for key in OptimConfig.model_fields}
+        assert got == {
+            "epochs": 7, "batch_size": 12, "lr": 0.002, "weight_decay": 0.1,
+            "warmup_epochs": 2.0, "grad_clip": 1.5, "num_workers": 1, "amp": True,
+        }  # fmt: skip
+    assert recipe.section("finetune").schedule(epochs=3, patience=2).epochs == 3
+    # each stage keeps its own defaults
+    defaults = load_recipe(_write(tmp_path, "pretrain: {}\nfinetune: {}"))
+    assert defaults.section("pretrain").schedule().grad_clip == 3.0
+    assert defaults.section("finetune").schedule().grad_clip is None

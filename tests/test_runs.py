@@ -21,7 +21,7 @@ RECIPE = """\
 name: tiny
 data:
   adapter: folder
-  loader: {image_size: 32, channels: 1, batch_size: 16}
+  loader: {image_size: 32, channels: 1}
 finetune:
   backbone: medtl_tiny_convnext
   strategy: full

@@ -49,10 +49,15 @@ KEYS = ("image",)
 PIPELINE_VERSION = 1
 # ITU-R BT.601 luma weights: RGB -> one grey channel.
 LUMA_601 = (0.299, 0.587, 0.114)
+Augment = Literal["none", "light", "medium"]
 
 
-class DataConfig(BaseModel, extra="forbid"):
-    """How images are read, resized, augmented, cached and batched."""
+class LoaderConfig(BaseModel, extra="forbid"):
+    """How images are read, resized, cached and normalised: the recipe's ``data.loader``.
+
+    Augmentation and batch size are not here: each stage sets its own (``pretrain.augment``,
+    ``finetune.batch_size``, ...) and builds a :class:`DataConfig` from this one.
+    """
 
     image_size: int = Field(128, ge=8, description="Side S of the square model input, in pixels.")
     channels: Literal[1, 3] = Field(
@@ -65,12 +70,6 @@ class DataConfig(BaseModel, extra="forbid"):
         description="'squash' resizes to S x S ignoring the aspect ratio; 'letterbox' resizes "
         "the longest side to S and pads the other with zeros.",
     )
-    augment: Literal["none", "light", "medium"] = Field(
-        "none",
-        description="Train-time augmentation: 'light' is a horizontal flip and a small affine "
-        "(rotation within 10 degrees, scale 0.9-1.1); 'medium' adds contrast and gamma jitter "
-        "and Gaussian noise.",
-    )
     cache: Literal["none", "memory", "disk"] = Field(
         "none",
         description="Cache the deterministic part of the pipeline: 'memory' (MONAI "
@@ -82,12 +81,12 @@ class DataConfig(BaseModel, extra="forbid"):
         description="Folder of the disk cache; required when cache is 'disk'. Each manifest and "
         "resize setting gets its own subfolder.",
     )
-    batch_size: int = Field(32, ge=1, description="Images per batch.")
     num_workers: int = Field(
         0,
         ge=0,
-        description="DataLoader worker processes (0 loads in the main process); also the "
-        "threads that fill the memory cache.",
+        description="Threads that fill the memory cache, and the worker processes of "
+        "build_loader (the training stages' DataLoader workers are pretrain.num_workers and "
+        "finetune.num_workers).",
     )
     normalize: Literal["backbone", "dataset"] = Field(
         "backbone",
@@ -99,10 +98,27 @@ class DataConfig(BaseModel, extra="forbid"):
     )
 
     @model_validator(mode="after")
-    def _disk_cache_needs_dir(self) -> DataConfig:
+    def _disk_cache_needs_dir(self) -> LoaderConfig:
         if self.cache == "disk" and not self.cache_dir:
             raise ValueError("cache 'disk' needs cache_dir: set data.cache_dir to a folder")
         return self
+
+    def data_config(self, augment: Augment = "none", batch_size: int = 32) -> DataConfig:
+        """This loader with a stage's augmentation and batch size."""
+        return DataConfig(**self.model_dump(), augment=augment, batch_size=batch_size)
+
+
+class DataConfig(LoaderConfig):
+    """How images are read, resized, augmented, cached and batched: a :class:`LoaderConfig`
+    plus what a stage sets for itself."""
+
+    augment: Augment = Field(
+        "none",
+        description="Train-time augmentation: 'light' is a horizontal flip and a small affine "
+        "(rotation within 10 degrees, scale 0.9-1.1); 'medium' adds contrast and gamma jitter "
+        "and Gaussian noise.",
+    )
+    batch_size: int = Field(32, ge=1, description="Images per batch.")
 
 
 # -- transforms ---------------------------------------------------------------------------

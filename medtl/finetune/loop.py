@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
@@ -28,7 +28,7 @@ from medtl.errors import ConfigError, DataError, reason
 from medtl.io import atomic_open
 from medtl.models import Classifier, build_classifier, check_backbone, create_backbone
 from medtl.predictions import Predictions
-from medtl.train import Schedule, fit, supervised_step
+from medtl.train import OptimConfig, fit, supervised_step
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 
 
-class FinetuneConfig(BaseModel):
-    """The ``finetune`` recipe section."""
+class FinetuneConfig(OptimConfig):
+    """The ``finetune`` recipe section: the shared optimisation keys (:class:`OptimConfig`) and
+    what fine-tuning adds."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,12 +53,6 @@ class FinetuneConfig(BaseModel):
     strategy_options: dict[str, Any] = Field(
         default_factory=dict, description="options of the strategy"
     )
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0, description="base learning rate (AdamW, cosine schedule)")
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
     patience: int | None = Field(
         5, ge=1, description="early stopping on validation balanced accuracy"
     )
@@ -74,8 +69,6 @@ class FinetuneConfig(BaseModel):
     augment: Literal["none", "light", "medium"] = Field(
         "light", description="train-time augmentation"
     )
-    num_workers: int = Field(0, ge=0)
-    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
 
     def model_post_init(self, __context: Any) -> None:
         check_backbone(self.backbone)
@@ -90,15 +83,10 @@ class FinetuneConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        """A registered strategy, or ``biotune``: the search over ``genome`` strategies."""
-        from medtl.finetune.strategies import STRATEGIES
+        """A registered strategy, or a registered search (``biotune``) over strategies."""
+        from medtl.finetune.methods import check_strategy
 
-        if name != "biotune":
-            try:
-                STRATEGIES.get(name)
-            except ConfigError as exc:
-                raise ValueError(f"{exc}; or 'biotune' for the search") from None
-        return name
+        return check_strategy(name)
 
 
 @dataclass
@@ -237,18 +225,7 @@ def finetune(
         loss = float(nn.functional.cross_entropy(torch.from_numpy(z), torch.from_numpy(y)))
         return {"val_loss": loss, "val_bacc": balanced_accuracy(y, z)}
 
-    schedule = Schedule(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_epochs=cfg.warmup_epochs,
-        grad_clip=cfg.grad_clip,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        amp=cfg.amp,
-        patience=cfg.patience,
-        min_epochs=cfg.min_epochs,
-    )
+    schedule = cfg.schedule(patience=cfg.patience, min_epochs=cfg.min_epochs)
     weights_t = class_weight_tensor(manifest) if cfg.class_weights == "balanced" else None
     start = time.perf_counter()
     result = fit(

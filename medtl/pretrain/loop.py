@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from medtl import __version__
 from medtl.artifacts import EncoderCard, Normalisation, WeightsProvenance
@@ -34,7 +34,7 @@ from medtl.pretrain.masking import (
     build_masking,
     patch_entropy,
 )
-from medtl.train import Schedule, StepContext, dist_info, fit
+from medtl.train import OptimConfig, StepContext, dist_info, fit
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ ENCODER_FILE = "encoder.safetensors"
 META_FILE = "meta.json"
 
 
-class PretrainConfig(BaseModel):
-    """The ``pretrain`` recipe section."""
+class PretrainConfig(OptimConfig):
+    """The ``pretrain`` recipe section: the shared optimisation keys (:class:`OptimConfig`,
+    with pretraining's defaults) and what masked pretraining adds."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -68,14 +69,11 @@ class PretrainConfig(BaseModel):
         0.0, ge=0, le=1, description="entropy masking: share of the masked count drawn uniformly"
     )
     entropy_bins: int = Field(32, ge=2, description="entropy masking: histogram bins on [0, 1]")
+    # the shared optimisation keys, with pretraining's defaults
     epochs: int = Field(100, ge=1)
-    batch_size: int = Field(
-        32, ge=1, description="global batch (split across processes under torchrun)"
-    )
     lr: float = Field(1.5e-3, gt=0, description="base learning rate (AdamW, warm-up then cosine)")
-    weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(5.0, ge=0)
-    grad_clip: float | None = Field(3.0, gt=0)
+    grad_clip: float | None = Field(3.0, gt=0, description="gradient-norm clip (null: none)")
     decoder_dim: int | None = Field(None, ge=8, description="decoder width (default: the MAE's)")
     decoder_depth: int | None = Field(None, ge=0, description="decoder blocks (default: the MAE's)")
     mask_unit: int | None = Field(
@@ -91,8 +89,6 @@ class PretrainConfig(BaseModel):
         10, ge=0, description="epochs between mask / reconstruction grids (0 = only the last)"
     )
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
-    num_workers: int = Field(0, ge=0)
-    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
 
     @field_validator("backbone")
     @classmethod
@@ -246,17 +242,7 @@ def pretrain(
     pictures = PictureWriter(
         manifest, root, data_cfg, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
     )
-    schedule = Schedule(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_epochs=cfg.warmup_epochs,
-        grad_clip=cfg.grad_clip,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        amp=cfg.amp,
-        checkpoint_every=cfg.checkpoint_every,
-    )
+    schedule = cfg.schedule(checkpoint_every=cfg.checkpoint_every)
     groups = param_groups(mae, cfg.weight_decay)
     start = time.perf_counter()
     result = fit(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl.artifacts import entry_problem
 from medtl.calibrate import Calibrator, TemperatureScaling, as_calibrator
 from medtl.errors import DataError, MedtlError
 from medtl.predictions import Predictions
@@ -37,6 +38,7 @@ class EntryView:
     record: dict[str, Any]
     test: Predictions | None = None
     notes: list[str] = field(default_factory=list)
+    invalid: str | None = None  # why the record is not a valid EvaluationEntry
 
     @property
     def anchor(self) -> str:
@@ -56,10 +58,16 @@ class EntryView:
 
     @property
     def ok(self) -> bool:
-        return self.record.get("status") == "ok" and isinstance(self.record.get("metrics"), dict)
+        return (
+            self.invalid is None
+            and self.record.get("status") == "ok"
+            and isinstance(self.record.get("metrics"), dict)
+        )
 
     @property
     def error(self) -> str:
+        if self.invalid is not None:
+            return f"not a valid evaluation entry ({self.invalid}); run 'medtl evaluate' again"
         if self.record.get("status") == "ok":
             return "the entry is marked ok but holds no metrics"
         return str(self.record.get("error") or "failed (no message given)")
@@ -119,7 +127,10 @@ def load_evaluation(folder: Path, data_roots: dict[str, Path] | None = None) -> 
     entries_raw = raw.get("entries")
     if not isinstance(entries_raw, list):
         raise DataError(f"{folder / EVALUATION_FILE}: 'entries' must be a list of entries")
-    entries = [EntryView(i, e if isinstance(e, dict) else {}) for i, e in enumerate(entries_raw)]
+    entries = [
+        EntryView(i, e if isinstance(e, dict) else {}, invalid=entry_problem(e))
+        for i, e in enumerate(entries_raw)
+    ]
     for entry in entries:
         if entry.ok:
             _attach_predictions(entry, folder)

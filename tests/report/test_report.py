@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 import json
 import math
@@ -28,6 +29,7 @@ from medtl.errors import DataError
 from medtl.metrics import evaluate_predictions
 from medtl.predictions import Predictions
 from medtl.report import ReportResult, build_report
+from medtl.report.load import load_evaluation
 from tests.report.evaluation_fixture import (
     EvaluationFolder,
     build_evaluation_folder,
@@ -461,3 +463,32 @@ def test_report_renders_in_headless_chromium(
             img.load()
             assert img.width > 0 and img.height > 0
     assert not [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"metrcs": {}}, "metrcs: Extra inputs are not permitted"),
+        ({"status": "done"}, "status: Input should be 'ok' or 'failed'"),
+        ({"schema_version": 99}, "schema_version: schema version 99 is not one this medtl reads"),
+    ],
+)
+def test_an_entry_that_is_not_an_evaluation_entry_is_reported_as_such(
+    built: tuple[EvaluationFolder, ReportResult], tmp_path: Path, edit: dict, needle: str
+):
+    """The report validates each entry as an ``EvaluationEntry``: a mistyped or unknown key,
+    or a newer schema, makes that entry a failed one naming the key; the rest are reported."""
+    folder, whole = built
+    evaluation_dir = tmp_path / "evaluation"
+    shutil.copytree(folder.evaluation_dir, evaluation_dir)
+    data = folder.evaluation()
+    assert data["entries"][0]["status"] == "ok"
+    data["entries"][0].update(edit)
+    (evaluation_dir / "evaluation.json").write_text(json.dumps(data))
+    evaluation = load_evaluation(evaluation_dir, roots(folder))
+    bad = evaluation.entries[0]
+    assert not bad.ok and needle in bad.error, bad.error
+    assert all(e.invalid is None for e in evaluation.entries[1:])
+    result = build_report(evaluation_dir, tmp_path / "out", roots(folder))
+    text = result.html.read_text(encoding="utf-8")
+    assert result.n_ok == whole.n_ok - 1 and html.escape(needle) in text

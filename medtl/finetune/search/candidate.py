@@ -27,7 +27,7 @@ from medtl.finetune.loop import (
     make_step,
     predict,
 )
-from medtl.finetune.search.config import RETRAIN_ONLY, SCHEDULE_KEYS, BioTuneConfig, rungs
+from medtl.finetune.search.config import RETRAIN_ONLY, BioTuneConfig, rungs
 from medtl.finetune.search.sampler import BioTuneSampler, gene_names
 from medtl.finetune.strategies import Plan, plan
 from medtl.models import Classifier, build_classifier
@@ -167,8 +167,7 @@ class Search:
         """The recipe's optimisation for ``epochs``; early stopping only in ``reference``;
         checkpoints at epoch ends only (enough to resume a killed candidate)."""
         patience = self.cfg.patience if self.cfg.schedule == "reference" else None
-        recipe = self.ft.model_dump(include=set(SCHEDULE_KEYS))
-        return Schedule(epochs, patience=patience, checkpoint_every=10**9, **recipe)
+        return self.ft.schedule(epochs=epochs, patience=patience, checkpoint_every=10**9)
 
     def folder(self, number: int, seed: int) -> Path:
         """Candidate ``number``'s checkpoint folder for ``seed`` (kept only while it trains, to

@@ -1,0 +1,51 @@
+"""The stage protocol: every stage of ``medtl run`` is ``stage.run(ctx) -> StageOutput`` with
+a typed artifact, and a rerun skips each stage yet hands on the same artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medtl.artifacts import EncoderCard, EvaluationEntry, ModelCard
+from medtl.demo import DEMO_RECIPE, make_phantom
+from medtl.pipeline import open_run, recipe_stages, run_all
+from medtl.recipe import load_recipe
+
+TINY = [
+    "pretrain.backbone=medtl_tiny_convnext", "pretrain.epochs=1", "pretrain.batch_size=8",
+    "finetune.backbone=medtl_tiny_convnext", "finetune.epochs=1", "finetune.batch_size=16",
+    "data.loader.image_size=32", "evaluate.n_boot=100", "report.thumbnails=false",
+]  # fmt: skip
+ARTIFACTS = {
+    "pretrain": EncoderCard,
+    "finetune": ModelCard,
+    "calibrate": ModelCard,
+    "evaluate": list,
+    "report": dict,
+}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_each_stage_hands_on_its_typed_artifact(tmp_path: Path) -> None:
+    root = make_phantom(tmp_path / "data", n=24, size=32, seed=0)
+    recipe = load_recipe(DEMO_RECIPE, TINY)
+    with open_run(recipe, tmp_path / "run", str(root), "cpu", progress=False) as ctx:
+        stages = recipe_stages(ctx)
+        assert [s.name for s in stages] == list(ARTIFACTS)
+        first = {s.name: s.run(ctx) for s in stages}
+        # a rerun skips every stage (DONE matches) and reads the same artifacts back
+        again = {s.name: s.run(ctx) for s in recipe_stages(ctx)}
+        paths = run_all(ctx)
+    for name, kind in ARTIFACTS.items():
+        assert isinstance(first[name].artifact, kind), name
+        # the model card is one file: calibration completes the card fine-tuning wrote
+        expected = first["calibrate" if name == "finetune" else name].artifact
+        assert again[name].artifact == expected, name
+        assert first[name].path == again[name].path == paths[name]
+    assert first["calibrate"].artifact.calibrator.name == recipe.section("calibrate").method
+    assert first["finetune"].artifact.calibrator.name == "none"  # before calibration
+    entries = first["evaluate"].artifact
+    assert entries and all(isinstance(e, EvaluationEntry) and e.status == "ok" for e in entries)
+    card = first["pretrain"].artifact
+    assert EncoderCard.model_validate_json(card.model_dump_json()) == card
