@@ -384,6 +384,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         uncalibrated=args.uncalibrated,
         split=args.split,
         progress=show_progress(args),
+        explain=tuple(m.strip() for m in (args.explain or "").split(",") if m.strip()),
     )
     root = Path(args.data_root) if args.data_root else None
     result = predict_images(Path(args.model), Path(args.input), Path(args.out), opts, root)
@@ -688,6 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--uncalibrated",
         action="store_true",
         help="allow a model that was never calibrated: raw probabilities, argmax, no conformal sets",
+    )
+    p.add_argument(
+        "--explain",
+        nargs="?",
+        const="gradcam,occlusion",
+        metavar="METHODS",
+        help="also write OUT/explanations/<id>.png per image: the maps of METHODS (comma-separated; "
+        "gradcam, gradcampp, occlusion; default gradcam,occlusion) for the class called most likely",
     )
     p.set_defaults(func=cmd_predict)
 

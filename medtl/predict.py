@@ -79,10 +79,19 @@ class PredictOptions:
     uncalibrated: bool = False
     split: str | None = None
     progress: bool = True
+    explain: tuple[str, ...] = ()  # maps to draw per image (e.g. gradcam, occlusion); none: off
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch size {self.batch_size} must be at least 1")
+        from medtl.explain import METHODS
+
+        unknown = [m for m in self.explain if m not in METHODS]
+        if unknown:
+            raise ConfigError(
+                f"--explain: unknown explanation method(s) {unknown}; choose from "
+                f"{', '.join(METHODS)}"
+            )
 
 
 @dataclass
@@ -351,6 +360,8 @@ def predict_images(
                 f"the model produced NaN or infinite outputs on {batch[0].path} or its batch"
             )
         partial.append(*_output_rows(batch, logits, rule))
+        if opts.explain:
+            write_explanations(out / EXPLANATIONS, model, card, batch, images, opts)
     return _finish(out, partial, items, refused, state, len(items) - len(todo), start)
 
 
@@ -492,3 +503,42 @@ def _result(out: Path, summary: dict[str, Any], resumed: int, seconds: float) ->
     return PredictResult(
         out, int(summary["predicted"]), int(summary["skipped"]), seconds, resumed, files
     )
+
+
+EXPLANATIONS = "explanations"
+
+
+def write_explanations(
+    folder: Path,
+    model: torch.nn.Module,
+    card: ModelCard,
+    batch: list[InputItem],
+    images: torch.Tensor,
+    opts: PredictOptions,
+) -> None:
+    """One PNG per image (``<id>.png``, named by the row id, never the file name): the image and
+    each map of ``opts.explain`` over it, for the class the calibrated model calls most likely.
+    Maps are computed on the CPU (:func:`medtl.explain.explain`); written atomically."""
+    from medtl.explain import explain
+    from medtl.io import atomic_write_bytes
+    from medtl.report.explanations import overlay_figure
+
+    device = next(model.parameters()).device
+    result = explain(model.cpu(), card, images.cpu(), tuple(opts.explain))
+    model.to(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, item in enumerate(batch):
+        t = int(result.target[n])
+        info: list[dict[str, object]] = [
+            {
+                "kind": "",
+                "true": None,
+                "explained": card.classes[t],
+                "probability": float(result.probs[n, t]),
+            }
+        ]
+        maps = {m: v[n : n + 1] for m, v in result.maps.items()}
+        figure = overlay_figure(images[n : n + 1].cpu().numpy(), maps, info)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120)
+        atomic_write_bytes(folder / f"{item.id}.png", buffer.getvalue())

@@ -249,3 +249,25 @@ def test_operating_point_decision_by_hand(trained) -> None:
     three = Decision(card, NoCalibration(), None, positive=2, threshold=0.34, rule="youden")
     _, called, _ = three.rows(np.log(np.array([[0.2, 0.45, 0.35], [0.5, 0.2, 0.3]])))
     assert called.tolist() == [2, 0]  # below the threshold: the most probable other class
+
+
+def test_explain_writes_one_overlay_per_image_named_by_its_id(trained, tmp_path: Path) -> None:
+    """``--explain``: a PNG of the image and its maps per predicted image, named by the row id
+    (never the file name); the predictions themselves are the same as without it."""
+    from PIL import Image
+
+    _, model, _ = trained
+    folder = tmp_path / "in"
+    write_png(folder / "patient_name_scan.png", mode="L")
+    write_png(folder / "b.png", mode="L", seed=1)
+    base = ["predict", str(model), str(folder), "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "out"), "--explain"]) == 0
+    rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert rows == _rows(tmp_path / "plain" / "predictions.csv")
+    pictures = sorted((tmp_path / "out" / "explanations").iterdir())
+    assert [p.name for p in pictures] == sorted(f"{r['id']}.png" for r in rows)
+    assert all(Image.open(p).size[0] > 50 for p in pictures)
+    assert not (tmp_path / "plain" / "explanations").exists()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--explain", "gradcam,saliency"]) == 2
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
