@@ -246,3 +246,22 @@ def test_transfer_tiny(tmp_path: Path) -> None:
     for arm in ("scratch", "imagenet_lite0", "imagenet_lite2"):
         assert f"| breastmnist | {arm} | 0 | 0 |" in compute, arm
     assert not (tmp_path / "work/breastmnist/scratch/seed0/pretrain").exists()
+
+
+def test_cpu_speed_tiny(tmp_path: Path) -> None:
+    """One step of each setting on a tiny classifier: a row per setting with its range."""
+    out = tmp_path / "performance.md"
+    argv = [
+        "--data-root", str(tmp_path / "absent"), "--kinds", "finetune:medtl_tiny_convnext",
+        "--size", "32", "--batch-size", "2", "--steps", "1", "--repeats", "2",
+        "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    results = load_script("cpu_speed").main(argv)
+    (by_variant,) = results.values()
+    assert set(by_variant) == {"fp32", "channels-last", "bf16 autocast", "channels-last + bf16"}
+    assert all(len(r["rates"]) == 2 and r["median"] > 0 for r in by_variant.values())
+    text = out.read_text(encoding="utf-8")
+    assert re.search(
+        r"^\| finetune:medtl_tiny_convnext \| 1 \| bf16 autocast \| [\d.]+ \| ", text, re.M
+    )
+    assert "shared with other processes" in text
