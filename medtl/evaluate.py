@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,6 +37,9 @@ from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, MedtlError, one_line
 from medtl.io import check_writable, write_json
 from medtl.predictions import Predictions
+
+if TYPE_CHECKING:
+    from medtl.ensemble import EnsembleCard
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +234,12 @@ def evaluate(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    chosen: EnsembleCard | None = None,
 ) -> Path:
-    """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``."""
+    """Every model on every dataset and split; writes ``evaluation.json`` and ``predictions/``.
+
+    ``chosen``: an ensemble chosen on validation (:mod:`medtl.ensemble`) whose members are
+    among ``models`` (by name); it is evaluated as one more entry per dataset and split."""
     if cfg.site_split is not None and cfg.site_split in cfg.splits:
         raise ConfigError(
             f"site split '{cfg.site_split}' is also evaluated: thresholds chosen on a split are "
@@ -255,6 +262,11 @@ def evaluate(
             _ensemble_entry(key, members, out, cfg, seed, specs[key[0]])
             for key, members in kept.items()
             if len(members) > 1
+        ]
+    if chosen is not None:
+        entries += [
+            _chosen_entry(chosen, key, members, out, cfg, seed, specs[key[0]])
+            for key, members in kept.items()
         ]
     comparisons = _comparisons(kept)
     entries = [check_entry(e) for e in entries]  # typed: EvaluationEntry
@@ -469,12 +481,15 @@ def _ensemble_entry(
     cfg: EvaluateConfig,
     seed: int,
     data: DataSpec,
+    weights: list[float] | None = None,
+    name: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from medtl.clean_test import evaluate_with_leaks
     from medtl.metrics import ensemble
 
     dataset, split = key
-    name = "ensemble(" + " + ".join(m[0] for m in members) + ")"
+    name = name or "ensemble(" + " + ".join(m[0] for m in members) + ")"
     entry: dict[str, Any] = {
         "model": name,
         "model_dir": None,
@@ -485,7 +500,7 @@ def _ensemble_entry(
         "error": None,
     }
     try:
-        pred = ensemble([m[1] for m in members], calibrators=[m[2] for m in members])
+        pred = ensemble([m[1] for m in members], [m[2] for m in members], weights)
         pred.model = name
         pred, metrics, leaks = evaluate_with_leaks(
             pred,
@@ -497,7 +512,8 @@ def _ensemble_entry(
             seed,
             NoCalibration(),
         )
-        path = out / "predictions" / f"{safe_name('ensemble', dataset, split)}.csv"
+        stem = "ensemble" if weights is None else "ensemble_chosen"
+        path = out / "predictions" / f"{safe_name(stem, dataset, split)}.csv"
         pred.save(path)
         entry.update(
             status="ok",
@@ -506,13 +522,45 @@ def _ensemble_entry(
             temperature=1.0,
             calibrator={"name": "members calibrated"},
             metrics=metrics,
-            model_meta={"strategy": "ensemble", "members": [m[0] for m in members]},
+            model_meta=meta or {"strategy": "ensemble", "members": [m[0] for m in members]},
         )
         if leaks is not None:
             entry["leaks"] = leaks
     except MedtlError as exc:
         entry["error"] = one_line(exc)
     return entry
+
+
+def _chosen_entry(
+    card: EnsembleCard,
+    key: tuple[str, str],
+    evaluated: list[tuple[str, Predictions, Calibrator]],
+    out: Path,
+    cfg: EvaluateConfig,
+    seed: int,
+    data: DataSpec,
+) -> dict[str, Any]:
+    """The ensemble of ``card`` on one dataset / split: its members with a weight, their
+    calibrators as evaluated (the cards' own), weighted as the card says."""
+    by_name = {m[0]: m for m in evaluated}
+    kept = [m for m in card.members if m.weight > 0]
+    missing = [m.name for m in kept if m.name not in by_name]
+    if missing:
+        entry = _ensemble_entry(key, [], out, cfg, seed, data, name=card.label)
+        entry["error"] = f"ensemble members {missing} were not evaluated on {key[0]}/{key[1]}"
+        return entry
+    meta = {
+        "strategy": "ensemble",
+        "members": [m.name for m in kept],
+        "weights": [m.weight for m in kept],
+        "select": card.select,
+        "chosen_on": card.chosen_on,
+        "val_log_loss": card.val_log_loss,
+    }
+    members = [by_name[m.name] for m in kept]
+    return _ensemble_entry(
+        key, members, out, cfg, seed, data, [m.weight for m in kept], card.label, meta
+    )
 
 
 def _comparisons(

@@ -567,10 +567,12 @@ def _aligned(reference: Predictions, other: Predictions) -> np.ndarray:
 def ensemble(
     predictions: Sequence[Predictions],
     calibrators: Sequence[calibrate.Calibrator | float] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Predictions:
     """Average the calibrated probabilities of several models on one split.
 
-    Each member's probabilities come from its own calibrator (a number is a temperature).
+    Each member's probabilities come from its own calibrator (a number is a temperature);
+    ``weights`` (>= 0, normalised to sum 1; default equal) weigh the members' probabilities.
     Members must share classes, split and ids (any order; the first member's order is kept).
     The result's logits are ``log(mean probability)``, so it behaves like any model.
     """
@@ -580,22 +582,34 @@ def ensemble(
     if len(given) != len(predictions):
         raise ConfigError(f"ensemble has {len(predictions)} members but {len(given)} calibrators")
     cals = [calibrate.as_calibrator(c) for c in given]
+    w = np.ones(len(predictions)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(predictions),) or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(
+            f"ensemble weights {list(w)} must be one per member, >= 0, with a positive sum"
+        )
+    w = w / w.sum()
     first = predictions[0]
     for pred in predictions:
         check_predictions(pred)
-    mean = sum(p.probs(c)[_aligned(first, p)] for p, c in zip(predictions, cals, strict=True))
+    mean = sum(
+        wi * p.probs(c)[_aligned(first, p)] for p, c, wi in zip(predictions, cals, w, strict=True)
+    )
     names = [p.model or f"model{i}" for i, p in enumerate(predictions)]
     hashes = {p.manifest_sha256 for p in predictions}
     return Predictions(
         list(first.ids),
         list(first.groups),
         first.labels.copy(),
-        np.log(np.maximum(mean / len(predictions), np.finfo(np.float64).tiny)),
+        np.log(np.maximum(mean, np.finfo(np.float64).tiny)),
         list(first.classes),
         first.split,
         f"ensemble({'+'.join(names)})",
         hashes.pop() if len(hashes) == 1 else "",
-        {"members": ",".join(names), "calibrators": ",".join(c.label() for c in cals)},
+        {
+            "members": ",".join(names),
+            "calibrators": ",".join(c.label() for c in cals),
+            **({"weights": ",".join(f"{x:.6g}" for x in w)} if weights is not None else {}),
+        },
     )
 
 

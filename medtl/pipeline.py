@@ -230,6 +230,7 @@ def run_evaluate(ctx: RunContext) -> Path:
             "manifest": ctx.manifest.sha256,
             **({"leaks": leaks} if leaks != "keep" else {}),
             **({"external": _external_data(cfg)} if cfg.external else {}),
+            **({"ensemble": _ensemble_inputs(ctx)} if ctx.recipe.has("ensemble") else {}),
         },
     )
     if stage.done():
@@ -239,23 +240,57 @@ def run_evaluate(ctx: RunContext) -> Path:
         model_dir(ctx.out),
         f"{ctx.recipe.name}/{ctx.recipe.section('finetune').strategy}/seed{ctx.recipe.seed}",
     )
+    models, chosen = [model], None
+    if ctx.recipe.has("ensemble"):
+        models, chosen = choose_run_ensemble(ctx, model, stage.folder)
     data = [
         DataSpec(manifest_path, ctx.root, ctx.recipe.name, leaks),
         *(DataSpec.parse(e) for e in cfg.external),
     ]
     path = evaluate(
-        [model],
+        models,
         data,
         stage.folder,
         cfg,
         seed=ctx.recipe.seed,
         device=ctx.device,
         progress=ctx.progress,
+        chosen=chosen,
     )
     with ctx.tracker.scope("evaluate"):
         track_evaluation(path)
     stage.mark_done()
     return stage.folder
+
+
+def choose_run_ensemble(ctx: RunContext, model: Any, folder: Path) -> tuple[list[Any], Any]:
+    """The ``ensemble`` section: members (``this`` = the run's model) weighted on validation
+    only, the choice written to ``<run>/evaluate/ensemble.json``; returns the models to
+    evaluate (the run's own first) and the :class:`~medtl.ensemble.EnsembleCard`."""
+    from medtl.ensemble import choose_ensemble, resolve_members
+
+    members = resolve_members(ctx.recipe.section("ensemble"), model)
+    card = choose_ensemble(ctx.recipe.section("ensemble"), members, ctx.manifest.sha256)
+    card.save(folder / "ensemble.json")
+    log.info("ensemble chosen on validation: %s", card.label)
+    others = [m for m in members if m.folder != model.folder]
+    return [model, *others], card
+
+
+def _ensemble_inputs(ctx: RunContext) -> dict[str, Any]:
+    """The ensemble section and each member's card and validation predictions, hashed: the
+    stage reruns when any member is retrained or recalibrated."""
+    from medtl.artifacts import file_sha256
+    from medtl.ensemble import THIS, resolve_members
+
+    cfg = ctx.recipe.section("ensemble")
+    others = [m for m in cfg.members if m != THIS]
+    members = resolve_members(cfg.model_copy(update={"members": others}), None) if others else []
+    files = [m.folder / n for m in members for n in ("meta.json", "predictions_val.csv")]
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "members": [file_sha256(f) if f.is_file() else None for f in files],
+    }
 
 
 def _external_data(cfg: Any) -> list[str]:

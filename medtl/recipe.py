@@ -21,6 +21,7 @@ from medtl.data.audit import DEFAULT_NEAR_BITS, DEFAULT_PHASH_BITS
 from medtl.data.dataset import LoaderConfig
 from medtl.data.leaks import LeakPolicy
 from medtl.data.split import DEFAULT_RATIOS, check_ratios
+from medtl.ensemble import EnsembleConfig
 from medtl.errors import ConfigError
 from medtl.evaluate import CalibrateConfig, EvaluateConfig, ReportConfig
 from medtl.finetune.loop import FinetuneConfig
@@ -87,6 +88,7 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
     "search": BioTuneConfig,
     "calibrate": CalibrateConfig,
     "evaluate": EvaluateConfig,
+    "ensemble": EnsembleConfig,
     "report": ReportConfig,
     "tracking": TrackingConfig,
 }

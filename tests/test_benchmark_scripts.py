@@ -224,3 +224,65 @@ def test_first_rung_compares_rules_as_worked_by_hand(tmp_path: Path) -> None:
     rows = {(r["rung"], r["rule"]): r for r in first_rung.compare(reordered, [1], eta=3)}
     assert rows[(1, "val_bacc")]["regret"] == pytest.approx(0.3)
     assert rows[(1, "val_loss")]["regret"] == 0.0
+
+
+@pytest.mark.slow
+def test_transfer_tiny(tmp_path: Path) -> None:
+    """Every arm and the ensemble on a fake BreastMNIST at toy scale, one seed: rows with CIs,
+    the ensemble's validation-chosen weights, the compute table; ``--report-only`` trains and
+    evaluates nothing and writes the same rows."""
+    root, manifest = fake_breastmnist(tmp_path)
+    results, perf = tmp_path / "results.md", tmp_path / "performance.md"
+    tiny = [
+        f"data.manifest={manifest}", "pretrain.epochs=1", "pretrain.batch_size=8",
+        "finetune.epochs=1", "finetune.batch_size=8", "finetune.warmup_epochs=0",
+        "evaluate.n_boot=100",
+    ]  # fmt: skip
+    argv = [
+        "--datasets", "breastmnist", "--seeds", "0", "--data-root", f"breastmnist={root}",
+        "--work", str(tmp_path / "work"), "--out-results", str(results),
+        "--out-compute", str(perf), *[x for o in tiny for x in ("--set", o)],
+    ]  # fmt: skip
+    script = load_script("transfer")
+    first = script.main(argv)
+    arms = [r["arm"] for r in first["breastmnist"]]
+    assert arms == [*script.ARMS, "ensemble"]
+    text = results.read_text(encoding="utf-8")
+    for arm in arms:
+        assert re.search(rf"^\| breastmnist \| {arm} \| 0 \| \d\.\d+ \[", text, re.M), arm
+    # members never picked on validation get weight 0 and are not listed
+    assert re.search(r"\| weights: (imagenet_lite0|mae_entropy) \d\.\d\d", text)
+    assert re.search(r"mean test macro_auroc .* \*\*(met|not met)\*\*", text)
+    card = json.loads((tmp_path / "work/breastmnist/ensemble/seed0/ensemble.json").read_text())
+    assert card["chosen_on"] == "val"
+    evaluation = tmp_path / "work/breastmnist/ensemble/seed0/evaluation.json"
+    before = evaluation.stat().st_mtime_ns
+    again = script.main([*argv, "--report-only"])
+    assert evaluation.stat().st_mtime_ns == before
+    assert [r["metrics"] for r in again["breastmnist"]] == [
+        r["metrics"] for r in first["breastmnist"]
+    ]
+    # the scratch and ImageNet arms pretrain nothing, though --set pretrain.epochs=1 is given
+    compute = perf.read_text(encoding="utf-8")
+    for arm in ("scratch", "imagenet_lite0", "imagenet_lite2"):
+        assert f"| breastmnist | {arm} | 0 | 0 |" in compute, arm
+    assert not (tmp_path / "work/breastmnist/scratch/seed0/pretrain").exists()
+
+
+def test_cpu_speed_tiny(tmp_path: Path) -> None:
+    """One step of each setting on a tiny classifier: a row per setting with its range."""
+    out = tmp_path / "performance.md"
+    argv = [
+        "--data-root", str(tmp_path / "absent"), "--kinds", "finetune:medtl_tiny_convnext",
+        "--size", "32", "--batch-size", "2", "--steps", "1", "--repeats", "2",
+        "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    results = load_script("cpu_speed").main(argv)
+    (by_variant,) = results.values()
+    assert set(by_variant) == {"fp32", "channels-last", "bf16 autocast", "channels-last + bf16"}
+    assert all(len(r["rates"]) == 2 and r["median"] > 0 for r in by_variant.values())
+    text = out.read_text(encoding="utf-8")
+    assert re.search(
+        r"^\| finetune:medtl_tiny_convnext \| 1 \| bf16 autocast \| [\d.]+ \| ", text, re.M
+    )
+    assert "shared with other processes" in text
