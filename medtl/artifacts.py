@@ -220,7 +220,10 @@ class ModelCard(Artifact):
         if not isinstance(data, dict):
             return data
         if isinstance(data.get("source"), dict):
-            data = dict(data, weights=WeightsProvenance.merged(data.get("weights"), data["source"]))
+            merged = WeightsProvenance.merged(data.get("weights"), data["source"])
+            data = dict(
+                data, weights=WeightsProvenance(**merged)
+            )  # an object: see validate_assignment
         if "schema_version" in data:
             return _without_derived_temperature(data)
         data = dict(data, schema_version=MODEL_CARD_VERSION)
