@@ -93,6 +93,18 @@ class Artifact(BaseModel):
         return path
 
 
+class UnversionedIsCurrent(Artifact):
+    """An artifact whose files written before ``schema_version`` existed hold the same keys as
+    its current version: a file without the key reads as ``VERSION``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "schema_version" not in data:
+            return dict(data, schema_version=cls.VERSION)
+        return data
+
+
 A = TypeVar("A", bound=Artifact)
 
 
@@ -280,7 +292,7 @@ def _without_derived_temperature(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the pretraining result ------------------------------------------------------------------
-class EncoderCard(Artifact):
+class EncoderCard(UnversionedIsCurrent):
     """An MAE-pretrained encoder (``meta.json`` beside ``encoder.safetensors``)."""
 
     VERSION: ClassVar[int] = ENCODER_CARD_VERSION
@@ -304,20 +316,13 @@ class EncoderCard(Artifact):
     config: dict[str, Any] = Field(default_factory=dict, description="the pretrain section")
     recipe: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _upgrade(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "schema_version" not in data:
-            return dict(data, schema_version=ENCODER_CARD_VERSION)
-        return data
-
     @classmethod
     def load(cls, path: Path) -> EncoderCard:
         return read_artifact(cls, path, "re-run 'medtl pretrain' to rewrite it")
 
 
 # -- the evaluation result -------------------------------------------------------------------
-class EvaluationEntry(Artifact):
+class EvaluationEntry(UnversionedIsCurrent):
     """One model on one dataset split in ``evaluation.json`` (``medtl evaluate``); the report
     validates each entry when it reads one. A failed entry has ``status: failed`` and its
     ``error``; an ok one its predictions, calibrator and metrics."""
@@ -345,14 +350,6 @@ class EvaluationEntry(Artifact):
     site_thresholds: dict[str, Any] | None = Field(
         None, description="operating thresholds chosen on another labelled split of the data"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _upgrade(cls, data: Any) -> Any:
-        """Entries written before ``schema_version`` existed hold the same keys."""
-        if isinstance(data, dict) and "schema_version" not in data:
-            return dict(data, schema_version=EVALUATION_ENTRY_VERSION)
-        return data
 
     @model_validator(mode="after")
     def _ok_has_metrics(self) -> EvaluationEntry:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,3 +55,34 @@ def medtl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     patch.setenv("MEDTL_CACHE_DIR", str(folder))
     yield folder
     patch.undo()
+
+
+def train_tiny(
+    base: Path,
+    model: Path,
+    *,
+    n: int = 64,
+    size: int = 32,
+    epochs: int = 2,
+    batch_size: int = 16,
+    **options: Any,
+) -> Path:
+    """Fine-tune ``medtl_tiny_convnext`` into ``model`` on a phantom of ``n`` images made under
+    ``base`` (manifest ``base/m.csv``, 32 px, one channel); returns the phantom's root."""
+    from medtl.data.dataset import DataConfig
+    from medtl.data.prepare import prepare
+    from medtl.demo import make_phantom
+    from medtl.finetune.loop import FinetuneConfig, finetune
+
+    root = make_phantom(base / "phantom", n=n, size=size, duplicates=0)
+    manifest = prepare("folder", root, base / "m.csv", workers=1).manifest
+    cfg = DataConfig(image_size=32, channels=1, batch_size=batch_size)
+    ft = FinetuneConfig(
+        backbone="medtl_tiny_convnext",
+        epochs=epochs,
+        batch_size=batch_size,
+        min_epochs=epochs,
+        **options,
+    )
+    finetune(ft, manifest, root, cfg, model, progress=False)
+    return root

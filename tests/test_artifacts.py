@@ -98,6 +98,10 @@ def test_encoder_card_round_trips(tmp_path: Path) -> None:
     )
     read = EncoderCard.load(written.save(tmp_path / "meta.json"))
     assert read == written and read.schema_version == 1
+    older = written.model_dump(mode="json")
+    del older["schema_version"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert EncoderCard.load(tmp_path / "older.json") == written
 
 
 def test_weights_provenance_hashes_a_local_file_and_names_anything_else(tmp_path: Path) -> None:

@@ -12,9 +12,6 @@ import pytest
 
 from medtl.artifacts import EvaluationEntry, ModelCard
 from medtl.calibrate import Calibrator, ece
-from medtl.data.dataset import DataConfig
-from medtl.data.prepare import prepare
-from medtl.demo import make_phantom
 from medtl.errors import ConfigError
 from medtl.evaluate import (
     CalibrateConfig,
@@ -24,10 +21,10 @@ from medtl.evaluate import (
     calibrate_model,
     evaluate,
 )
-from medtl.finetune.loop import FinetuneConfig, finetune
 from medtl.predictions import Predictions
 from medtl.report import build_report
 from medtl.report.load import load_evaluation
+from tests.conftest import train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,13 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataSpec]:
     """A tiny classifier fine-tuned for two epochs on a phantom (its logits are miscalibrated)."""
     base = tmp_path_factory.mktemp("evaluate")
-    root = make_phantom(base / "phantom", n=64, size=32, duplicates=0)
-    manifest = prepare("folder", root, base / "m.csv", workers=1).manifest
-    cfg = DataConfig(image_size=32, channels=1, batch_size=16)
-    ft = FinetuneConfig(
-        backbone="medtl_tiny_convnext", epochs=2, batch_size=16, min_epochs=2, lr=3e-3
-    )
-    finetune(ft, manifest, root, cfg, base / "model", progress=False)
+    root = train_tiny(base, base / "model", lr=3e-3)
     return base / "model", DataSpec(base / "m.csv", root, "phantom")
 
 

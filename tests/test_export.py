@@ -16,13 +16,13 @@ from PIL import Image
 from medtl.calibrate import PlattScaling, TemperatureScaling, VectorScaling
 from medtl.cli import main
 from medtl.data.dataset import DataConfig, deterministic_transforms
-from medtl.data.prepare import prepare
 from medtl.demo import make_phantom
 from medtl.evaluate import CalibrateConfig, DataSpec, EvaluateConfig, ModelSpec, calibrate_model
 from medtl.evaluate import evaluate as run_evaluate
 from medtl.export import ExportError, export_model
 from medtl.export.network import CalibratedClassifier, export_onnx
-from medtl.finetune.loop import FinetuneConfig, finetune, load_classifier
+from medtl.finetune.loop import load_classifier
+from tests.conftest import train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,11 +37,7 @@ def wobble(x: torch.Tensor) -> torch.Tensor:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataSpec]:
     """A tiny classifier fine-tuned on a phantom, with a temperature fitted on validation."""
     base = tmp_path_factory.mktemp("export")
-    root = make_phantom(base / "phantom", n=64, size=32, duplicates=0)
-    manifest = prepare("folder", root, base / "m.csv", workers=1).manifest
-    cfg = DataConfig(image_size=32, channels=1, batch_size=16)
-    ft = FinetuneConfig(backbone="medtl_tiny_convnext", epochs=2, batch_size=16, min_epochs=2)
-    finetune(ft, manifest, root, cfg, base / "model", progress=False)
+    root = train_tiny(base, base / "model")
     calibrate_model(base / "model", CalibrateConfig(method="temperature", compare=[]))
     return base / "model", DataSpec(base / "m.csv", root, "phantom")
 

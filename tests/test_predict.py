@@ -13,16 +13,12 @@ import pytest
 
 from medtl.cli import main
 from medtl.conformal import ConformalCard
-from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
-from medtl.data.prepare import prepare
-from medtl.demo import make_phantom
 from medtl.errors import ConfigError
 from medtl.evaluate import CalibrateConfig, calibrate_model
-from medtl.finetune.loop import FinetuneConfig, finetune
 from medtl.predict import PartialOutput, PredictOptions, predict_images
 from medtl.predictions import Predictions
-from tests.conftest import write_png
+from tests.conftest import train_tiny, write_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,11 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     """A tiny model fine-tuned for one epoch on a phantom, before and after calibration:
     (raw model folder, calibrated model folder, phantom manifest)."""
     base = tmp_path_factory.mktemp("predict")
-    root = make_phantom(base / "phantom", n=32, size=40, duplicates=0)
-    manifest = prepare("folder", root, base / "m.csv", workers=1).manifest
-    cfg = DataConfig(image_size=32, channels=1, batch_size=8)
-    ft = FinetuneConfig(backbone="medtl_tiny_convnext", epochs=1, batch_size=8, min_epochs=1)
-    finetune(ft, manifest, root, cfg, base / "raw", progress=False)
+    train_tiny(base, base / "raw", n=32, size=40, epochs=1, batch_size=8)
     shutil.copytree(base / "raw", base / "calibrated")
     calibrate_model(base / "calibrated", CalibrateConfig())
     return base / "raw", base / "calibrated", base / "m.csv"

@@ -204,15 +204,25 @@ def _read_onehot(truth: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _ham_lesions(root: Path) -> dict[str, str]:
+def _ham_metadata(root: Path) -> tuple[Path, list[str], list[dict[str, str]]] | None:
+    """HAM10000_metadata.csv under ``root`` (the first by path): its path, columns and rows;
+    None when there is none."""
     meta = next(iter(sorted(root.rglob("HAM10000_metadata.csv"))), None)
     if meta is None:
-        return {}
+        return None
     with open(meta, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        if not {"lesion_id", "image_id"} <= set(reader.fieldnames or []):
-            raise DataError(f"{meta} lacks the lesion_id / image_id columns")
-        return {r["image_id"]: r["lesion_id"] for r in reader}
+        return meta, list(reader.fieldnames or []), list(reader)
+
+
+def _ham_lesions(root: Path) -> dict[str, str]:
+    found = _ham_metadata(root)
+    if found is None:
+        return {}
+    meta, fields, rows = found
+    if not {"lesion_id", "image_id"} <= set(fields):
+        raise DataError(f"{meta} lacks the lesion_id / image_id columns")
+    return {r["image_id"]: r["lesion_id"] for r in rows}
 
 
 HAM_SUBGROUPS = ("age", "sex", "localization", "dataset")
@@ -235,19 +245,18 @@ def _ham_subgroups(root: Path) -> dict[str, str]:
     """``{image_id: "age=50-59;localization=back;sex=female"}`` from HAM10000_metadata.csv."""
     from medtl.data.manifest import format_subgroups
 
-    meta = next(iter(sorted(root.rglob("HAM10000_metadata.csv"))), None)
-    if meta is None:
+    found = _ham_metadata(root)
+    if found is None:
         return {}
-    with open(meta, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c for c in HAM_SUBGROUPS if c in (reader.fieldnames or [])]
-        out = {}
-        for r in reader:
-            values = {c: (r[c] or "").strip() or "unknown" for c in columns}
-            if "age" in values:
-                values["age"] = age_band(r["age"] or "")
-            out[r["image_id"]] = format_subgroups(values) if values else ""
-        return out
+    _, fields, rows = found
+    columns = [c for c in HAM_SUBGROUPS if c in fields]
+    out = {}
+    for r in rows:
+        values = {c: (r[c] or "").strip() or "unknown" for c in columns}
+        if "age" in values:
+            values["age"] = age_band(r["age"] or "")
+        out[r["image_id"]] = format_subgroups(values) if values else ""
+    return out
 
 
 # -- Kvasir -------------------------------------------------------------------------------

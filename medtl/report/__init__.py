@@ -137,12 +137,7 @@ def _galleries(evaluation: Evaluation, roots: dict[str, Path]) -> dict[int, Gall
     manifests: dict[Path, Manifest | str] = {}
     out = {}
     for entry in evaluation.ok_entries:
-        path = resolve_manifest(entry.record, evaluation.folder)
-        manifest: Manifest | str | None = None
-        if path is not None:
-            if path not in manifests:
-                manifests[path] = _load_manifest(path)
-            manifest = manifests[path]
+        manifest = _entry_manifest(entry.record, evaluation.folder, manifests)
         out[entry.index] = entry_gallery(
             entry.test, entry.calibrator, entry.dataset, manifest, roots.get(entry.dataset)
         )
@@ -154,13 +149,22 @@ def _panels(evaluation: Evaluation, roots: dict[str, Path], seed: int = 0) -> di
     manifests: dict[Path, Manifest | str] = {}
     out = {}
     for entry in evaluation.ok_entries:
-        path = resolve_manifest(entry.record, evaluation.folder)
-        manifest: Manifest | str | None = None
-        if path is not None:
-            manifest = manifests.setdefault(path, _load_manifest(path))
+        manifest = _entry_manifest(entry.record, evaluation.folder, manifests)
         root = roots.get(entry.dataset)
         out[entry.index] = entry_panel(entry, evaluation.folder, manifest, root, seed)
     return out
+
+
+def _entry_manifest(
+    record: dict[str, Any], folder: Path, cache: dict[Path, Manifest | str]
+) -> Manifest | str | None:
+    """The manifest an entry names (None when it names none), read once per path via ``cache``."""
+    path = resolve_manifest(record, folder)
+    if path is None:
+        return None
+    if path not in cache:
+        cache[path] = _load_manifest(path)
+    return cache[path]
 
 
 def _load_manifest(path: Path) -> Manifest | str:

@@ -816,3 +816,27 @@ def test_folder_images_outside_the_layout_are_counted_and_listed(tmp_path: Path)
     assert len(result.samples) == 4
     assert [(e.what, e.count) for e in result.left_out] == [("image files under the data root", 3)]
     assert "<root>/<split>/<class>/), e.g. 7.png" in result.left_out[0].reason
+
+
+def test_ham_metadata_gives_lesions_and_coarse_subgroups_or_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    from medtl.data.adapters import _ham_lesions, _ham_subgroups
+
+    assert _ham_lesions(tmp_path) == {} and _ham_subgroups(tmp_path) == {}
+    meta = tmp_path / "part" / "HAM10000_metadata.csv"
+    meta.parent.mkdir()
+    meta.write_text(
+        "lesion_id,image_id,dx,age,sex,localization\n"
+        "HAM_1,ISIC_1,nv,57.0,female,back\n"
+        "HAM_1,ISIC_2,nv,,male,\n",
+        encoding="utf-8-sig",
+    )
+    assert _ham_lesions(tmp_path) == {"ISIC_1": "HAM_1", "ISIC_2": "HAM_1"}
+    subgroups = _ham_subgroups(tmp_path)
+    assert set(subgroups) == {"ISIC_1", "ISIC_2"}
+    assert "age=50-59" in subgroups["ISIC_1"] and "localization=back" in subgroups["ISIC_1"]
+    assert "age=unknown" in subgroups["ISIC_2"] and "localization=unknown" in subgroups["ISIC_2"]
+    meta.write_text("image_id,dx\nISIC_1,nv\n")
+    with pytest.raises(DataError, match="lacks the lesion_id / image_id columns"):
+        _ham_lesions(tmp_path)

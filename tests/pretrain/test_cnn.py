@@ -13,16 +13,7 @@ from medtl.errors import ConfigError
 from medtl.pretrain.cnn import CNNMAE, KeepMaps, masked_batch_norm
 from medtl.pretrain.mae import build_mae
 from medtl.pretrain.masking import EntropyMasking, RandomMasking
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def images(batch: int, chans: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    ramp = torch.linspace(0, 1, size)
-    base = 0.25 * (ramp[None, :] + ramp[:, None]) + 0.25
-    return (base + 0.2 * torch.rand(batch, chans, size, size, generator=gen(seed))).clamp(0, 1)
+from tests.pretrain.test_mae import adam_losses, gen, images
 
 
 def cnn(backbone: str, in_chans: int = 1, **options: int) -> CNNMAE:
@@ -197,14 +188,7 @@ def test_a_few_adam_steps_reduce_the_loss(backbone: str) -> None:
     mae = cnn(backbone)
     x = images(4, 1)
     mask = EntropyMasking(0.6)(x, mae.patch_size, gen())
-    optimizer = torch.optim.Adam(mae.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss = mae(x, mask)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(mae, x, mask)
     assert losses[-1] < 0.85 * losses[0]
 
 

@@ -34,6 +34,21 @@ def images(batch: int, chans: int, size: int = 64, seed: int = 0) -> torch.Tenso
     return (base + noise).clamp(0, 1)
 
 
+def adam_losses(
+    mae: nn.Module, x: torch.Tensor, mask: torch.Tensor, steps: int = 20
+) -> list[float]:
+    """The loss before each of ``steps`` Adam steps (lr 1e-3) on one batch and mask."""
+    optimizer = torch.optim.Adam(mae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = mae(x, mask)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_convnext(in_chans: int = 1, grn: bool = False, conv_mlp: bool = False) -> ConvNeXtMAE:
     """A ConvNeXt of a few thousand parameters whose blocks are far from identity.
 
@@ -175,14 +190,7 @@ def test_a_few_adam_steps_reduce_the_loss(backbone: str) -> None:
     mae = build_mae(backbone, in_chans=1, img_size=64, decoder_dim=32, decoder_depth=1)
     x = images(4, 1)
     mask = EntropyMasking(mae.default_mask_ratio)(x, mae.patch_size, gen())
-    optimizer = torch.optim.Adam(mae.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss = mae(x, mask)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(mae, x, mask)
     assert losses[-1] < 0.85 * losses[0]
 
 

@@ -9,13 +9,10 @@ from pathlib import Path
 import pytest
 
 from medtl.cli import main
-from medtl.data.dataset import DataConfig
 from medtl.data.manifest import Manifest
-from medtl.data.prepare import prepare
-from medtl.demo import make_phantom
 from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
-from medtl.finetune.loop import FinetuneConfig, finetune
 from medtl.report import build_report
+from tests.conftest import train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """An evaluation folder of a tiny model on a phantom, and the phantom's data root."""
     base = tmp_path_factory.mktemp("explain_report")
-    root = make_phantom(base / "phantom", n=64, size=32, duplicates=0)
-    manifest = prepare("folder", root, base / "m.csv", workers=1).manifest
-    cfg = DataConfig(image_size=32, channels=1, batch_size=16)
-    ft = FinetuneConfig(backbone="medtl_tiny_convnext", epochs=1, batch_size=16, min_epochs=1)
-    finetune(ft, manifest, root, cfg, base / "model", progress=False)
+    root = train_tiny(base, base / "model", epochs=1)
     spec = DataSpec(base / "m.csv", root, "phantom")
     evaluate(
         [ModelSpec(base / "model", "tiny")],

@@ -492,3 +492,24 @@ def test_an_entry_that_is_not_an_evaluation_entry_is_reported_as_such(
     result = build_report(evaluation_dir, tmp_path / "out", roots(folder))
     text = result.html.read_text(encoding="utf-8")
     assert result.n_ok == whole.n_ok - 1 and html.escape(needle) in text
+
+
+def test_an_entry_manifest_is_read_once_per_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medtl.report as report
+
+    reads: list[Path] = []
+
+    def fake_load(path: Path) -> str:
+        reads.append(path)
+        return f"read {path.name}"
+
+    monkeypatch.setattr(report, "_load_manifest", fake_load)
+    (tmp_path / "m.csv").write_text("path,label\n")
+    cache: dict[Path, Any] = {}
+    first = report._entry_manifest({"manifest": "m.csv"}, tmp_path, cache)
+    second = report._entry_manifest({"manifest": "m.csv"}, tmp_path, cache)
+    assert first == second == "read m.csv"
+    assert reads == [tmp_path / "m.csv"]
+    assert report._entry_manifest({}, tmp_path, cache) is None
