@@ -429,6 +429,7 @@ def fit(
     best = None
     if resume:
         state, best = saver.restore(state, wrapped, optimizer)
+        _rebind_groups(optimizer, groups)
     loop = _Loop(
         wrapped,
         step,
@@ -446,6 +447,15 @@ def fit(
         world,
     )
     return loop.run(stop_after_steps)
+
+
+def _rebind_groups(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Make the caller's group dicts the optimizer's again after ``load_state_dict`` (which
+    puts copies in their place), holding the restored values, so that an epoch hook's
+    ``lr_scale`` keeps reaching the steps after a resume."""
+    for i, (mine, loaded) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        mine.update(loaded)
+        optimizer.param_groups[i] = mine
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from medtl.finetune.blocks import Block, block_modules, block_parameters, blocks_of
 from medtl.finetune.strategies import (
+    LPFT,
     STRATEGIES,
     AutoRGN,
     LoRA,
@@ -14,6 +15,7 @@ from medtl.finetune.strategies import (
 )
 
 __all__ = [
+    "LPFT",
     "STRATEGIES",
     "AutoRGN",
     "Block",

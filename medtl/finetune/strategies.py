@@ -6,7 +6,7 @@
 names, a ``weight_decay`` of 0; the other groups carry the ``weight_decay`` given to :func:`plan`
 or, without one, none, so that the optimizer's default, ``fit``'s ``schedule.weight_decay``,
 applies), a ``train_mode`` hook that puts the normalisation layers of frozen blocks back in eval
-mode (their running statistics stay as loaded), and for ``autorgn`` an ``on_epoch_start`` hook. ``plan`` sets ``requires_grad=False`` on everything that
+mode (their running statistics stay as loaded), and for ``autorgn`` and ``lpft`` an ``on_epoch_start`` hook. ``plan`` sets ``requires_grad=False`` on everything that
 does not train, so frozen tensors get no gradient and, absent from the groups, no optimizer state.
 
 Strategies by name; their options are plain JSON values, so a recipe can replay any of them:
@@ -23,6 +23,9 @@ Strategies by name; their options are plain JSON values, so a recipe can replay 
   epoch start its ``lr_scale`` becomes its relative gradient norm ``||g|| / ||w||``, averaged over
   the first ``n_batches`` calibration batches and divided by the largest. The batches come from
   ``plan(..., data=..., loss=...)``; see :class:`AutoRGN`.
+- ``lpft`` (linear probe then fine-tune, Kumar et al., ICLR 2022): for the first
+  ``probe_epochs`` epochs only the head moves (every other block at ``lr_scale`` 0, its
+  normalisation layers in eval mode), then every block trains as in ``full``; see :class:`LPFT`.
 - ``lora`` (Hu et al., ICLR 2022): low-rank adapters on the backbone's ``Linear`` and dense
   ``Conv2d`` layers, added to the model in place; base weights frozen, head trains.
 """
@@ -52,6 +55,7 @@ from medtl.train import mix_seed
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LPFT",
     "STRATEGIES",
     "AutoRGN",
     "EvalNorms",
@@ -174,6 +178,33 @@ def full(
 def linear(model: nn.Module, parts: list[Block], ctx: PlanContext, /) -> Plan:
     """Only the head trains (a linear probe on frozen features)."""
     return _block_plan(model, parts, {parts[-1].name: 1.0}, ctx)
+
+
+@STRATEGIES.register("lpft")
+def lpft(
+    model: nn.Module,
+    parts: list[Block],
+    ctx: PlanContext,
+    /,
+    *,
+    probe_epochs: int,
+    backbone_lr_scale: float = 1.0,
+) -> Plan:
+    """Linear probe, then every block: the head alone for ``probe_epochs`` epochs.
+
+    After the probe the blocks before the head train at ``backbone_lr_scale`` (0-1) times the
+    base rate; see :class:`LPFT`."""
+    probe = _integer("lpft", "probe_epochs", probe_epochs, 1)
+    scale = _number("lpft", "backbone_lr_scale", backbone_lr_scale, 0.0, 1.0)
+    result = _block_plan(model, parts, {b.name: 1.0 for b in parts}, ctx)
+    head = parts[-1].name
+    body = [g for g in result.param_groups if _block_group(g["name"]) != head]
+    norms = [n for b in parts[:-1] for n, m in block_modules(model, b) if isinstance(m, _NormBase)]
+    hook = LPFT(body, probe, scale, EvalNorms(norms))
+    hook.set_phase(0)
+    result.on_epoch_start, result.train_mode = hook, hook.train_mode
+    result.notes.update(probe_epochs=probe, probe_frozen_norm_layers=len(norms))
+    return result
 
 
 @STRATEGIES.register("surgical")
@@ -308,6 +339,37 @@ def lora(
     result = _finish(model, groups, [head.name], EvalNorms(norms))
     result.notes.update(adapted_modules=len(added), adapter_params=_numel(p for _, p in adapters))
     return result
+
+
+# -- LP-FT ----------------------------------------------------------------------------------------
+class LPFT:
+    """LP-FT's hooks: ``on_epoch_start`` sets the backbone groups' ``lr_scale`` from the epoch
+    alone (0 before ``probe_epochs``, ``scale`` from then on), so a resumed run takes the same
+    phase; ``train_mode`` puts the backbone's normalisation layers in eval mode while probing.
+
+    Every tensor is in the optimizer from the start (the parameter set never changes, as
+    DistributedDataParallel needs): in the probe phase the backbone's gradients are computed,
+    AdamW's moments of the backbone accumulate, and its weights stay exactly as loaded because
+    its learning rate, hence its decoupled weight decay, is 0.
+    """
+
+    def __init__(
+        self, groups: list[dict[str, Any]], probe_epochs: int, scale: float, norms: EvalNorms
+    ) -> None:
+        self.groups, self.probe_epochs, self.scale, self.norms = groups, probe_epochs, scale, norms
+        self.probing = True
+
+    def set_phase(self, epoch: int) -> None:
+        self.probing = epoch < self.probe_epochs
+        for group in self.groups:
+            group["lr_scale"] = 0.0 if self.probing else self.scale
+
+    def __call__(self, model: nn.Module, epoch: int) -> None:
+        self.set_phase(epoch)
+
+    def train_mode(self, model: nn.Module) -> None:
+        if self.probing:
+            self.norms(model)
 
 
 # -- Auto-RGN --------------------------------------------------------------------------------------
@@ -597,6 +659,11 @@ def _groups(
             {"name": f"{name}.no_decay", "params": rest, "lr_scale": scale, "weight_decay": 0.0}
         )
     return out
+
+
+def _block_group(group_name: str) -> str:
+    """The block a group of :func:`_groups` belongs to."""
+    return group_name.removesuffix(".no_decay")
 
 
 def _named(model: nn.Module, block: Block) -> list[tuple[str, nn.Parameter]]:

@@ -238,7 +238,7 @@ def test_surgical_option_errors(options: dict[str, Any]) -> None:
 def test_unknown_strategy_suggests_the_closest() -> None:
     with pytest.raises(ConfigError, match="did you mean 'surgical'"):
         plan("surgicl", _model())
-    assert STRATEGIES.names() == ["autorgn", "full", "genome", "linear", "lora", "surgical"]
+    assert STRATEGIES.names() == ["autorgn", "full", "genome", "linear", "lora", "lpft", "surgical"]
 
 
 def test_unknown_option_suggests_the_closest() -> None:
@@ -369,3 +369,74 @@ def test_lora_targets_linear_only_leaves_convs() -> None:
     assert p.notes["adapted_modules"] == 0  # the head is the only Linear, and it trains fully
     with pytest.raises(ConfigError, match="targets='attn'"):
         plan("lora", _model(), targets="attn")
+
+
+# -- LP-FT ------------------------------------------------------------------------------------------------
+def _lpft_fit(model: nn.Module, p: Plan, out: Path | None, **kw: Any) -> Any:
+    sched = Schedule(epochs=2, lr=1e-2, batch_size=8)  # 3 steps an epoch
+    return fit(model, supervised_step, p.param_groups, Blobs(), sched, out, **_hooks(p), **kw)
+
+
+def test_lpft_moves_only_the_head_while_probing_then_every_block() -> None:
+    model = _model()
+    blocks = blocks_of(model)
+    p = plan("lpft", model, blocks, probe_epochs=1)
+    assert p.trainable_fraction == 1.0 and p.describe()["probe_epochs"] == 1
+    assert {_block(g["name"]): g["lr_scale"] for g in p.param_groups}["stage1"] == 0.0
+    before = _snapshot(model)
+    after_probe: dict[str, torch.Tensor] = {}
+
+    def keep(m: nn.Module, epoch: int, _: dict[str, float]) -> None:
+        if epoch == 0:
+            after_probe.update(_snapshot(m))
+
+    _lpft_fit(model, p, None, on_epoch_end=keep)
+    after = model.state_dict()
+    for b in blocks:
+        names = b.param_names + b.buffer_names
+        probed = [n for n in names if not torch.equal(before[n], after_probe[n])]
+        tuned = [n for n in b.param_names if not torch.equal(after_probe[n], after[n])]
+        assert (probed != []) is (b.name == "head"), f"{b.name} while probing: {probed[:3]}"
+        assert tuned, f"block {b.name} did not train after the probe"
+    assert {g["lr_scale"] for g in p.param_groups} == {1.0}
+
+
+def test_lpft_backbone_lr_scale_applies_after_the_probe() -> None:
+    model = _model()
+    p = plan("lpft", model, probe_epochs=2, backbone_lr_scale=0.1)
+    for epoch, want in ((0, 0.0), (1, 0.0), (2, 0.1), (0, 0.0)):
+        assert p.on_epoch_start is not None
+        p.on_epoch_start(model, epoch)
+        scales = {_block(g["name"]): g["lr_scale"] for g in p.param_groups}
+        assert scales.pop("head") == 1.0 and set(scales.values()) == {want}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "needs option\\(s\\) probe_epochs"),
+        ({"probe_epochs": 0}, "probe_epochs=0; expected an integer >= 1"),
+        ({"probe_epochs": 1.5}, "probe_epochs=1.5"),
+        ({"probe_epochs": True}, "probe_epochs=True"),
+        ({"probe_epochs": 1, "backbone_lr_scale": 2}, "backbone_lr_scale=2"),
+    ],
+)
+def test_lpft_option_errors(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan("lpft", _model(), **options)
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # killed while probing / after the probe
+def test_lpft_resumes_bit_equal_after_a_kill(tmp_path: Path, stop_after: int) -> None:
+    whole = _model()
+    _lpft_fit(whole, plan("lpft", whole, probe_epochs=1), tmp_path / "whole")
+    first = _model()
+    out = tmp_path / "killed"
+    stopped = _lpft_fit(
+        first, plan("lpft", first, probe_epochs=1), out, stop_after_steps=stop_after
+    )
+    assert stopped.steps == stop_after
+    again = _model()
+    _lpft_fit(again, plan("lpft", again, probe_epochs=1), out)
+    expected, got = whole.state_dict(), again.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
