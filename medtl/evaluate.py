@@ -320,12 +320,13 @@ def _evaluate_one(
         "error": None,
     }
     try:
-        card, test, val = _predict(spec, data, split, cfg, device, progress)
+        manifest = Manifest.load(data.manifest)  # once: inference, leaks, subgroups, summary
+        card, test, val = _predict(spec, data, split, cfg, device, progress, manifest)
         calibrator = card.calibrator
         test, metrics, leaks = evaluate_with_leaks(
             test,
             val,
-            _test_leaks(data, split),
+            _test_leaks(data, manifest, split),
             data.leaks,
             cfg.positive,
             cfg.n_boot,
@@ -334,9 +335,7 @@ def _evaluate_one(
         )
         from medtl.subgroups import entry_subgroups
 
-        groups = entry_subgroups(
-            Manifest.load(data.manifest), test, test.probs(calibrator), cfg.n_boot, seed
-        )
+        groups = entry_subgroups(manifest, test, test.probs(calibrator), cfg.n_boot, seed)
         if groups is not None:
             metrics["subgroups"] = groups
         test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
@@ -349,7 +348,7 @@ def _evaluate_one(
             calibrator=calibrator.to_dict(),
             metrics=metrics,
             model_meta=card.model_dump(mode="json"),
-            data=_data_summary(Manifest.load(data.manifest)),
+            data=_data_summary(manifest),
         )
         if leaks is not None:
             entry["leaks"] = leaks
@@ -365,17 +364,23 @@ def _evaluate_one(
 
 
 def _predict(
-    spec: ModelSpec, data: DataSpec, split: str, cfg: EvaluateConfig, device: str, progress: bool
+    spec: ModelSpec,
+    data: DataSpec,
+    split: str,
+    cfg: EvaluateConfig,
+    device: str,
+    progress: bool,
+    manifest: Manifest | None = None,
 ) -> tuple[ModelCard, Predictions, Predictions | None]:
-    """Inference of one model on one split; the model's own validation predictions choose
-    the thresholds, with the calibrator of its card applied."""
+    """Inference of one model on one split (``manifest``: ``data``'s, when already loaded); the
+    model's own validation predictions choose the thresholds, with its card's calibrator."""
     from medtl.data.dataset import DataConfig, build_dataset
     from medtl.data.manifest import check_root
     from medtl.data.verify import verify_data
     from medtl.finetune.loop import as_predictions, load_classifier, predict
 
     model, card = load_classifier(spec.folder)
-    manifest = Manifest.load(data.manifest)
+    manifest = manifest if manifest is not None else Manifest.load(data.manifest)
     if list(card.classes) != list(manifest.classes):
         raise DataError(
             f"model {spec.name} was trained on classes {card.classes}, manifest {data.manifest} "
@@ -457,12 +462,13 @@ def _conformal(folder: Path, test: Predictions, calibrator: Calibrator) -> dict[
     return conformal_summary(test, calibrator, card)
 
 
-def _test_leaks(data: DataSpec, split: str) -> SplitLeaks | None:
+def _test_leaks(data: DataSpec, manifest: Manifest, split: str) -> SplitLeaks | None:
     """The official test images that leak (share a duplicate cluster or group with train /
-    val), from the manifest's groups and the audit beside it; None for other splits."""
+    val), from ``manifest``'s groups (``data``'s) and the audit beside it; None for other
+    splits."""
     if split != "test":
         return None
-    return find_test_leaks(Manifest.load(data.manifest), read_audit_clusters(data.manifest))
+    return find_test_leaks(manifest, read_audit_clusters(data.manifest))
 
 
 def _data_summary(manifest: Manifest) -> dict[str, Any]:
@@ -505,7 +511,7 @@ def _ensemble_entry(
         pred, metrics, leaks = evaluate_with_leaks(
             pred,
             None,
-            _test_leaks(data, split),
+            _test_leaks(data, Manifest.load(data.manifest), split),
             data.leaks,
             cfg.positive,
             cfg.n_boot,
