@@ -53,7 +53,6 @@ from medtl.finetune.search.candidate import Runner, Search, SearchTask
 from medtl.finetune.search.config import (
     PRESETS,
     RETRAIN_ONLY,
-    SCHEDULE_KEYS,
     BioTuneConfig,
     Rung,
     first_trainable,
@@ -103,7 +102,6 @@ __all__ = [
     "PRESETS",
     "RESULT_FIELDS",
     "RETRAIN_ONLY",
-    "SCHEDULE_KEYS",
     "SQLITE",
     "BioTuneConfig",
     "BioTuneSampler",

@@ -24,15 +24,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 # finetune keys that only the final retrain reads (the ``weights`` argument is hashed instead)
 RETRAIN_ONLY = {"strategy", "strategy_options", "epochs", "patience", "weights"}
-SCHEDULE_KEYS = (
-    "lr",
-    "weight_decay",
-    "warmup_epochs",
-    "grad_clip",
-    "batch_size",
-    "num_workers",
-    "amp",
-)
 
 
 class BioTuneConfig(BaseModel):
