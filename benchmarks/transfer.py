@@ -89,6 +89,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out-compute", type=Path, default=ROOT / "docs/performance.md")
     add("--set", dest="overrides", action="append", default=[], help="override for every arm")
     add("--report-only", action="store_true", help="run nothing: tabulate the finished runs")
+    add("--note", default="", help="a line on how the runs were launched, printed with the tables")
     return parser.parse_args(argv)
 
 
@@ -226,7 +227,7 @@ def evaluate_section(run: Path) -> dict[str, Any]:
     return {**(resolved.get("evaluate") or {}), "external": [], "ensemble": False}
 
 
-def results_section(results: dict[str, list[dict[str, Any]]], command: str) -> str:
+def results_section(results: dict[str, list[dict[str, Any]]], command: str, note: str = "") -> str:
     lines = [
         RESULTS[0],
         "## Transfer: scratch, in-domain MAE, ImageNet and their ensemble (`benchmarks/transfer.py`)",
@@ -269,11 +270,11 @@ def results_section(results: dict[str, list[dict[str, Any]]], command: str) -> s
                     f"- {dataset} {arm}: mean test {metric} {mean:.3f} over {len(mine)} seed(s) "
                     f"(target >= {threshold}): **{'met' if mean >= threshold else 'not met'}**"
                 )
-    lines += ["", *verdicts, "", f"- command: `{command}`", *machine(), RESULTS[1]]
+    lines += ["", *verdicts, "", f"- command: `{command}`", *machine(note), RESULTS[1]]
     return "\n".join(lines)
 
 
-def compute_section(results: dict[str, list[dict[str, Any]]], command: str) -> str:
+def compute_section(results: dict[str, list[dict[str, Any]]], command: str, note: str = "") -> str:
     lines = [
         COMPUTE[0],
         "## Transfer benchmark compute (`benchmarks/transfer.py`)",
@@ -292,13 +293,15 @@ def compute_section(results: dict[str, list[dict[str, Any]]], command: str) -> s
                 f"| {dataset} | {r['arm']} | {r['seed']} | {r['pretrain_s']:.0f} | "
                 f"{r['finetune_s']:.0f} | {epochs} |"
             )
-    return "\n".join([*lines, "", f"- command: `{command}`", *machine(), COMPUTE[1]])
+    return "\n".join([*lines, "", f"- command: `{command}`", *machine(note), COMPUTE[1]])
 
 
-def machine() -> list[str]:
+def machine(note: str = "") -> list[str]:
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return [
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs "
-        f"({platform.machine()}), torch {torch.__version__}"
+        f"({platform.machine()}){gpu}, torch {torch.__version__}",
+        *([f"- {note}"] if note else []),
     ]
 
 
@@ -316,11 +319,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
             if "ensemble" in args.arms and (ens := ensemble_run(args, dataset, seed, runs)):
                 results[dataset].append(ens)
     command = "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = results_section(results, command.strip())
+    text = results_section(results, command.strip(), args.note)
     print(text)
     write_marked_section(args.out_results, text, *RESULTS, "Results")
     write_marked_section(
-        args.out_compute, compute_section(results, command), *COMPUTE, "Performance"
+        args.out_compute, compute_section(results, command, args.note), *COMPUTE, "Performance"
     )
     return results
 
