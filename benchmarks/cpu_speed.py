@@ -1,4 +1,5 @@
-"""CPU speed of training steps: channels-last, bfloat16 autocast and ``torch.compile``.
+"""Speed of training steps: channels-last, bfloat16 autocast and ``torch.compile``, on the CPU
+or (``--device cuda``) on a GPU, whose figures go into a section of their own.
 
 Fine-tuning steps (``efficientnet_lite0`` and ``convnext_atto`` classifiers) and MAE steps
 (``convnext_atto``, random masking) at 128 px, batch 32, on BUSI images held in memory (random
@@ -9,6 +10,7 @@ hits them alike; the table gives the median images/s over rounds and the range (
 the spread shows how noisy the machine was.
 
     python benchmarks/cpu_speed.py [--steps 4] [--repeats 3] [--threads 1 2] [--compile]
+    python benchmarks/cpu_speed.py --device cuda --batch-size 128 --threads 1 --compile
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from medtl.pretrain.loop import PretrainConfig, build_model, build_strategy, dra
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- cpu_speed:start -->", "<!-- cpu_speed:end -->"
+GPU_START, GPU_END = "<!-- gpu_speed:start -->", "<!-- gpu_speed:end -->"
 VARIANTS = {  # name -> (channels_last, bf16 autocast, torch.compile)
     "fp32": (False, False, False),
     "channels-last": (True, False, False),
@@ -58,7 +61,9 @@ def load_images(data_root: Path, n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-def make_step(kind: str, size: int, channels_last: bool, bf16: bool, compiled: bool) -> Step:
+def make_step(
+    kind: str, size: int, channels_last: bool, bf16: bool, compiled: bool, device: torch.device
+) -> Step:
     """One training step of ``kind`` (``finetune:<backbone>`` or ``mae:<backbone>``)."""
     torch.manual_seed(0)
     stage, backbone = kind.split(":")
@@ -69,6 +74,7 @@ def make_step(kind: str, size: int, channels_last: bool, bf16: bool, compiled: b
         strategy = build_strategy(cfg, model)
     else:
         model = build_classifier(backbone, num_classes=3, in_chans=3)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -77,7 +83,7 @@ def make_step(kind: str, size: int, channels_last: bool, bf16: bool, compiled: b
 
     def step(x: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> None:
         x = x.contiguous(memory_format=fmt)
-        cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+        cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with cast:
             if stage == "mae":
                 loss = forward(x, draw_masks(strategy, x, model.patch_size, seeds))["loss"]
@@ -96,6 +102,9 @@ def measure(
     """images/s of each variant in ``args.repeats`` interleaved rounds of ``args.steps`` steps;
     the first step of each variant (warm-up, compilation) is timed apart."""
     torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    images = images.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     variants = {k: v for k, v in VARIANTS.items() if args.compile or not v[2]}
     steps, first = {}, {}
     rng = np.random.default_rng(0)
@@ -103,12 +112,13 @@ def measure(
     def batch() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         idx = rng.choice(len(images), args.batch_size, replace=False)
         seeds = [int(s) for s in rng.integers(0, 2**31, args.batch_size)]
-        return images[idx], torch.from_numpy(idx % 3), seeds
+        return images[torch.from_numpy(idx).to(device)], torch.from_numpy(idx % 3).to(device), seeds
 
     for name, (cl, bf16, compiled) in variants.items():
-        steps[name] = make_step(kind, args.size, cl, bf16, compiled)
+        steps[name] = make_step(kind, args.size, cl, bf16, compiled, device)
         t0 = time.perf_counter()
         steps[name](*batch())
+        sync()
         first[name] = time.perf_counter() - t0
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
@@ -116,6 +126,7 @@ def measure(
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 step(*batch())
+            sync()
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
     return {
         k: {"rates": rates[k], "median": statistics.median(rates[k]), "first_s": first[k]}
@@ -145,6 +156,8 @@ def report(results: dict[tuple[str, int], dict[str, dict[str, Any]]], args: Any)
         f"--kinds {' '.join(args.kinds)} --steps {args.steps} --repeats {args.repeats} "
         f"--threads {' '.join(map(str, args.threads))}{' --compile' if args.compile else ''}"
     )
+    if args.device != "cpu":
+        return gpu_report(results, args, cmd)
     return "\n".join(
         [
             START,
@@ -170,6 +183,29 @@ def report(results: dict[tuple[str, int], dict[str, dict[str, Any]]], args: Any)
     )
 
 
+def gpu_report(
+    results: dict[tuple[str, int], dict[str, dict[str, Any]]], args: Any, cmd: str
+) -> str:
+    return "\n".join(
+        [
+            GPU_START,
+            "## GPU speed: channels-last, bfloat16 autocast, torch.compile (`benchmarks/cpu_speed.py --device cuda`)",
+            "",
+            f"{args.size} px, batch {args.batch_size}, BUSI images held in GPU memory, one process; "
+            "a step as in the CPU table (forward + loss + backward + AdamW update). Median "
+            f"images/s over {args.repeats} rounds of {args.steps} steps, settings interleaved.",
+            "",
+            *table(results),
+            "",
+            f"- command: `{cmd} --device {args.device}`",
+            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs",
+            f"- versions: Python {platform.python_version()}, torch {torch.__version__}",
+            GPU_END,
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "busi")
@@ -184,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], dict[str, dict[
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (its own section in --out)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args(argv)
     images = load_images(args.data_root, 128, args.size)
@@ -199,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], dict[str, dict[
             )
     section = report(results, args)
     print(section)
-    write_marked_section(args.out, section, START, END, "Performance")
+    markers = (START, END) if args.device == "cpu" else (GPU_START, GPU_END)
+    write_marked_section(args.out, section, *markers, "Performance")
     return results
 
 
