@@ -361,19 +361,28 @@ def schedule_lines(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list
 
 def plot_schedules(args: argparse.Namespace, runs: list[dict[str, Any]], path: Path) -> None:
     """Best-so-far validation fitness against epoch-equivalents, both schedules, one panel per
-    dataset, one line style per search seed; the reference's final best dotted."""
+    dataset, one line style per search seed (a marker per stage, the last best carried to the
+    panel's end); the reference's final best dotted."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.2 * len(args.datasets), 3.8), layout="constrained")
-    for ax, dataset in zip(fig.subplots(1, len(args.datasets), squeeze=False)[0], args.datasets, strict=True):  # fmt: skip
-        for i, p in enumerate(schedule_pairs([r for r in runs if r["dataset"] == dataset])):
-            for (name, colour), record in zip((("reference", "#D55E00"), ("halving", "#0072B2")), p["records"], strict=True):  # fmt: skip
-                xs = [0.0, *(c[0] for c in record.curve)]
-                ys = [math.nan, *(c[1] if math.isfinite(c[1]) else math.nan for c in record.curve)]
-                ax.step(xs, ys, where="post", color=colour, ls=("-", "--", ":", "-.")[i % 4],
-                        label=f"{name}, search seed {p['seed']}")  # fmt: skip
+    panels = fig.subplots(1, len(args.datasets), squeeze=False)[0]
+    for ax, dataset in zip(panels, args.datasets, strict=True):
+        pairs = schedule_pairs([r for r in runs if r["dataset"] == dataset])
+        end = max((c[0] for p in pairs for rec in p["records"] for c in rec.curve), default=1.0)
+        for i, p in enumerate(pairs):
+            for name, colour, record in zip(("reference", "halving"), ("#D55E00", "#0072B2"), p["records"], strict=True):  # fmt: skip
+                points = [(x, y) for x, y in record.curve if math.isfinite(y)]
+                if not points:  # nothing evaluated at the top rung
+                    continue
+                xs, ys = [x for x, _ in points], [y for _, y in points]
+                style = ("-", "--", ":", "-.")[i % 4]
+                ax.step([*xs, end], [*ys, ys[-1]], where="post", color=colour,
+                        ls=style, label=f"{name}, search seed {p['seed']}")  # fmt: skip
+                ax.plot(xs, ys, "o", color=colour, ms=3)
             ax.axhline(p["target"], color="#999999", ls=":", lw=1)
         ax.set(xlabel="search epoch-equivalents", ylabel="best val fitness so far", title=dataset)
+        ax.set_xlim(left=0)
         ax.legend(fontsize=7)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})

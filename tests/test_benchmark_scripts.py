@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,6 +114,69 @@ def test_finetune_compare_tiny(tmp_path: Path) -> None:
     assert not (tmp_path / "work/breastmnist/full/seed1").exists()
     text = results.read_text(encoding="utf-8")
     assert "| breastmnist | lpft | 1 | not run | not run | | | |" in text
+
+
+def _record(schedule: str, stages: list[list[tuple[float, float]]]) -> Any:
+    """A finished search of one rung: per generation, each member's (fitness, epoch-eq.)."""
+    from medtl.finetune import search as bt
+
+    def row(g: int, i: int, f: float, ee: float) -> bt.Trial:
+        return bt.Trial(
+            id=2 * g + i, generation=g, idx=i, rung=0, seed=0, genome=(0.5, 0.5),
+            genome_key=f"{g}-{i}", budget_epochs=1, first_trainable=0, status="done",
+            reused=False, val_bacc=1 - f, fitness=f, trainable_fraction=1.0, cached=False,
+            epochs_trained=ee, epoch_cost=1.0, epoch_equivalents=ee, seconds=1.0, worker=None,
+            heartbeat=None, error=None,
+        )  # fmt: skip
+
+    rows = [row(g, i, f, ee) for g, ms in enumerate(stages) for i, (f, ee) in enumerate(ms)]
+    states = {t.id: "COMPLETE" for t in rows}
+    return bt.SearchRecord(schedule, 2, len(stages), 0, 3, tuple(rows), states)
+
+
+def test_finetune_compare_targets_as_worked_by_hand() -> None:
+    """Target 1 from the searches' stage curves, target 2 from mean test AUROC against full's
+    seed spread, on numbers worked out by hand."""
+    script = load_script("finetune_compare")
+    # reference: best 0.3 after 8, then 0.25 after 16 epoch-equivalents: F = 0.25, cost 16
+    ref = _record("reference", [[(0.4, 4.0), (0.3, 4.0)], [(0.25, 4.0), (0.35, 4.0)]])
+    fast = _record("halving", [[(0.2, 2.0), (0.5, 1.0)]])  # reaches 0.25 after 3: 3/16
+    slow = _record("halving", [[(0.3, 2.0), (0.5, 1.0)], [(0.25, 3.0), (0.4, 1.0)]])  # 7/16
+    never = _record("halving", [[(0.3, 1.0), (0.5, 1.0)]])
+
+    def runs(*searches: tuple[str, int, Any]) -> list[dict[str, Any]]:
+        return [{"arm": arm, "seed": seed, "search": rec} for arm, seed, rec in searches]
+
+    pairs = script.schedule_pairs(runs(("biotune_reference", 0, ref), ("biotune_halving", 0, fast)))
+    assert [(p["ref"], p["halving"], p["ratio"]) for p in pairs] == [(16.0, 3.0, 3 / 16)]
+    assert script.target1("busi", pairs) == ("- busi: search seed 0: 0.188: **met**", True)
+    pairs = script.schedule_pairs(runs(
+        ("biotune_reference", 0, ref), ("biotune_halving", 0, fast),
+        ("biotune_reference", 1, ref), ("biotune_halving", 1, slow),
+        ("biotune_reference", 2, ref), ("biotune_halving", 2, never),
+        ("biotune_reference", 3, ref),  # no halving search of seed 3: no pair
+    ))  # fmt: skip
+    assert [p["ratio"] for p in pairs] == [3 / 16, 7 / 16, None]
+    line, met = script.target1("busi", pairs)
+    assert not met and line.endswith("seed 1: 0.438, search seed 2: never: **not met**")
+    assert script.target1("busi", []) == (
+        "- busi: not measured (no search seed has both schedules finished)",
+        False,
+    )
+
+    def scored(arm: str, *aurocs: float) -> list[dict[str, Any]]:
+        return [{"arm": arm, "metrics": {"macro_auroc": {"value": v}}} for v in aurocs]
+
+    full = scored("full", 0.80, 0.84, 0.82)  # mean 0.82, SD 0.02
+    lines, beats, within = script.target2(
+        "busi", full + scored("biotune_reference", 0.83, 0.85) + scored("biotune_halving", 0.81)
+    )
+    assert (beats, within) == (True, True)
+    assert lines[0].endswith("vs full 0.820 ± 0.020 (SD, 3 seeds): +0.020, better")
+    assert lines[1].endswith(": -0.010, within the spread")
+    lines, beats, within = script.target2("busi", full + scored("biotune_halving", 0.78, 0.80))
+    assert (beats, within) == (False, False) and lines[0] == "- busi biotune_reference: not run"
+    assert lines[1].endswith(": -0.030, worse than the spread")
 
 
 @pytest.mark.slow
