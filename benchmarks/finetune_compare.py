@@ -317,10 +317,12 @@ def schedule_lines(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list
         "BioTune searches: best validation fitness (1 − val balanced accuracy; lower is better), "
         "the epoch-equivalents each had spent when its best-so-far fitness first reached the "
         "reference schedule's best of the same search seed (stage by stage: a generation's or "
-        "rung's whole cost is charged before its results count), and its whole cost.",
+        "rung's whole cost is charged before its results count), its best-so-far fitness once it "
+        "had spent 1/4, 1/2 and all of the reference's epoch-equivalents (– : nothing finished "
+        "at the top rung by then), and its whole cost.",
         "",
-        "| dataset | search seed | schedule | best val fitness | epoch-eq. to reach the reference's best | search epoch-eq. | candidates (pruned / looked up) | search s |",
-        "|---|---:|---|---:|---:|---:|---|---:|",
+        "| dataset | search seed | schedule | best val fitness | epoch-eq. to reach the reference's best | best so far at 1/4, 1/2, 1 x the reference's epoch-eq. | search epoch-eq. | candidates (pruned / looked up) | search s |",
+        "|---|---:|---|---:|---:|---|---:|---|---:|",
     ]
     verdict1, verdict2, met1, beats, within = [], [], [], [], []
     for dataset in args.datasets:
@@ -329,8 +331,11 @@ def schedule_lines(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list
         for p in pairs:
             for name, record, spent in zip(SCHEDULES.values(), p["records"], (p["ref"], p["halving"]), strict=True):  # fmt: skip
                 reach = "never" if spent is None else f"{spent:.1f}"
+                total = p["records"][0].epoch_equivalents
+                at = [record.best_at(total * q) for q in (0.25, 0.5, 1.0)]
+                anytime = ", ".join(f"{b:.4f}" if math.isfinite(b) else "–" for b in at)
                 lines.append(
-                    f"| {dataset} | {p['seed']} | {name} | {record.best_fitness:.4f} | {reach} | "
+                    f"| {dataset} | {p['seed']} | {name} | {record.best_fitness:.4f} | {reach} | {anytime} | "
                     f"{record.epoch_equivalents:.1f} | {len(record.states)} ({record.pruned} / "
                     f"{record.looked_up}) | {record.seconds:.0f} |"
                 )

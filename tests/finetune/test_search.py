@@ -345,6 +345,9 @@ def test_read_search_gives_the_schedule_the_candidates_and_the_best_so_far_curve
     assert record.curve[-2:] == [(5.0, 0.3), (7.0, pytest.approx(0.1))]
     assert record.cost_to_reach(0.3) == 4.0 and record.cost_to_reach(0.1) == 7.0
     assert record.cost_to_reach(0.05) is None
+    assert [record.best_at(x) for x in (1.0, 4.0, 6.9, 7.0)] == pytest.approx(
+        [math.inf, 0.3, 0.3, 0.1]
+    )
     assert bt.read_search(tmp_path / "trials.db") == record  # or its file
 
     with pytest.raises(ConfigError, match="does not exist; run the search first"):

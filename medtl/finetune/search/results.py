@@ -310,6 +310,11 @@ class SearchRecord:
         """Epoch-equivalents spent when the best-so-far fitness first reached ``fitness``."""
         return cost_to_reach(self.curve, fitness)
 
+    def best_at(self, spent: float) -> float:
+        """The best-so-far fitness once ``spent`` epoch-equivalents had been spent (``inf``:
+        nothing at the top rung by then)."""
+        return min((best for x, best in self.curve if x <= spent + 1e-9), default=math.inf)
+
 
 def read_search(
     source: str | Path, study: str = "biotune", storage: str = "sqlite:///{out}/trials.db"
