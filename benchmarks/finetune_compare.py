@@ -38,6 +38,7 @@ import os
 import platform
 import statistics
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,14 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
         root = args.data_root.get(dataset) or ROOT.parent / "shared/data" / DATA_ROOTS[dataset]
         argv = ["-q", "run", str(ROOT / "recipes" / f"{dataset}.yaml"), "--out", str(out)]
         argv += ["--data-root", str(root), "--device", args.device]
-        code = medtl(
-            [*argv, *(x for o in overrides(args, dataset, arm, seed) for x in ("--set", o))]
-        )
+        argv += [x for o in overrides(args, dataset, arm, seed) for x in ("--set", o)]
+        try:
+            code = medtl(argv)
+        except Exception:  # one arm's failure (say, out of memory) must not stop the others
+            traceback.print_exc()
+            code = 1
+        if code == 130:  # interrupted: stop the benchmark, not only this run
+            raise KeyboardInterrupt
         if code != 0:
             print(f"{dataset} {arm} seed {seed}: medtl run exited with {code}", file=sys.stderr)
     evaluation = out / "evaluate" / "evaluation.json"
@@ -388,7 +394,8 @@ def plot_schedules(args: argparse.Namespace, runs: list[dict[str, Any]], path: P
             ax.axhline(p["target"], color="#999999", ls=":", lw=1)
         ax.set(xlabel="search epoch-equivalents", ylabel="best val fitness so far", title=dataset)
         ax.set_xlim(left=0)
-        ax.legend(fontsize=7)
+        if pairs:
+            ax.legend(fontsize=7)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
     path.parent.mkdir(parents=True, exist_ok=True)

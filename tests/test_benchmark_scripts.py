@@ -116,6 +116,39 @@ def test_finetune_compare_tiny(tmp_path: Path) -> None:
     assert "| breastmnist | lpft | 1 | not run | not run | | | |" in text
 
 
+def test_finetune_compare_goes_on_past_a_failed_arm_but_stops_when_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An arm whose ``medtl run`` raises is reported and the next arm runs; an interrupted one
+    (exit 130) stops the benchmark. Every arm gets the ImageNet start and its own overrides;
+    ``search.*`` overrides reach the BioTune arms only."""
+    script = load_script("finetune_compare")
+    calls: list[list[str]] = []
+
+    def fake(argv: list[str]) -> int:
+        calls.append(argv)
+        if "finetune.strategy=linear" in argv:
+            raise RuntimeError("CUDA out of memory")
+        return 130 if "finetune.strategy=lora" in argv else 0
+
+    monkeypatch.setattr(script, "medtl", fake)
+    out = ["--work", str(tmp_path / "w"), "--out-results", str(tmp_path / "r.md")]
+    out += ["--out-compute", str(tmp_path / "p.md"), "--set", "search.generations=2"]
+    out += ["--search-seeds", "0"]
+    arms = ["linear", "biotune_halving", "full"]
+    assert script.main(["--datasets", "busi", "--seeds", "0", "--arms", *arms, *out]) == []
+    assert len(calls) == 3  # past the failed arm; nothing finished, so nothing tabulated
+    for argv, arm in zip(calls, arms, strict=True):
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        assert "finetune.weights=imagenet:efficientnet_lite0" in sets and "seed=0" in sets
+        assert ("search.generations=2" in sets) == (arm == "biotune_halving")
+        assert ("search.seed=0" in sets) == (arm == "biotune_halving")
+    assert "| busi | linear | 0 | not run |" in (tmp_path / "r.md").read_text(encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--datasets", "busi", "--seeds", "0", "--arms", "lora", "full", *out])
+    assert "finetune.strategy=full" not in calls[-1]
+
+
 def _record(schedule: str, stages: list[list[tuple[float, float]]]) -> Any:
     """A finished search of one rung: per generation, each member's (fitness, epoch-eq.)."""
     from medtl.finetune import search as bt
