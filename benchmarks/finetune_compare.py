@@ -24,6 +24,10 @@ best-so-far validation fitness against epoch-equivalents into ``docs/img/``.
 
     python benchmarks/finetune_compare.py [--datasets busi breastmnist] [--arms full ...]
         [--seeds 0 1 2] [--search-seeds 0 1] [--set search.generations=3] [--report-only]
+
+Processes given different ``--datasets`` / ``--arms`` can run at once (each run has its own
+folder under ``--work``); each writes the tables of its own slice, so finish with one
+``--report-only`` over everything.
 """
 
 from __future__ import annotations
