@@ -201,15 +201,26 @@ def test_finetune_compare_targets_as_worked_by_hand() -> None:
         return [{"arm": arm, "metrics": {"macro_auroc": {"value": v}}} for v in aurocs]
 
     full = scored("full", 0.80, 0.84, 0.82)  # mean 0.82, SD 0.02
-    lines, beats, within = script.target2(
+    lines, busi = script.target2(
         "busi", full + scored("biotune_reference", 0.83, 0.85) + scored("biotune_halving", 0.81)
     )
-    assert (beats, within) == (True, True)
+    assert busi == {"biotune_reference": "better", "biotune_halving": "within"}
     assert lines[0].endswith("vs full 0.820 ± 0.020 (SD, 3 seeds): +0.020, better")
     assert lines[1].endswith(": -0.010, within the spread")
-    lines, beats, within = script.target2("busi", full + scored("biotune_halving", 0.78, 0.80))
-    assert (beats, within) == (False, False) and lines[0] == "- busi biotune_reference: not run"
+    lines, bm = script.target2("bm", full + scored("biotune_halving", 0.78, 0.80))
+    assert bm == {"biotune_halving": "worse"} and lines[0] == "- bm biotune_reference: not run"
     assert lines[1].endswith(": -0.030, worse than the spread")
+    assert script.target2("bm", scored("full", 0.8)) == (
+        ["- bm: not measured (fewer than 2 finished `full` seeds)"],
+        {},
+    )
+    # met: better on one dataset at least, worse by more than the spread on none
+    assert script.target2_verdict("biotune_reference", [busi]) == "biotune_reference: **met**"
+    assert script.target2_verdict("biotune_halving", [busi]) == "biotune_halving: **not met**"
+    assert script.target2_verdict("biotune_halving", [busi, bm]).endswith("**not met**")
+    assert script.target2_verdict("biotune_reference", [busi, bm]).endswith(
+        "not measured on every dataset"
+    )
 
 
 @pytest.mark.slow
