@@ -123,12 +123,14 @@ def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> P
 
 def overrides(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> list[str]:
     """The ImageNet start, the arm, the seed (a search's seed too), then the user's overrides
-    (``search.*`` ones for the BioTune arms only)."""
+    (``search.*`` ones for the BioTune arms only; none into ``pretrain``, which the ImageNet
+    start removes and a ``pretrain.epochs=1`` would bring back)."""
     searched = arm in SCHEDULES
     sets = [f"seed={seed}", *IMAGENET, *ARMS[arm], *([f"search.seed={seed}"] * searched)]
     if dataset in args.manifest:
         sets.append(f"data.manifest={args.manifest[dataset].resolve()}")
-    return [*sets, *(o for o in args.overrides if searched or not o.startswith("search."))]
+    given = [o for o in args.overrides if not o.startswith("pretrain.")]
+    return [*sets, *(o for o in given if searched or not o.startswith("search."))]
 
 
 def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict[str, Any] | None:

@@ -121,7 +121,7 @@ def test_finetune_compare_goes_on_past_a_failed_arm_but_stops_when_interrupted(
 ) -> None:
     """An arm whose ``medtl run`` raises is reported and the next arm runs; an interrupted one
     (exit 130) stops the benchmark. Every arm gets the ImageNet start and its own overrides;
-    ``search.*`` overrides reach the BioTune arms only."""
+    ``search.*`` overrides reach the BioTune arms only, ``pretrain.*`` ones no arm."""
     script = load_script("finetune_compare")
     calls: list[list[str]] = []
 
@@ -134,7 +134,7 @@ def test_finetune_compare_goes_on_past_a_failed_arm_but_stops_when_interrupted(
     monkeypatch.setattr(script, "medtl", fake)
     out = ["--work", str(tmp_path / "w"), "--out-results", str(tmp_path / "r.md")]
     out += ["--out-compute", str(tmp_path / "p.md"), "--set", "search.generations=2"]
-    out += ["--search-seeds", "0"]
+    out += ["--search-seeds", "0", "--set", "pretrain.epochs=1"]
     arms = ["linear", "biotune_halving", "full"]
     assert script.main(["--datasets", "busi", "--seeds", "0", "--arms", *arms, *out]) == []
     assert len(calls) == 3  # past the failed arm; nothing finished, so nothing tabulated
@@ -143,6 +143,7 @@ def test_finetune_compare_goes_on_past_a_failed_arm_but_stops_when_interrupted(
         assert "finetune.weights=imagenet:efficientnet_lite0" in sets and "seed=0" in sets
         assert ("search.generations=2" in sets) == (arm == "biotune_halving")
         assert ("search.seed=0" in sets) == (arm == "biotune_halving")
+        assert "pretrain=" in sets and "pretrain.epochs=1" not in sets
     assert "| busi | linear | 0 | not run |" in (tmp_path / "r.md").read_text(encoding="utf-8")
     with pytest.raises(KeyboardInterrupt):
         script.main(["--datasets", "busi", "--seeds", "0", "--arms", "lora", "full", *out])
