@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,72 +61,167 @@ def fake_breastmnist(tmp: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_finetune_compare_dry_run(tmp_path: Path) -> None:
-    busi_root, busi_manifest = phantom(tmp_path)
-    bm_root, bm_manifest = fake_breastmnist(tmp_path)
+def test_finetune_compare_tiny(tmp_path: Path) -> None:
+    """Every arm on a fake BreastMNIST at toy scale (1 seed, 1 epoch, a 2-member 1-generation
+    search per schedule): rows with CIs, the schedules' table, figure and verdicts, the compute
+    table; a rerun trains nothing, and --report-only marks what never ran as "not run"."""
+    root, manifest = fake_breastmnist(tmp_path)
     results, perf = tmp_path / "docs" / "results.md", tmp_path / "docs" / "performance.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nkept text\n", encoding="utf-8")
+    tiny = [
+        "data.loader.image_size=32", "finetune.epochs=1", "finetune.batch_size=8",
+        "finetune.warmup_epochs=0", "evaluate.n_boot=100", "search.population=2",
+        "search.elite=1", "search.generations=1", "search.max_epochs=1", "search.min_epochs=1",
+        "search.poll_seconds=0.1",
+    ]  # fmt: skip
     argv = [
-        "--dry-run-tiny", "--seeds", "0",
-        "--busi-root", str(busi_root), "--busi-manifest", str(busi_manifest),
-        "--breastmnist-root", str(bm_root), "--breastmnist-manifest", str(bm_manifest),
-        "--work", str(tmp_path / "work"),
-        "--out-results", str(results), "--out-performance", str(perf),
+        "--datasets", "breastmnist", "--seeds", "0", "--search-seeds", "0",
+        "--data-root", f"breastmnist={root}", "--manifest", f"breastmnist={manifest}",
+        "--work", str(tmp_path / "work"), "--out-results", str(results),
+        "--out-compute", str(perf), "--device", "cpu", *[x for o in tiny for x in ("--set", o)],
     ]  # fmt: skip
     script = load_script("finetune_compare")
-    script.main(argv)
-
+    runs = script.main(argv)
+    assert [r["arm"] for r in runs] == list(script.ARMS)
     text = results.read_text(encoding="utf-8")
     assert text.startswith("# Results\n\nkept text\n")
-    section = text[text.index(script.RESULTS_MARKERS[0]) : text.index(script.RESULTS_MARKERS[1])]
-    for title in ("### BUSI", "### BreastMNIST"):
-        assert title in section
-    for strategy in script.STRATEGIES:  # every strategy finished on both datasets
-        rows = re.findall(rf"^\| {strategy} \| 0 \| (\S+) \[", section, flags=re.M)
-        assert len(rows) == 2, f"{strategy}: no test AUROC with a CI on both datasets"
-    assert "| ResNet-18 (28) | 0.901 | 0.863 |" in section
-    assert "| Google AutoML Vision | 0.919 | 0.861 |" in section
-    assert len(re.findall(r"Whole searches, halving / reference: \d", section)) == 2
-    assert len(re.findall(r"At equal validation fitness, search seed 0: .* (\*\*ratio \d|never)", section)) == 2  # fmt: skip
-    assert len(re.findall(r"\*\*Target \(halving reaches .*: (met|not met) \(ratio", section)) == 2
-    for name in ("busi", "breastmnist"):  # the anytime curves of both schedules
-        figure = f"finetune_compare_{name}_schedules.png"
-        assert f"(img/{figure})" in section and (results.parent / "img" / figure).is_file()
-    assert re.search(r"\*\*Target \(best recipe beats ResNet-18 \(28\).*: (met|not met)\.\*\*", section)  # fmt: skip
-    perf_text = perf.read_text(encoding="utf-8")
-    assert script.PERF_MARKERS[0] in perf_text and "| BUSI | biotune-halving | 1 |" in perf_text
+    for arm in script.ARMS:
+        assert re.search(rf"^\| breastmnist \| {arm} \| 0 \| \d\.\d+ \[", text, re.M), arm
+    for schedule in ("reference", "halving"):  # a 2-candidate search, read through the API
+        assert re.search(rf"^\| breastmnist \| 0 \| {schedule} \| \d\.\d{{4}} \| (\d+\.\d|never) \| [–\d., ]+ \| \d+\.\d \| 2 \(", text, re.M)  # fmt: skip
+    assert re.search(r"^- breastmnist: search seed 0: (\d\.\d{3}|never): \*\*(met|not met)\*\*", text, re.M)  # fmt: skip
+    assert "**Target 1**" in text and "not met**. Ratios" in text  # one dataset of two
+    assert "- breastmnist: not measured (fewer than 2 finished `full` seeds)" in text
+    assert (results.parent / "img" / script.FIGURE).stat().st_size > 0
+    halving = next(r for r in runs if r["arm"] == "biotune_halving")
+    assert halving["search"].schedule == "halving" and halving["search"].finished
+    assert halving["search_ee"] > 0 and halving["train_ee"] > 0
+    linear, full = (next(r for r in runs if r["arm"] == a) for a in ("linear", "full"))
+    assert 0 < linear["train_ee"] < full["train_ee"]  # a frozen backbone runs forward only
+    compute = perf.read_text(encoding="utf-8")
+    assert script.COMPUTE[0] in compute and "| breastmnist | biotune_halving | 1 | " in compute
+    assert "| breastmnist | full | 1 | 0.0 | " in compute  # no search
 
-    summary = (
-        tmp_path / "work/breastmnist/medtl_tiny_convnext/scratch/biotune-halving/seed0/summary.json"
+    evaluation = tmp_path / "work/breastmnist/full/seed0/evaluate/evaluation.json"
+    before = evaluation.stat().st_mtime_ns
+    again = script.main(argv)  # everything finished: nothing retrains or re-evaluates
+    assert evaluation.stat().st_mtime_ns == before
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in runs]
+    assert results.read_text(encoding="utf-8").count(script.RESULTS[0]) == 1
+
+    script.main([*argv, "--seeds", "0", "1", "--report-only"])
+    assert not (tmp_path / "work/breastmnist/full/seed1").exists()
+    text = results.read_text(encoding="utf-8")
+    assert "| breastmnist | lpft | 1 | not run | not run | | | |" in text
+
+
+def test_finetune_compare_goes_on_past_a_failed_arm_but_stops_when_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An arm whose ``medtl run`` raises is reported and the next arm runs; an interrupted one
+    (exit 130) stops the benchmark. Every arm gets the ImageNet start and its own overrides;
+    ``search.*`` overrides reach the BioTune arms only, ``pretrain.*`` ones no arm."""
+    script = load_script("finetune_compare")
+    calls: list[list[str]] = []
+
+    def fake(argv: list[str]) -> int:
+        calls.append(argv)
+        if "finetune.strategy=linear" in argv:
+            raise RuntimeError("CUDA out of memory")
+        return 130 if "finetune.strategy=lora" in argv else 0
+
+    monkeypatch.setattr(script, "medtl", fake)
+    out = ["--work", str(tmp_path / "w"), "--out-results", str(tmp_path / "r.md")]
+    out += ["--out-compute", str(tmp_path / "p.md"), "--set", "search.generations=2"]
+    out += ["--search-seeds", "0", "--set", "pretrain.epochs=1"]
+    arms = ["linear", "biotune_halving", "full"]
+    assert script.main(["--datasets", "busi", "--seeds", "0", "--arms", *arms, *out]) == []
+    assert len(calls) == 3  # past the failed arm; nothing finished, so nothing tabulated
+    for argv, arm in zip(calls, arms, strict=True):
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        assert "finetune.weights=imagenet:efficientnet_lite0" in sets and "seed=0" in sets
+        assert ("search.generations=2" in sets) == (arm == "biotune_halving")
+        assert ("search.seed=0" in sets) == (arm == "biotune_halving")
+        assert "pretrain=" in sets and "pretrain.epochs=1" not in sets
+    assert "| busi | linear | 0 | not run |" in (tmp_path / "r.md").read_text(encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--datasets", "busi", "--seeds", "0", "--arms", "lora", "full", *out])
+    assert "finetune.strategy=full" not in calls[-1]
+
+
+def _record(schedule: str, stages: list[list[tuple[float, float]]]) -> Any:
+    """A finished search of one rung: per generation, each member's (fitness, epoch-eq.)."""
+    from medtl.finetune import search as bt
+
+    def row(g: int, i: int, f: float, ee: float) -> bt.Trial:
+        return bt.Trial(
+            id=2 * g + i, generation=g, idx=i, rung=0, seed=0, genome=(0.5, 0.5),
+            genome_key=f"{g}-{i}", budget_epochs=1, first_trainable=0, status="done",
+            reused=False, val_bacc=1 - f, fitness=f, trainable_fraction=1.0, cached=False,
+            epochs_trained=ee, epoch_cost=1.0, epoch_equivalents=ee, seconds=1.0, worker=None,
+            heartbeat=None, error=None,
+        )  # fmt: skip
+
+    rows = [row(g, i, f, ee) for g, ms in enumerate(stages) for i, (f, ee) in enumerate(ms)]
+    states = {t.id: "COMPLETE" for t in rows}
+    return bt.SearchRecord(schedule, 2, len(stages), 0, 3, tuple(rows), states)
+
+
+def test_finetune_compare_targets_as_worked_by_hand() -> None:
+    """Target 1 from the searches' stage curves, target 2 from mean test AUROC against full's
+    seed spread, on numbers worked out by hand."""
+    script = load_script("finetune_compare")
+    # reference: best 0.3 after 8, then 0.25 after 16 epoch-equivalents: F = 0.25, cost 16
+    ref = _record("reference", [[(0.4, 4.0), (0.3, 4.0)], [(0.25, 4.0), (0.35, 4.0)]])
+    fast = _record("halving", [[(0.2, 2.0), (0.5, 1.0)]])  # reaches 0.25 after 3: 3/16
+    slow = _record("halving", [[(0.3, 2.0), (0.5, 1.0)], [(0.25, 3.0), (0.4, 1.0)]])  # 7/16
+    never = _record("halving", [[(0.3, 1.0), (0.5, 1.0)]])
+
+    def runs(*searches: tuple[str, int, Any]) -> list[dict[str, Any]]:
+        return [{"arm": arm, "seed": seed, "search": rec} for arm, seed, rec in searches]
+
+    pairs = script.schedule_pairs(runs(("biotune_reference", 0, ref), ("biotune_halving", 0, fast)))
+    assert [(p["ref"], p["halving"], p["ratio"]) for p in pairs] == [(16.0, 3.0, 3 / 16)]
+    assert script.target1("busi", pairs) == ("- busi: search seed 0: 0.188: **met**", True)
+    pairs = script.schedule_pairs(runs(
+        ("biotune_reference", 0, ref), ("biotune_halving", 0, fast),
+        ("biotune_reference", 1, ref), ("biotune_halving", 1, slow),
+        ("biotune_reference", 2, ref), ("biotune_halving", 2, never),
+        ("biotune_reference", 3, ref),  # no halving search of seed 3: no pair
+    ))  # fmt: skip
+    assert [p["ratio"] for p in pairs] == [3 / 16, 7 / 16, None]
+    line, met = script.target1("busi", pairs)
+    assert not met and line.endswith("seed 1: 0.438, search seed 2: never: **not met**")
+    assert script.target1("busi", []) == (
+        "- busi: not measured (no search seed has both schedules finished)",
+        False,
     )
-    saved = json.loads(summary.read_text(encoding="utf-8"))
-    assert saved["search"]["trials"] == 2 and saved["epoch_equivalents"] > 0
-    assert saved["search"]["epoch_equivalents_uncached"] > 0  # the reference code's price
-    assert (summary.parent / "search" / "trials.db").is_file()
 
-    before = summary.stat().st_mtime_ns
-    script.main(argv)  # everything finished: runs are read back, the section replaced
-    assert summary.stat().st_mtime_ns == before
-    assert results.read_text(encoding="utf-8").count(script.RESULTS_MARKERS[0]) == 1
+    def scored(arm: str, *aurocs: float) -> list[dict[str, Any]]:
+        return [{"arm": arm, "metrics": {"macro_auroc": {"value": v}}} for v in aurocs]
 
-    # --report-only trains nothing: a seed never run is listed as missing, not trained
-    script.main([*argv[:2], "0", "1", *argv[3:], "--report-only"])
-    assert not (summary.parent.parent / "seed1").exists()
-    text = results.read_text(encoding="utf-8")
-    assert re.search(r"\*\*Partial: 12 of 24 runs have not been run yet\*\*", text)
-    assert "breastmnist biotune-halving seed 1" in text
-
-    # --search-seeds 0: seed 1 retrains search seed 0's genome, no second search
-    script.main([*argv[:2], "0", "1", *argv[3:], "--datasets", "breastmnist", "--strategies",
-                 "biotune-halving", "--search-seeds", "0"])  # fmt: skip
-    seed1 = summary.parent.parent / "seed1"
-    shared = json.loads((seed1 / "summary.json").read_text(encoding="utf-8"))
-    assert shared["search"]["shared_from_seed"] == 0 and not (seed1 / "search").exists()
-    assert shared["search"]["strategy_options"] == saved["search"]["strategy_options"]
-    assert shared["epoch_equivalents"] > saved["search"]["epoch_equivalents"]  # search + retrain
-    text = results.read_text(encoding="utf-8")
-    assert "| biotune-halving | 1 (genome of search 0) | " in text
+    full = scored("full", 0.80, 0.84, 0.82)  # mean 0.82, SD 0.02
+    lines, busi = script.target2(
+        "busi", full + scored("biotune_reference", 0.83, 0.85) + scored("biotune_halving", 0.81)
+    )
+    assert busi == {"biotune_reference": "better", "biotune_halving": "within"}
+    assert lines[0].endswith("vs full 0.820 ± 0.020 (SD, 3 seeds): +0.020, better")
+    assert lines[1].endswith(": -0.010, within the spread")
+    lines, bm = script.target2("bm", full + scored("biotune_halving", 0.78, 0.80))
+    assert bm == {"biotune_halving": "worse"} and lines[0] == "- bm biotune_reference: not run"
+    assert lines[1].endswith(": -0.030, worse than the spread")
+    assert script.target2("bm", scored("full", 0.8)) == (
+        ["- bm: not measured (fewer than 2 finished `full` seeds)"],
+        {},
+    )
+    # met: better on one dataset at least, worse by more than the spread on none
+    assert script.target2_verdict("biotune_reference", [busi]) == "biotune_reference: **met**"
+    assert script.target2_verdict("biotune_halving", [busi]) == "biotune_halving: **not met**"
+    assert script.target2_verdict("biotune_halving", [busi, bm]).endswith("**not met**")
+    assert script.target2_verdict("biotune_reference", [busi, bm]).endswith(
+        "not measured on every dataset"
+    )
 
 
 @pytest.mark.slow

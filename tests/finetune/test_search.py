@@ -295,6 +295,70 @@ def test_the_stage_curve_charges_each_stage_before_its_results_count() -> None:
     assert bt.cost_to_reach(curve, 0.1) is None and bt.stage_curve([pending]) == []
 
 
+def test_read_search_gives_the_schedule_the_candidates_and_the_best_so_far_curve(
+    tmp_path: Path,
+) -> None:
+    """Two generations of two members: a completed candidate, a pruned one, one looked up,
+    one still waiting; costs and fitnesses chosen so the curve can be worked out by hand."""
+    study = bt.SearchStudy(f"sqlite:///{tmp_path}/trials.db", "biotune")
+    cfg = {"schedule": "halving", "population": 2, "generations": 2, "seed": 5, "max_epochs": 3}
+    study.bind({"biotune": cfg}, 4, 2)
+    base = {
+        "seed": 0, "status": "done", "reused": False, "trainable_fraction": 0.5, "cached": False,
+        "epochs_trained": 1.0, "epoch_cost": 1.0, "seconds": 2.0, "error": None,
+    }  # fmt: skip
+
+    def row(rung: int, fitness: float, ee: float) -> dict[str, Any]:
+        budget = {"rung": rung, "budget_epochs": 1 + 2 * rung, "epoch_equivalents": ee}
+        return {**base, **budget, "fitness": fitness, "val_bacc": 1 - fitness}
+
+    def run(number: int, rows: list[dict[str, Any]], state: TrialState) -> None:
+        trial = study.claim(_waiting(study)[0], "w")
+        assert trial is not None and trial.number == number
+        for name, gene in zip(["g00_stem", "g01_head", "threshold"], [0.2, 0.8, 0.5], strict=True):
+            study.storage.set_trial_param(trial._trial_id, name, gene + number / 100, GENE)
+        trial.set_user_attr("rows", rows)
+        if state == TrialState.COMPLETE:
+            study.study.tell(trial, rows[-1]["fitness"])
+        else:
+            study.study.tell(trial, state=state)
+
+    done = [row(0, 0.4, 1.0), row(1, 0.3, 2.0)]
+    run(0, done, TrialState.COMPLETE)
+    run(1, [row(0, 0.5, 1.0)], TrialState.PRUNED)
+    looked_up = [{**r, "reused": True, "epoch_equivalents": 0.0, "seconds": 0.0} for r in done]
+    run(2, looked_up, TrialState.COMPLETE)
+
+    record = bt.read_search(tmp_path)  # the search folder, at the default storage
+    assert (record.schedule, record.population, record.generations) == ("halving", 2, 2)
+    assert (record.seed, record.max_epochs) == (5, 3) and not record.finished
+    assert record.states == {0: "COMPLETE", 1: "PRUNED", 2: "COMPLETE", 3: "WAITING"}
+    assert list(record.trials) == bt.read_trials(tmp_path / "trials.db")
+    assert (record.pruned, record.looked_up) == (1, 1)
+    assert record.epoch_equivalents == 4.0 and record.seconds == 6.0
+    # stages (0, 0): 2 spent, nothing at the top rung; (0, 1): 4, 0.3; (1, 0): 4; (1, 1): 4
+    assert record.curve == [(2.0, math.inf), (4.0, 0.3), (4.0, 0.3), (4.0, 0.3)]
+
+    run(3, [row(0, 0.2, 1.0), row(1, 0.1, 2.0)], TrialState.COMPLETE)
+    record = bt.read_search(f"sqlite:///{tmp_path}/trials.db")  # or the database's URL
+    assert record.finished and record.best_fitness == pytest.approx(0.1)
+    assert record.curve[-2:] == [(5.0, 0.3), (7.0, pytest.approx(0.1))]
+    assert record.cost_to_reach(0.3) == 4.0 and record.cost_to_reach(0.1) == 7.0
+    assert record.cost_to_reach(0.05) is None
+    assert [record.best_at(x) for x in (1.0, 4.0, 6.9, 7.0)] == pytest.approx(
+        [math.inf, 0.3, 0.3, 0.1]
+    )
+    assert bt.read_search(tmp_path / "trials.db") == record  # or its file
+
+    with pytest.raises(ConfigError, match="does not exist; run the search first"):
+        bt.read_search(tmp_path / "elsewhere")
+    bt.SearchStudy(f"sqlite:///{tmp_path}/other.db", "biotune")  # created, never bound
+    with pytest.raises(ConfigError, match="no search bound to it"):
+        bt.read_search(tmp_path / "other.db")
+    with pytest.raises(ConfigError, match="holds no study 'other'"):
+        bt.read_search(tmp_path, study="other")
+
+
 def test_a_candidate_on_cached_prefix_features_trains_as_it_does_uncached(
     dataset: tuple[Manifest, Path], tmp_path: Path
 ) -> None:
@@ -403,6 +467,10 @@ def test_asynchronous_halving_prunes_at_rungs_and_charges_what_ran(
     v = SPLITS["val"] / SPLITS["train"]  # uncached: (1 + 2 s_k) / 3 + v / 3, s_k in (0, 1]
     assert all((1 + v) / 3 < r["epoch_cost"] <= 1 + v / 3 + 1e-12 for r in rows)
     assert all(not r["cached"] for r in rows)
+    record = bt.read_search(tmp_path)
+    assert record.schedule == "halving" and record.finished and record.looked_up == 0
+    assert record.pruned == len({r["idx"] for r in rows if r["state"] == "PRUNED"}) > 0
+    assert record.best_fitness == pytest.approx(result.best_fitness)
 
 
 def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
@@ -626,3 +694,7 @@ def test_reference_schedule_retrains_everyone_and_reports_a_pareto_front(
     expected = sorted(x for x in points.values() if not dominated(*x))
     assert len(front) == len(expected) and np.allclose(front, expected)
     assert (result.best_fitness, result.best_trainable_fraction) in front
+    record = bt.read_search(tmp_path)  # the read API agrees with the search's own summary
+    assert record.schedule == "reference" and record.finished and record.pruned == 0
+    assert record.best_fitness == pytest.approx(result.best_fitness)
+    assert record.epoch_equivalents == pytest.approx(result.epoch_equivalents)

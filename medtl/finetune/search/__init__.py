@@ -37,7 +37,7 @@ The package: :mod:`~medtl.finetune.search.config` (the recipe section, presets, 
 :mod:`~medtl.finetune.search.candidate` (training one candidate),
 :mod:`~medtl.finetune.search.driver` (workers and one candidate's run) and
 :mod:`~medtl.finetune.search.results` (ranking, the best genome, ``trials.csv``,
-``search.png``).
+``search.png``, and :func:`read_search`, the read API that compares finished searches).
 
 The study lives in a SQLite file (``storage = "sqlite:///PATH"``) or a PostgreSQL database
 (``postgresql://...``) that workers on many machines share. A stopped or killed search resumes
@@ -74,6 +74,7 @@ from medtl.finetune.search.driver import (
     work,
 )
 from medtl.finetune.search.results import (
+    SearchRecord,
     SearchResult,
     Standing,
     cost_to_reach,
@@ -81,6 +82,7 @@ from medtl.finetune.search.results import (
     per_generation,
     plot_search,
     ranking,
+    read_search,
     stage_curve,
     summarise,
     write_trials_csv,
@@ -92,9 +94,12 @@ from medtl.finetune.search.study import (
     SearchStudy,
     Trial,
     connect,
+    identity,
+    load_study,
     masked,
     read_trials,
     storage_url,
+    trial_rows,
     worker_id,
 )
 
@@ -109,6 +114,7 @@ __all__ = [
     "Rung",
     "Runner",
     "Search",
+    "SearchRecord",
     "SearchResult",
     "SearchStudy",
     "SearchTask",
@@ -122,7 +128,9 @@ __all__ = [
     "gene_names",
     "generation_epochs",
     "genome_key",
+    "identity",
     "knowledge",
+    "load_study",
     "masked",
     "next_candidate",
     "open_study",
@@ -130,6 +138,7 @@ __all__ = [
     "plot_search",
     "pruner",
     "ranking",
+    "read_search",
     "read_trials",
     "retrain_best",
     "retrain_genome",
@@ -139,6 +148,7 @@ __all__ = [
     "stage_curve",
     "storage_url",
     "summarise",
+    "trial_rows",
     "work",
     "worker_id",
     "write_trials_csv",

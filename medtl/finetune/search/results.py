@@ -1,5 +1,7 @@
 """What a search found, from its study's rows: the ranking of a generation, the best genome,
-the Pareto front, the compute spent, ``trials.csv`` and ``search.png``."""
+the Pareto front, the compute spent, ``trials.csv`` and ``search.png``; and the read API for
+comparing finished searches (:func:`read_search`, :class:`SearchRecord`), so that nothing
+outside this package reads the study's storage."""
 
 from __future__ import annotations
 
@@ -21,7 +23,14 @@ from medtl.finetune import evolution as ea
 from medtl.finetune.loop import FinetuneResult
 from medtl.finetune.search.candidate import Search
 from medtl.finetune.search.config import BioTuneConfig, Rung, genome_key
-from medtl.finetune.search.study import Trial
+from medtl.finetune.search.study import (
+    SQLITE,
+    Trial,
+    identity,
+    load_study,
+    storage_url,
+    trial_rows,
+)
 from medtl.io import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = (
@@ -242,3 +251,90 @@ def plot_search(result: SearchResult, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRecord:
+    """A search as its study holds it, read-only: the schedule and budget it ran with and every
+    trial row, with the figures that compare one search with another."""
+
+    schedule: str  # "reference" or "halving"
+    population: int
+    generations: int
+    seed: int
+    max_epochs: int
+    trials: tuple[Trial, ...]  # every row, in (generation, rung, idx, seed) order
+    states: dict[int, str]  # each candidate's Optuna state, by trial number
+
+    @property
+    def finished(self) -> bool:
+        """Every planned candidate is complete, pruned or failed."""
+        done = ("COMPLETE", "PRUNED", "FAIL")
+        planned = self.population * self.generations
+        return len(self.states) >= planned and all(s in done for s in self.states.values())
+
+    @property
+    def curve(self) -> list[tuple[float, float]]:
+        """Best-so-far validation fitness against epoch-equivalents spent (:func:`stage_curve`)."""
+        return stage_curve(self.trials)
+
+    @property
+    def best_fitness(self) -> float:
+        """The lowest fitness of a member evaluated at the top rung (``inf``: none yet)."""
+        curve = self.curve
+        return curve[-1][1] if curve else math.inf
+
+    @property
+    def epoch_equivalents(self) -> float:
+        """The search's compute: every row's epoch-equivalents, cache fills included."""
+        return _total(self.trials, "epoch_equivalents")
+
+    @property
+    def seconds(self) -> float:
+        """Seconds its trials took, summed over workers (right for a resumed search too)."""
+        return _total(self.trials, "seconds")
+
+    @property
+    def looked_up(self) -> int:
+        """Candidates whose every row was looked up from an earlier generation, not trained."""
+        rows: dict[int, list[bool]] = {}
+        for t in self.trials:
+            rows.setdefault(t.id, []).append(t.reused)
+        return sum(all(r) for r in rows.values())
+
+    @property
+    def pruned(self) -> int:
+        return sum(s == "PRUNED" for s in self.states.values())
+
+    def cost_to_reach(self, fitness: float) -> float | None:
+        """Epoch-equivalents spent when the best-so-far fitness first reached ``fitness``."""
+        return cost_to_reach(self.curve, fitness)
+
+    def best_at(self, spent: float) -> float:
+        """The best-so-far fitness once ``spent`` epoch-equivalents had been spent (``inf``:
+        nothing at the top rung by then)."""
+        return min((best for x, best in self.curve if x <= spent + 1e-9), default=math.inf)
+
+
+def read_search(
+    source: str | Path, study: str = "biotune", storage: str = "sqlite:///{out}/trials.db"
+) -> SearchRecord:
+    """The search in ``source``: its folder (where ``storage``, the recipe's ``search.storage``,
+    puts the study; ``{out}`` is the folder), a SQLite file, or a database URL. Read-only; a
+    missing database or study is a :class:`~medtl.errors.ConfigError` saying to run the search."""
+    text = str(source)
+    if "://" not in text and Path(text).is_dir():
+        text = storage_url(storage, Path(text))
+    where = text[len(SQLITE) :] if text.startswith(SQLITE) else text
+    loaded = load_study(where, study)
+    cfg = identity(loaded).get("biotune")
+    if cfg is None:
+        raise ConfigError(
+            f"{where} study {study!r} has no search bound to it; run the search first"
+        )
+    rows = trial_rows(loaded)
+    states = {t.number: t.state.name for t in loaded.get_trials(deepcopy=False)}
+    return SearchRecord(
+        cfg["schedule"], int(cfg["population"]), int(cfg["generations"]), int(cfg["seed"]),
+        int(cfg["max_epochs"]), tuple(rows), states,
+    )  # fmt: skip

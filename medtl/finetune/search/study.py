@@ -211,7 +211,7 @@ class SearchStudy:
 
     def trials(self) -> list[Trial]:
         """Every row of every candidate, in (generation, rung, idx, seed) order."""
-        return _rows(self.study)
+        return trial_rows(self.study)
 
     # -- workers ------------------------------------------------------------------------------
     def claim(self, waiting: FrozenTrial, worker: str) -> optuna.Trial | None:
@@ -314,8 +314,9 @@ def _exists(storage: optuna.storages.RDBStorage, name: str) -> bool:
     return any(s.study_name == name for s in storage.get_all_studies())
 
 
-def read_trials(source: str | Path, study: str = "biotune") -> list[Trial]:
-    """Every row of the search in ``source`` (a SQLite file, or a database URL), read-only."""
+def load_study(source: str | Path, study: str = "biotune") -> optuna.Study:
+    """The study ``study`` in ``source`` (a SQLite file, or a database URL), for reading: a
+    file that does not exist is never created."""
     url = str(source)
     if "://" not in url:
         if not Path(url).is_file():
@@ -324,10 +325,24 @@ def read_trials(source: str | Path, study: str = "biotune") -> list[Trial]:
     storage = connect(url)
     if not _exists(storage, study):
         raise ConfigError(f"{masked(url)} holds no study {study!r}; run the search first")
-    return _rows(optuna.load_study(study_name=study, storage=storage))
+    return optuna.load_study(study_name=study, storage=storage)
 
 
-def _rows(study: optuna.Study) -> list[Trial]:
+def read_trials(source: str | Path, study: str = "biotune") -> list[Trial]:
+    """Every row of the search in ``source`` (a SQLite file, or a database URL), read-only."""
+    return trial_rows(load_study(source, study))
+
+
+def identity(study: optuna.Study) -> dict[str, Any]:
+    """What the search is, as its first worker recorded it (:meth:`SearchStudy.bind`): the
+    ``biotune`` config, the fine-tuning and data settings, the manifest's hash, the blocks;
+    empty for a study no worker has bound yet."""
+    text = study.user_attrs.get(IDENTITY)
+    return json.loads(text) if text else {}
+
+
+def trial_rows(study: optuna.Study) -> list[Trial]:
+    """Every row of every candidate of ``study``, in (generation, rung, idx, seed) order."""
     if "population" not in study.user_attrs:
         return []
     n = int(study.user_attrs["population"])
