@@ -65,7 +65,9 @@ class CorpusSource(BaseModel):
     manifest: str | None = Field(None, description="a manifest CSV ('medtl prepare'); needs root")
     folder: str | None = Field(None, description="a folder of image files, at any depth")
     dicom: str | None = Field(None, description="a DICOM tree (labels ignored)")
-    nifti: str | None = Field(None, description="a NIfTI tree: every non-empty axial slice")
+    nifti: str | None = Field(
+        None, description="a NIfTI tree: every non-empty slice along voxel axis 2"
+    )
     npz: str | None = Field(None, description="an .npz of <split>_images arrays (MedMNIST)")
     root: str | None = Field(None, description="manifest: the folder its paths are relative to")
     splits: list[Literal["train", "val", "test"]] | None = Field(
