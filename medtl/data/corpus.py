@@ -153,6 +153,24 @@ def list_source(index: int, source: CorpusSource) -> list[CorpusItem]:
     return items
 
 
+def check_source(index: int, source: CorpusSource) -> str:
+    """That the source's path (and a manifest's root) exists, without listing its images:
+    ``medtl check`` and the start of a run fail on a wrong path at once."""
+    path = Path(source.path).expanduser()
+    try:
+        if source.kind == "manifest":
+            rows = len(Manifest.load(path).rows)
+            check_root(str(source.root))
+            return f"pretrain.data[{index}] {source.name}: {rows} rows"
+        if source.kind == "npz" and not path.is_file():
+            raise DataError(f"{path} does not exist; name an existing .npz")
+        if source.kind != "npz":
+            check_root(path)
+    except MedtlError as exc:
+        raise DataError(f"pretrain.data[{index}] ({source.name}): {exc}") from None
+    return f"pretrain.data[{index}] {source.name}: exists"
+
+
 def _list(index: int, source: CorpusSource) -> list[CorpusItem]:
     from medtl.data.prepare import run_adapter
 

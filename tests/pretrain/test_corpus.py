@@ -255,3 +255,16 @@ def test_prepare_makes_an_unlabelled_manifest_from_a_bare_folder(tmp_path: Path)
     written = Manifest.load(out)
     assert written.classes == [] and [r.label for r in written.rows] == ["", ""]
     assert {r.split for r in written.rows} == {"train"}
+
+
+def test_medtl_check_names_a_missing_corpus_source(tmp_path: Path) -> None:
+    from medtl.recipe import load_recipe
+    from medtl.runs import check_named_files
+
+    recipe_file = Path(__file__).resolve().parents[2] / "recipes" / "busi.yaml"
+    (tmp_path / "here").mkdir()
+    ok = load_recipe(recipe_file, [f"pretrain.data=[{{folder: {tmp_path / 'here'}}}]"])
+    assert check_named_files(ok, None)[-1].endswith(": exists")
+    bad = load_recipe(recipe_file, [f"pretrain.data=[{{npz: {tmp_path / 'no.npz'}}}]"])
+    with pytest.raises(DataError, match=r"pretrain.data\[0\] \(npz:.*no.npz\): .*does not exist"):
+        check_named_files(bad, None)
