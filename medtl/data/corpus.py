@@ -171,6 +171,23 @@ def check_source(index: int, source: CorpusSource) -> str:
     return f"pretrain.data[{index}] {source.name}: exists"
 
 
+def listing_key(sources: Sequence[CorpusSource]) -> str:
+    """A hash of what the sources hold, by file name, size and modification time (a
+    manifest: its CSV file), without reading any image: the pretraining stage's key, so that
+    a file added to, changed in or removed from a source runs the stage again."""
+    digest = hashlib.sha256()
+    for source in sources:
+        path = Path(source.path).expanduser()
+        digest.update(f"{source.name}\n".encode())
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            digest.update(
+                f"{f.relative_to(path.parent)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode()
+            )
+    return digest.hexdigest()
+
+
 def _list(index: int, source: CorpusSource) -> list[CorpusItem]:
     from medtl.data.prepare import run_adapter
 

@@ -268,3 +268,14 @@ def test_medtl_check_names_a_missing_corpus_source(tmp_path: Path) -> None:
     bad = load_recipe(recipe_file, [f"pretrain.data=[{{npz: {tmp_path / 'no.npz'}}}]"])
     with pytest.raises(DataError, match=r"pretrain.data\[0\] \(npz:.*no.npz\): .*does not exist"):
         check_named_files(bad, None)
+
+
+def test_the_stage_key_follows_the_corpus_files(tmp_path: Path) -> None:
+    from medtl.data.corpus import listing_key
+
+    write_png(tmp_path / "c" / "a.png", seed=1)
+    sources = [CorpusSource(folder=str(tmp_path / "c"))]
+    key = listing_key(sources)
+    assert listing_key(sources) == key
+    write_png(tmp_path / "c" / "deep" / "b.png", seed=2)
+    assert listing_key(sources) != key
