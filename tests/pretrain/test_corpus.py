@@ -279,3 +279,21 @@ def test_the_stage_key_follows_the_corpus_files(tmp_path: Path) -> None:
     assert listing_key(sources) == key
     write_png(tmp_path / "c" / "deep" / "b.png", seed=2)
     assert listing_key(sources) != key
+
+
+def test_dicom_and_nifti_trees_are_sources(tmp_path: Path, labelled: tuple[Manifest, Path]) -> None:
+    from tests.data.test_scans import slab_volume, write_dicom, write_nifti
+
+    rng = np.random.default_rng(1)
+    write_dicom(tmp_path / "dcm" / "a" / "1.dcm", rng.integers(0, 4000, (24, 20), dtype=np.uint16))
+    write_dicom(tmp_path / "dcm" / "b" / "cine.dcm", rng.integers(0, 99, (3, 16, 16), np.uint16))
+    write_nifti(tmp_path / "nii" / "vol.nii.gz", slab_volume())
+    manifest, root = labelled
+    corpus = build_corpus(
+        [CorpusSource(dicom=str(tmp_path / "dcm")), CorpusSource(nifti=str(tmp_path / "nii"))],
+        manifest,
+        root,
+    )
+    assert [(s.found, s.used) for s in corpus.record.sources] == [(4, 4), (2, 2)]
+    ds = corpus_dataset(corpus, DataConfig(image_size=32, channels=3))
+    assert {tuple(ds[i]["image"].shape) for i in range(len(ds))} == {(3, 32, 32)}
