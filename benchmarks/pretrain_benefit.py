@@ -1,332 +1,576 @@
-"""Does entropy-guided MAE pretraining help? BUSI, convnext_atto, 128 px.
+"""Does masked pretraining that continues from ImageNet weights help? BUSI and BreastMNIST.
 
-1. Pretrain ``convnext_atto`` on the training split of the duplicate-aware BUSI manifest
-   (``data_manifests/busi.csv``) for a fixed budget, once with random and once with entropy
-   masking (same seed, same schedule).
-2. Fine-tune from each encoder and from scratch the same way (full fine-tuning, early stopping
-   on validation balanced accuracy) with several seeds.
-3. Report test macro AUROC and balanced accuracy with 95% group-bootstrap CIs per run, and the
-   mean and spread over seeds; temperature and thresholds come from validation only.
+Each arm is a dataset's recipe (``recipes/<dataset>.yaml``) with the arm's overrides, run whole
+with ``medtl run --set seed=S`` into its own run folder (a finished stage is skipped, an
+interrupted one resumed; a finished run is read back, not rerun). Every arm fine-tunes
+``efficientnet_lite0`` with ``benchmarks/transfer.py``'s ImageNet settings (full, 20 epochs,
+lr 0.001, 3 warm-up epochs, label smoothing 0.1), so the figures compare with that benchmark's:
 
-Every stage is resumable: rerunning the command skips finished runs and resumes a killed one.
+- ``imagenet``: from ``imagenet:efficientnet_lite0``, no pretraining;
+- ``imagenet_mae_entropy`` / ``imagenet_mae_random``: masked pretraining of ``efficientnet_lite0``
+  continued from ``imagenet:efficientnet_lite0`` on the train split (entropy / random masking),
+  then the same fine-tuning from that encoder;
+- ``imagenet_mae_corpus``: the same entropy pretraining on a mixed corpus (``pretrain.data``):
+  every image file under ``--corpus-root`` (default ``../shared/data``: all datasets and
+  modalities; masks and other datasets' test folders left out) and the train arrays of every
+  ``.npz`` there; the evaluated dataset's validation and test images are left out by the
+  leakage guard (its encoder card counts them), and the other copy of the evaluated dataset
+  (BUSI for BreastMNIST and the reverse) by provenance, as the guard's hashes do not find
+  28 px re-crops;
+- ``imagenet_mae_unit16``: entropy masking with a 16 px mask unit (``pretrain.mask_unit=16``);
+- ``ensemble``: the same seed's ``imagenet`` model and the MAE model with the best VALIDATION
+  macro AUROC, weighted on validation only (``medtl.ensemble``), evaluated on test.
 
-    python benchmarks/pretrain_benefit.py [--pretrain-epochs 100] [--finetune-epochs 30] [--seeds 0 1 2]
+``--ablation T:R ...`` adds entropy arms at temperature ``T`` and random share ``R``.
+Pretraining length is the recipe's (``pretrain.epochs``, 100 in both recipes); ``--set
+pretrain.epochs=N`` changes it for every pretraining arm. Reported: test macro AUROC and
+balanced accuracy with 95% CIs, validation figures, the paired entropy - random difference per
+seed (DeLong on the same test images), pretraining wall time and images/s, the mask-unit
+comparison on validation, and the issue's targets with a verdict. Tables go into
+``docs/results.md``; runs not finished are listed as "not run".
 
-``--ablation T:R ...`` instead pretrains with entropy masking at each temperature ``T`` and
-random share ``R`` (same budget), fine-tunes each the same way and writes an ablation table
-beside the main one (which it quotes for scratch, random and the default entropy setting).
+    python benchmarks/pretrain_benefit.py [--datasets busi breastmnist] [--arms imagenet ...]
+        [--seeds 0 1 2] [--set pretrain.epochs=100] [--report-only]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import fnmatch
+import importlib.util
 import json
-import os
-import platform
-import time
+import statistics
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import torch
+import numpy as np
+from sklearn.metrics import roc_auc_score
 
-from medtl.calibrate import fit_calibrator
-from medtl.data.dataset import DataConfig
-from medtl.data.manifest import Manifest
-from medtl.finetune.loop import FinetuneConfig, finetune
-from medtl.io import write_json, write_marked_section
-from medtl.metrics import evaluate_predictions
-from medtl.pretrain.loop import PretrainConfig, pretrain
-from medtl.report.tables import fmt_entry, mean_sd
+from medtl.artifacts import EncoderCard, ModelCard, file_sha256
+from medtl.cli import main as medtl
+from medtl.errors import DataError
+from medtl.io import atomic_write_text, write_json, write_marked_section
+from medtl.report.tables import fmt_entry, fmt_p, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- pretrain_benefit:start -->", "<!-- pretrain_benefit:end -->"
-ABLATION = ("<!-- pretrain_ablation:start -->", "<!-- pretrain_ablation:end -->")
+RESULTS = ("<!-- pretrain_imagenet:start -->", "<!-- pretrain_imagenet:end -->")
+METRICS = ("macro_auroc", "balanced_accuracy")
+BACKBONE = "efficientnet_lite0"
+SOURCE = "imagenet:efficientnet_lite0"
+DATA_ROOTS = {"busi": "busi", "breastmnist": "medmnist"}
+POSITIVE = {"busi": "malignant", "breastmnist": "malignant"}
+# Left out of the mixed corpus: segmentation masks (never images) and the test folders of the
+# other datasets ("every training image").
+CORPUS_EXCLUDE = ["*_mask*", "*Testing/*", "*_Test_*"]
+# Left out of the evaluated dataset's corpus by provenance: the other copy of the same images.
+# BreastMNIST is BUSI at 28 px with another crop, and the leakage guard's hashes find few of
+# those copies (of BreastMNIST's 546 train images, 8 matched the 254 validation / test images of
+# data_manifests/busi.csv, where about 178 are the same scans; docs/pretrain.md).
+SAME_ORIGIN = {"busi": ["*breastmnist*"], "breastmnist": ["busi*"]}
 
 
-def run_pretraining(
-    args: argparse.Namespace,
-    manifest: Manifest,
-    data_cfg: DataConfig,
-    masking: str,
-    out: Path,
-    setting: tuple[float, float] | None = None,
-) -> Path:
-    """Pretrain once per masking (and, for the ablation, per (temperature, random share))."""
-    temperature, random_share = setting or (args.temperature, args.random_share)
-    folder = out / f"pretrain_{label(masking, setting)}"
-    encoder = folder / "encoder.safetensors"
-    if encoder.is_file():
-        return encoder
-    cfg = PretrainConfig(
-        backbone=args.backbone,
-        masking=masking,
-        epochs=args.pretrain_epochs,
-        batch_size=32,
-        lr=args.pretrain_lr,
-        warmup_epochs=max(1, args.pretrain_epochs // 20),
-        temperature=temperature,
-        random_share=random_share,
-        picture_every=max(1, args.pretrain_epochs // 4),
+def transfer() -> ModuleType:
+    """``benchmarks/transfer.py``: its ImageNet fine-tuning settings and helpers are shared, so
+    that both benchmarks' ImageNet figures come from the same fine-tuning."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_transfer", ROOT / "benchmarks/transfer.py"
     )
-    start = time.perf_counter()
-    result = pretrain(
-        cfg, manifest, args.data_root, data_cfg, folder, seed=args.pretrain_seed, progress=False
-    )
-    print(
-        f"pretrain {label(masking, setting)}: final loss {result.meta['final_loss']:.4f} in {time.perf_counter() - start:.0f}s",
-        flush=True,
-    )
-    return result.encoder
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def run_finetune(
-    args: argparse.Namespace,
-    manifest: Manifest,
-    data_cfg: DataConfig,
-    init: str,
-    weights: Path | None,
-    seed: int,
-    out: Path,
-) -> dict[str, Any]:
-    folder = out / f"finetune_{init}_seed{seed}"
-    summary_file = folder / "summary.json"
-    if summary_file.is_file():
-        return json.loads(summary_file.read_text())
-    cfg = FinetuneConfig(
-        backbone=args.backbone,
-        strategy="full",
-        epochs=args.finetune_epochs,
-        batch_size=32,
-        lr=args.finetune_lr,
-        patience=args.patience,
-        warmup_epochs=1,
-    )
-    result = finetune(
-        cfg, manifest, args.data_root, data_cfg, folder, seed=seed, weights=weights, progress=False
-    )
-    assert result.test is not None
-    temperature = fit_calibrator("temperature", result.val.logits, result.val.labels).to_dict()[
-        "temperature"
-    ]
-    metrics = evaluate_predictions(
-        result.test, result.val, "malignant", n_boot=1000, seed=seed, calibrator=temperature
-    )
-    overall = metrics["overall"]
-    summary = {
-        "init": init,
-        "seed": seed,
-        "temperature": temperature,
-        "epochs_run": result.meta["epochs_run"],
-        "best_epoch": result.meta["best_epoch"],
-        "val_bacc": result.meta["val_bacc"],
-        "seconds": result.meta["seconds"],
-        "n_test": metrics["n"],
-        "macro_auroc": overall["macro_auroc"],
-        "balanced_accuracy": overall["balanced_accuracy"],
-        "ece_after": metrics["calibration"]["after"]["ece"]
-        if "after" in metrics["calibration"]
-        else None,
+TRANSFER = transfer()
+FINETUNE = [
+    *[o for o in TRANSFER.IMAGENET if o != "pretrain="],
+    f"finetune.backbone={BACKBONE}",
+]
+CONTINUED = [f"pretrain.backbone={BACKBONE}", f"pretrain.weights={SOURCE}", *FINETUNE]
+CONTINUED.append("finetune.weights=pretrain")
+
+
+def arms(ablation: Sequence[str]) -> dict[str, list[str]]:
+    """Arm name -> its overrides (``pretrain=`` removes the section); the corpus arm's
+    ``pretrain.data`` is added per dataset (:func:`corpus_overrides`)."""
+    out = {
+        "imagenet": ["pretrain=", *FINETUNE, f"finetune.weights={SOURCE}"],
+        "imagenet_mae_entropy": [*CONTINUED, "pretrain.masking=entropy"],
+        "imagenet_mae_random": [*CONTINUED, "pretrain.masking=random"],
+        "imagenet_mae_corpus": [*CONTINUED, "pretrain.masking=entropy"],
+        "imagenet_mae_unit16": [*CONTINUED, "pretrain.masking=entropy", "pretrain.mask_unit=16"],
     }
-    write_json(summary_file, summary)
-    print(
-        f"finetune {init} seed {seed}: test macro AUROC {fmt_entry(summary['macro_auroc'])}, "
-        f"balanced accuracy {fmt_entry(summary['balanced_accuracy'])} ({summary['seconds']:.0f}s)",
-        flush=True,
-    )
+    for setting in ablation:
+        t, _, r = setting.partition(":")
+        out[f"imagenet_mae_entropy_T{t}_R{r}"] = [
+            *CONTINUED, "pretrain.masking=entropy", f"pretrain.temperature={t}",
+            f"pretrain.random_share={r}",
+        ]  # fmt: skip
+    return out
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add = parser.add_argument
+    add("--datasets", nargs="+", default=list(DATA_ROOTS), choices=list(DATA_ROOTS))
+    add("--arms", nargs="+", default=None, help="default: every arm and the ensemble")
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add("--ablation", nargs="*", default=[], metavar="T:R", help="extra entropy arms")
+    add("--data-root", action="append", default=[], help="DATASET=FOLDER (default ../shared/data)")
+    add("--manifest", action="append", default=[], help="DATASET=CSV (default: the recipe's)")
+    add("--corpus-root", type=Path, default=ROOT.parent / "shared/data")
+    add("--device", default="auto", help="passed to medtl run (auto: CUDA when present)")
+    add("--work", type=Path, default=ROOT / "benchmarks/out/pretrain_benefit")
+    add("--out-results", type=Path, default=ROOT / "docs/results.md")
+    add("--set", dest="overrides", action="append", default=[], help="override for every arm")
+    add("--report-only", action="store_true", help="run nothing: tabulate the finished runs")
+    args = parser.parse_args(argv)
+    known = [*arms(args.ablation), "ensemble"]
+    args.arms = args.arms or known
+    unknown = [a for a in args.arms if a not in known]
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return args
+
+
+def given(pairs: list[str], dataset: str) -> str | None:
+    return dict(text.partition("=")[::2] for text in pairs).get(dataset) or None
+
+
+def data_root(args: argparse.Namespace, dataset: str) -> Path:
+    return Path(given(args.data_root, dataset) or ROOT.parent / "shared/data" / DATA_ROOTS[dataset])
+
+
+def corpus_overrides(args: argparse.Namespace, dataset: str) -> list[str]:
+    """``pretrain.data``: every image file under the corpus root and every ``.npz``'s train
+    arrays there, with weight 1 (each image as likely as any other), less the other copies of
+    the evaluated dataset's images (:data:`SAME_ORIGIN`)."""
+    root = args.corpus_root.resolve()
+    origin = SAME_ORIGIN.get(dataset, [])
+    sources: list[dict[str, Any]] = [{"folder": str(root), "exclude": CORPUS_EXCLUDE + origin}]
+    sources += [
+        {"npz": str(p), "splits": ["train"]}
+        for p in sorted(root.rglob("*.npz"))
+        if not any(fnmatch.fnmatch(p.relative_to(root).as_posix(), o) for o in origin)
+    ]
+    return [f"pretrain.data={json.dumps(sources)}"]
+
+
+def arm_overrides(args: argparse.Namespace, dataset: str, arm: str) -> list[str]:
+    """The arm's overrides, then the user's (less those into a section the arm removes),
+    then the dataset's manifest when one is given."""
+    own = arms(args.ablation)[arm]
+    removed = [o.removesuffix("=") for o in own if o.endswith("=") and "." not in o]
+    kept = [o for o in args.overrides if not any(o.startswith(f"{r}.") for r in removed)]
+    manifest = given(args.manifest, dataset)
+    extra = [f"data.manifest={Path(manifest).resolve()}"] if manifest else []
+    corpus = corpus_overrides(args, dataset) if arm == "imagenet_mae_corpus" else []
+    return [*own, *corpus, *kept, *extra]
+
+
+def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> Path:
+    return args.work / dataset / arm / f"seed{seed}"
+
+
+def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict[str, Any] | None:
+    """Run (or resume) one arm and seed; its figures, or None when it has not finished."""
+    out = run_folder(args, dataset, arm, seed)
+    result = out / "result.json"
+    if not result.is_file() and not args.report_only:
+        sets = [f"seed={seed}", *arm_overrides(args, dataset, arm)]
+        argv = ["-q", "run", str(ROOT / "recipes" / f"{dataset}.yaml"), "--out", str(out)]
+        argv += ["--data-root", str(data_root(args, dataset)), "--device", args.device]
+        code = medtl([*argv, *[x for o in sets for x in ("--set", o)]])
+        if code != 0:
+            print(f"{dataset} {arm} seed {seed}: medtl run exited with {code}", file=sys.stderr)
+        elif (summary := summarise(out, arm, seed)) is not None:
+            write_json(result, summary)
+    return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+
+
+def summarise(out: Path, arm: str, seed: int) -> dict[str, Any] | None:
+    """A finished run's figures, read from its evaluation, model card and encoder card."""
+    from medtl.pipeline import model_dir
+
+    evaluation = out / "evaluate" / "evaluation.json"
+    if not evaluation.is_file():
+        return None
+    folder = model_dir(out)
+    entry = next(
+        e for e in json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
+        if e["status"] == "ok" and Path(e["model_dir"]) == folder
+    )  # fmt: skip
+    card = ModelCard.load(folder / "meta.json")
+    summary: dict[str, Any] = {
+        "arm": arm, "seed": seed, "metrics": entry["metrics"]["overall"],
+        "val_bacc": card.val_bacc, "val_auroc": TRANSFER.val_auroc(folder),
+        "model_dir": str(folder), "best_epoch": card.best_epoch, "epochs_run": card.epochs_run,
+    }  # fmt: skip
+    meta = out / "pretrain" / "meta.json"
+    if meta.is_file():
+        enc = EncoderCard.load(meta)
+        summary["pretrain"] = {
+            "seconds": enc.seconds, "epochs": enc.epochs_run, "images": enc.train_images,
+            "images_per_s": enc.epochs_run * enc.train_images / max(enc.seconds, 1e-9),
+            "final_loss": enc.final_loss,
+            "corpus": enc.corpus.model_dump() if enc.corpus else None,
+        }  # fmt: skip
     return summary
 
 
-def label(masking: str, setting: tuple[float, float] | None) -> str:
-    """``entropy`` or, for an ablation setting, ``entropy_T0.5_R0.25``."""
-    return masking if setting is None else f"{masking}_T{setting[0]:g}_R{setting[1]:g}"
+def best_mae(runs: dict[str, dict[str, Any]]) -> str | None:
+    """The MAE arm with the best validation macro AUROC (then balanced accuracy)."""
+    candidates = [a for a in runs if a.startswith("imagenet_mae")]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda a: (runs[a]["val_auroc"] or 0.0, runs[a]["val_bacc"]))
 
 
-def parse_setting(text: str) -> tuple[float, float]:
-    temperature, sep, share = text.partition(":")
+def ensemble_run(
+    args: argparse.Namespace, dataset: str, seed: int, runs: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """``imagenet`` and the best MAE model of one seed, weighted on validation, on test."""
+    from medtl.ensemble import EnsembleConfig, choose_ensemble
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+
+    mae = best_mae(runs)
+    if "imagenet" not in runs or mae is None:
+        return None
+    pair = ("imagenet", mae)
+    out = run_folder(args, dataset, "ensemble", seed)
+    members = [ModelSpec(Path(runs[arm]["model_dir"]), arm) for arm in pair]
+    stamp = out / "MEMBERS"  # the member cards the saved evaluation combined
+    key = " ".join(file_sha256(m.folder / "meta.json") for m in members)
+    evaluation = out / "evaluation.json"
+
+    def current() -> bool:
+        return evaluation.is_file() and stamp.is_file() and stamp.read_text().strip() == key
+
+    if not args.report_only and not current():
+        card = choose_ensemble(EnsembleConfig(members=list(pair)), members)
+        out.mkdir(parents=True, exist_ok=True)
+        card.save(out / "ensemble.json")
+        run = run_folder(args, dataset, "imagenet", seed)
+        manifest = TRANSFER.manifest_of(run)
+        data = DataSpec(manifest, data_root(args, dataset), dataset)
+        cfg = EvaluateConfig.model_validate(TRANSFER.evaluate_section(run))
+        evaluate(members, [data], out, cfg, seed=seed, progress=False, chosen=card)
+        atomic_write_text(stamp, key + "\n")
+    if not current():
+        return None
+    entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
+    chosen = next(e for e in entries if e["model"].startswith("ensemble(") and e["status"] == "ok")
+    meta = chosen["model_meta"]
+    return {
+        "arm": "ensemble", "seed": seed, "metrics": chosen["metrics"]["overall"],
+        "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
+    }  # fmt: skip
+
+
+# -- the paired comparison ------------------------------------------------------------------
+def scores_of(run: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Row ids, labels and calibrated probabilities ``[N, K]`` of a run's test split."""
+    from medtl.predictions import Predictions
+
+    folder = Path(run["model_dir"])
+    card = ModelCard.load(folder / "meta.json")
+    test = Predictions.load(folder / "predictions_test.csv")
+    return test.ids, test.labels, test.probs(card.calibrator), test.classes
+
+
+def paired(dataset: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Test macro AUROC of ``a`` - ``b`` on the same images, and DeLong's paired test of the
+    positive class against the rest (for BreastMNIST, two classes, that is the AUROC)."""
+    from medtl.metrics import delong_test
+
+    ids_a, y, pa, classes = scores_of(a)
+    ids_b, y_b, pb, _ = scores_of(b)
+    if ids_a != ids_b or not np.array_equal(y, y_b):
+        raise ValueError(f"{dataset}: the two runs were tested on different images")
+
+    def macro(p: np.ndarray) -> float:
+        if p.shape[1] == 2:
+            return float(roc_auc_score(y, p[:, 1]))
+        return float(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+
+    k = classes.index(POSITIVE[dataset])
     try:
-        setting = float(temperature), float(share)
-    except ValueError:
-        setting = (-1.0, -1.0)
-    if not sep or setting[0] <= 0 or not 0 <= setting[1] <= 1:
-        raise SystemExit(f"--ablation {text!r}: use TEMPERATURE:RANDOM_SHARE, e.g. 0.5:0.25")
-    return setting
+        test = delong_test((y == k).astype(int), pa[:, k], pb[:, k])
+    except DataError:  # under 2 positive or negative test images: no DeLong
+        nan = float("nan")
+        test = {"difference": nan, "ci_low": nan, "ci_high": nan, "p_value": nan}
+    return {"macro_difference": macro(pa) - macro(pb), "delong": test}
 
 
-def report(
-    args: argparse.Namespace,
-    runs: list[dict[str, Any]],
-    pre_seconds: dict[str, float],
-    manifest: Manifest,
+# -- tables -----------------------------------------------------------------------------------
+def results_section(
+    args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]], command: str
 ) -> str:
-    rows, summary = [], []
-    for r in runs:
-        rows.append(
-            f"| {r['init']} | {r['seed']} | {fmt_entry(r['macro_auroc'])} | {fmt_entry(r['balanced_accuracy'])} | "
-            f"{r['val_bacc']:.3f} | {r['best_epoch']}/{r['epochs_run']} | {r['seconds']:.0f} |"
-        )
-    for init in ("scratch", "random", "entropy"):
-        mine = [r for r in runs if r["init"] == init]
-        if mine:
-            summary.append(
-                f"| {init} | {len(mine)} | {mean_sd([r['macro_auroc']['value'] for r in mine])} | "
-                f"{mean_sd([r['balanced_accuracy']['value'] for r in mine])} |"
-            )
-    counts = manifest.counts()
-    cmd = (
-        f"python benchmarks/pretrain_benefit.py --pretrain-epochs {args.pretrain_epochs} --finetune-epochs "
-        f"{args.finetune_epochs} --seeds {' '.join(map(str, args.seeds))}"
+    names = [a for a in args.arms if a != "ensemble"] + (
+        ["ensemble"] if "ensemble" in args.arms else []
     )
-    pre = ", ".join(f"{k} {v / 60:.0f} min" for k, v in pre_seconds.items())
-    return "\n".join(
-        [
-            START,
-            "## Does entropy-guided MAE pretraining help? (`benchmarks/pretrain_benefit.py`)",
-            "",
-            f"BUSI (Al-Dhabyani et al. 2020), manifest `data_manifests/busi.csv` (duplicate-aware seeded split: "
-            f"train {sum(counts['train'].values())}, val {sum(counts['val'].values())}, test {sum(counts['test'].values())}; "
-            f"3 classes). `{args.backbone}` at {args.image_size} px, RGB. Pretraining: {args.pretrain_epochs} epochs on the "
-            f"train split only, batch 32, lr {args.pretrain_lr}, mask ratio 0.6, entropy masking with temperature "
-            f"{args.temperature} and random share {args.random_share}; wall time {pre}. Fine-tuning: full, up to "
-            f"{args.finetune_epochs} epochs, lr {args.finetune_lr}, light augmentation, early stopping on validation "
-            f"balanced accuracy (patience {args.patience}). Test figures: macro AUROC (one-vs-rest) and balanced accuracy "
-            "on the **test split**, with 95% CIs from 1000 group-bootstrap resamples (duplicate clusters resampled "
-            "whole); temperature fitted on validation.",
-            "",
-            "| init | seed | test macro AUROC [95% CI] | test balanced accuracy [95% CI] | val bal. acc. | best/run epochs | s |",
-            "|---|---:|---|---|---:|---:|---:|",
-            *rows,
-            "",
-            "Over seeds (mean ± SD of the point estimates; the seed spread, not a CI):",
-            "",
-            "| init | seeds | test macro AUROC | test balanced accuracy |",
-            "|---|---:|---|---|",
-            *summary,
-            "",
-            f"- command: `{cmd}`",
-            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs ({platform.machine()}), "
-            f"torch {torch.__version__}",
-            END,
-        ]
-    )
-
-
-def run_ablation(args: argparse.Namespace, manifest: Manifest, data_cfg: DataConfig) -> None:
-    """Entropy masking at other temperatures and random shares, beside the main runs."""
-    rows = []
-    main_settings: dict[str, tuple[float, float] | None] = {
-        "scratch": None,
-        "random": None,
-        "entropy": (args.temperature, args.random_share),
-    }
-    for init, setting in main_settings.items():  # the main runs, where they exist
-        files = [args.work / f"finetune_{init}_seed{s}" / "summary.json" for s in args.seeds]
-        runs = [json.loads(f.read_text()) for f in files if f.is_file()]
-        loss = _final_loss(args.work / f"pretrain_{init}" / "meta.json")
-        rows.append(ablation_row(init, setting, loss, runs))
-    for setting in args.ablation:
-        encoder = run_pretraining(args, manifest, data_cfg, "entropy", args.work, setting)
-        name = label("entropy", setting)
-        runs = [
-            run_finetune(args, manifest, data_cfg, name, encoder, seed, args.work)
-            for seed in args.seeds
-        ]
-        loss = _final_loss(args.work / f"pretrain_{name}" / "meta.json")
-        rows.append(ablation_row("entropy", setting, loss, runs))
-    settings = " ".join(f"{t:g}:{r:g}" for t, r in args.ablation)
-    section = "\n".join(
-        [
-            ABLATION[0],
-            "### Ablation: entropy masking's temperature and random share",
-            "",
-            f"Same data, split, budget ({args.pretrain_epochs} pretraining epochs) and fine-tuning as "
-            "above; only the entropy masking's temperature (lower: the draw follows entropy more "
-            "closely) and random share (the part of the mask drawn uniformly) change. Test figures on "
-            "the **test split**; mean ± SD of the point estimates over seeds, and each seed's macro "
-            "AUROC with its 95% group-bootstrap CI. The pretraining loss is not comparable across "
-            "maskings (each masks different patches).",
-            "",
-            "| init | temperature | random share | final MAE loss | seeds | test macro AUROC | "
-            "test balanced accuracy | per seed: test macro AUROC [95% CI] |",
-            "|---|---:|---:|---:|---:|---|---|---|",
-            *rows,
-            "",
-            f"- command: `python benchmarks/pretrain_benefit.py --pretrain-epochs {args.pretrain_epochs} "
-            f"--finetune-epochs {args.finetune_epochs} --seeds {' '.join(map(str, args.seeds))} "
-            f"--ablation {settings}`",
-            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs "
-            f"({platform.machine()}), torch {torch.__version__}",
-            ABLATION[1],
-        ]
-    )
-    print(section)
-    write_marked_section(args.out, section, *ABLATION, "Results")
-
-
-def _final_loss(meta: Path) -> float | None:
-    return json.loads(meta.read_text())["final_loss"] if meta.is_file() else None
-
-
-def ablation_row(
-    init: str, setting: tuple[float, float] | None, loss: float | None, runs: list[dict[str, Any]]
-) -> str:
-    t, r = (f"{setting[0]:g}", f"{setting[1]:g}") if setting else ("–", "–")
-    auroc = mean_sd([x["macro_auroc"]["value"] for x in runs]) if runs else "not run"
-    bacc = mean_sd([x["balanced_accuracy"]["value"] for x in runs]) if runs else "not run"
-    per_seed = "; ".join(f"{x['seed']}: {fmt_entry(x['macro_auroc'])}" for x in runs)
-    shown = f"{loss:.4f}" if loss is not None else "–"
-    return f"| {init} | {t} | {r} | {shown} | {len(runs)} | {auroc} | {bacc} | {per_seed} |"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "busi")
-    parser.add_argument("--manifest", type=Path, default=ROOT / "data_manifests" / "busi.csv")
-    parser.add_argument("--backbone", default="convnext_atto")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--pretrain-epochs", type=int, default=100)
-    parser.add_argument("--pretrain-lr", type=float, default=1.5e-3)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--random-share", type=float, default=0.0)
-    parser.add_argument("--pretrain-seed", type=int, default=0)
-    parser.add_argument("--finetune-epochs", type=int, default=30)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--patience", type=int, default=8)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--inits", nargs="+", default=["scratch", "random", "entropy"])
-    parser.add_argument(
-        "--work", type=Path, default=ROOT / "benchmarks" / "out" / "pretrain_benefit"
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
-    parser.add_argument(
-        "--ablation",
-        nargs="+",
-        type=parse_setting,
-        default=None,
-        metavar="T:R",
-        help="entropy masking at these temperature:random-share settings instead",
-    )
-    args = parser.parse_args()
-    manifest = Manifest.load(args.manifest)
-    data_cfg = DataConfig(image_size=args.image_size, channels=3, cache="memory", batch_size=32)
-    if args.ablation:
-        run_ablation(args, manifest, data_cfg)
-        return
-    encoders: dict[str, Path | None] = {"scratch": None}
-    pre_seconds: dict[str, float] = {}
-    for masking in ("random", "entropy"):
-        if masking in args.inits:
-            encoders[masking] = run_pretraining(args, manifest, data_cfg, masking, args.work)
-            meta = json.loads((args.work / f"pretrain_{masking}" / "meta.json").read_text())
-            pre_seconds[masking] = meta["seconds"]
-    runs = [
-        run_finetune(args, manifest, data_cfg, init, encoders[init], seed, args.work)
-        for seed in args.seeds
-        for init in args.inits
+    lines = [
+        RESULTS[0],
+        "## Masked pretraining continued from ImageNet (`benchmarks/pretrain_benefit.py`)",
+        "",
+        f"`{BACKBONE}` fine-tuned with `benchmarks/transfer.py`'s ImageNet settings from "
+        f"`{SOURCE}` (arm `imagenet`) or from an encoder whose masked pretraining continued "
+        "from it (the `imagenet_mae_*` arms; BUSI 128 px RGB, BreastMNIST 64 px grey, the "
+        "recipes' loaders). Temperature fitted on validation; **test split** figures with 95% "
+        "group-bootstrap CIs; validation macro AUROC (calibrated) and balanced accuracy beside "
+        "them. The ensemble weighs the same seed's `imagenet` model and its best-on-validation "
+        "MAE model on validation log-loss.",
+        "",
+        "| dataset | arm | seed | test macro AUROC [95% CI] | test balanced accuracy [95% CI] | val macro AUROC | val bal. acc. | pretrain s | pretrain img/s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
-    section = report(args, runs, pre_seconds, manifest)
-    print(section)
-    write_marked_section(args.out, section, START, END, "Results")
+    missing = []
+    for dataset in args.datasets:
+        for arm in names:
+            for seed in args.seeds:
+                r = results.get(dataset, {}).get(seed, {}).get(arm)
+                if r is None:
+                    missing.append(f"{dataset} {arm} seed {seed}")
+                    lines.append(f"| {dataset} | {arm} | {seed} | not run | not run | | | | |")
+                    continue
+                cells = [fmt_entry(r["metrics"][k]) for k in METRICS]
+                if arm == "ensemble":
+                    weights = ", ".join(f"{k} {v:.2f}" for k, v in r["weights"].items())
+                    cells += [f"weights: {weights}", "", "", ""]
+                else:
+                    pre = r.get("pretrain")
+                    cells += [
+                        "–" if r["val_auroc"] is None else f"{r['val_auroc']:.3f}",
+                        f"{r['val_bacc']:.3f}",
+                        f"{pre['seconds']:.0f}" if pre else "–",
+                        f"{pre['images_per_s']:.0f}" if pre else "–",
+                    ]
+                lines.append(f"| {dataset} | {arm} | {seed} | {' | '.join(cells)} |")
+    lines += ["", *mean_table(args, results, names), "", *paired_table(args, results)]
+    lines += ["", *unit_table(args, results), "", *corpus_table(args, results)]
+    lines += ["", *verdicts(args, results)]
+    if missing:
+        lines += ["", f"**Partial: {len(missing)} run(s) not run yet:** {'; '.join(missing)}."]
+    lines += ["", f"- command: `{command}`", *TRANSFER.machine(), RESULTS[1]]
+    return "\n".join(lines)
+
+
+def per_arm(
+    results: dict[str, dict[int, dict[str, Any]]], dataset: str, arm: str
+) -> list[dict[str, Any]]:
+    return [runs[arm] for runs in results.get(dataset, {}).values() if arm in runs]
+
+
+def mean_table(
+    args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]], names: list[str]
+) -> list[str]:
+    lines = [
+        "Over seeds (mean ± SD of the point estimates: the seed spread, not a CI):",
+        "",
+        "| dataset | arm | seeds | test macro AUROC | test balanced accuracy | val macro AUROC |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for dataset in args.datasets:
+        for arm in names:
+            mine = per_arm(results, dataset, arm)
+            cols = [
+                mean_sd([r["metrics"][k]["value"] for r in mine], missing="not run")
+                for k in METRICS
+            ]
+            cols.append(mean_sd([r.get("val_auroc") for r in mine], missing="–"))
+            lines.append(f"| {dataset} | {arm} | {len(mine)} | {' | '.join(cols)} |")
+    return lines
+
+
+def paired_table(
+    args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]
+) -> list[str]:
+    lines = [
+        "Entropy - random masking, paired on the same test images per seed (macro AUROC "
+        "difference; DeLong's test of the malignant-vs-rest AUROC, the difference with its 95% CI "
+        "and p-value):",
+        "",
+        "| dataset | seed | macro AUROC entropy - random | malignant AUROC difference [95% CI] | p |",
+        "|---|---|---:|---|---:|",
+    ]
+    for dataset in args.datasets:
+        diffs = []
+        for seed in args.seeds:
+            runs = results.get(dataset, {}).get(seed, {})
+            if "imagenet_mae_entropy" not in runs or "imagenet_mae_random" not in runs:
+                lines.append(f"| {dataset} | {seed} | not run | not run | |")
+                continue
+            p = paired(dataset, runs["imagenet_mae_entropy"], runs["imagenet_mae_random"])
+            d = p["delong"]
+            diffs.append(p["macro_difference"])
+            lines.append(
+                f"| {dataset} | {seed} | {p['macro_difference']:+.3f} | {d['difference']:+.3f} "
+                f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | {fmt_p(d['p_value'])} |"
+            )
+        lines.append(f"| {dataset} | mean ± SD | {mean_sd(diffs, missing='not run')} | | |")
+    return lines
+
+
+def unit_table(
+    args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]
+) -> list[str]:
+    """Item 4: entropy masking at the default mask unit (the network stride, 32 px) against
+    16 px, on VALIDATION only: the default is chosen from this table."""
+    lines = [
+        "Mask unit, chosen on **validation** (mean over seeds): entropy masking at the network "
+        "stride (32 px, the default) against a 16 px unit:",
+        "",
+        "| dataset | unit | seeds | val macro AUROC | val balanced accuracy |",
+        "|---|---|---:|---|---|",
+    ]
+    for dataset in args.datasets:
+        means = {}
+        for unit, arm in (("32 (default)", "imagenet_mae_entropy"), ("16", "imagenet_mae_unit16")):
+            mine = per_arm(results, dataset, arm)
+            aucs = [r.get("val_auroc") for r in mine]
+            means[unit] = (
+                statistics.fmean([a for a in aucs if a is not None]) if any(aucs) else None
+            )
+            lines.append(
+                f"| {dataset} | {unit} | {len(mine)} | {mean_sd(aucs, missing='not run')} | "
+                f"{mean_sd([r['val_bacc'] for r in mine], missing='not run')} |"
+            )
+        if all(v is not None for v in means.values()):
+            better = max(means, key=lambda u: means[u] or 0.0)
+            lines.append(f"| {dataset} | validation prefers | | **{better}** | |")
+    return lines
+
+
+def corpus_table(
+    args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]
+) -> list[str]:
+    """The mixed corpus of each dataset (seed 0's card): what the leakage guard left out."""
+    lines = [
+        "Mixed corpus (`imagenet_mae_corpus`, from its encoder card): images per source and "
+        "what the leakage guard left out as copies of the evaluated dataset's validation / test "
+        "images:",
+        "",
+        "| dataset | source | found | used | exact copies | near duplicates | unreadable |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for dataset in args.datasets:
+        runs = per_arm(results, dataset, "imagenet_mae_corpus")
+        corpus = (runs[0].get("pretrain") or {}).get("corpus") if runs else None
+        if not corpus:
+            lines.append(f"| {dataset} | not run | | | | | |")
+            continue
+        root = str(args.corpus_root.resolve())
+        for s in corpus["sources"]:
+            name = s["name"].replace(root, "<corpus root>")
+            lines.append(
+                f"| {dataset} | `{name}` | {s['found']} | {s['used']} | {s['excluded_exact']} | "
+                f"{s['excluded_near']} | {s['unreadable']} |"
+            )
+    return lines
+
+
+def verdicts(args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The issue's targets, judged on what finished."""
+    lines = ["Targets (the issue's), judged on the runs above:", ""]
+    for dataset in args.datasets:
+        base = [r["metrics"]["macro_auroc"]["value"] for r in per_arm(results, dataset, "imagenet")]
+        for arm in ("imagenet_mae_entropy", "imagenet_mae_corpus"):
+            mine = [r["metrics"]["macro_auroc"]["value"] for r in per_arm(results, dataset, arm)]
+            if not base or not mine:
+                lines.append(
+                    f"- {dataset} {arm} >= imagenet + 0.01 mean test macro AUROC: **not run**"
+                )
+                continue
+            gain = statistics.fmean(mine) - statistics.fmean(base)
+            verdict = "met" if gain >= 0.01 else "not met"
+            lines.append(
+                f"- {dataset} {arm} >= imagenet + 0.01 mean test macro AUROC: {gain:+.3f} "
+                f"({len(mine)} vs {len(base)} seeds): **{verdict}**"
+            )
+        pairs = [
+            paired(dataset, runs["imagenet_mae_entropy"], runs["imagenet_mae_random"])
+            for runs in results.get(dataset, {}).values()
+            if "imagenet_mae_entropy" in runs and "imagenet_mae_random" in runs
+        ]
+        if not pairs:
+            lines.append(f"- {dataset} entropy beats random masking (paired): **not run**")
+            continue
+        wins = sum(p["macro_difference"] > 0 for p in pairs)
+        significant = sum(
+            p["delong"]["p_value"] < 0.05 and p["delong"]["difference"] > 0 for p in pairs
+        )
+        mean = statistics.fmean(p["macro_difference"] for p in pairs)
+        verdict = "met" if mean > 0 and wins > len(pairs) / 2 else "not met"
+        lines.append(
+            f"- {dataset} entropy beats random masking (paired): mean macro AUROC difference "
+            f"{mean:+.3f}, ahead on {wins} of {len(pairs)} seeds, DeLong p < 0.05 in favour on "
+            f"{significant}: **{verdict}**"
+            + (
+                ""
+                if verdict == "met"
+                else " (run `--ablation 0.5:0 2:0 1:0.25` for the temperature / random-share ablation)"
+            )
+        )
+    lines.append(
+        "- the masked BN-CNN step's cost (<= 1.3x a supervised step) is measured by "
+        "`benchmarks/pretrain_throughput.py` ([performance.md](performance.md)), not here"
+    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, dict[str, Any]]]:
+    """Run this process's slice (``--datasets`` x ``--seeds`` x ``--arms``), then tabulate
+    every finished run of every dataset, arm and seed, so that slices run in parallel and a
+    last ``--report-only`` all write the same complete tables."""
+    args = parse_args(argv)
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            for arm in (a for a in args.arms if a != "ensemble"):
+                one_run(args, dataset, arm, seed)
+            if "ensemble" in args.arms:
+                ensemble_run(args, dataset, seed, finished(args, dataset, seed))
+    report = argparse.Namespace(**vars(args))
+    report.datasets, report.arms = list(DATA_ROOTS), [*arms(args.ablation), "ensemble"]
+    report.seeds = sorted({*args.seeds, *seeds_on_disk(args)})
+    report.report_only = True
+    results = {
+        dataset: {seed: finished(report, dataset, seed, ensemble=True) for seed in report.seeds}
+        for dataset in report.datasets
+    }
+    command = "python benchmarks/pretrain_benefit.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    text = results_section(report, results, command.strip())
+    print(text)
+    write_marked_section(args.out_results, text, *RESULTS, "Results")
+    return results
+
+
+def finished(
+    args: argparse.Namespace, dataset: str, seed: int, ensemble: bool = False
+) -> dict[str, dict[str, Any]]:
+    """The finished runs of one dataset and seed (read back, nothing run)."""
+    quiet = argparse.Namespace(**{**vars(args), "report_only": True})
+    runs = {
+        arm: run
+        for arm in arms(args.ablation)
+        if (run := one_run(quiet, dataset, arm, seed)) is not None
+    }
+    if ensemble and (ens := ensemble_run(quiet, dataset, seed, runs)) is not None:
+        runs["ensemble"] = ens
+    return runs
+
+
+def seeds_on_disk(args: argparse.Namespace) -> set[int]:
+    return {
+        int(p.name.removeprefix("seed"))
+        for p in args.work.glob("*/*/seed*")
+        if p.name.removeprefix("seed").isdigit()
+    }
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ a ``KeyError`` three stages later. Today:
 
 - :class:`ModelCard` (``finetune/meta.json``): what a fine-tuned model is, written by fine-tuning,
   given its calibrator and thresholds by calibration, read by evaluation and the report.
-- :class:`EncoderCard` (``pretrain/meta.json``): what an MAE pretraining run produced.
+- :class:`EncoderCard` (``pretrain/meta.json``): what an MAE pretraining run produced, with
+  its corpus (:class:`CorpusRecord`) when ``pretrain.data`` names one.
 
 Evaluation entries (``evaluation.json``) are not typed yet. Model cards written before the
 schema was versioned (no ``schema_version``) are read and upgraded in memory: their scalar
@@ -45,7 +46,7 @@ from medtl.errors import ConfigError, MedtlError
 from medtl.io import write_json
 
 MODEL_CARD_VERSION = 1
-ENCODER_CARD_VERSION = 1
+ENCODER_CARD_VERSION = 2  # 2: the pretraining corpus (``corpus``)
 EVALUATION_ENTRY_VERSION = 1
 
 
@@ -292,6 +293,38 @@ def _without_derived_temperature(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the pretraining result ------------------------------------------------------------------
+class CorpusSourceRecord(BaseModel):
+    """One source of a pretraining corpus (``pretrain.data``) and what the leakage guard did."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="'<kind>:<path>' as the recipe gave it")
+    kind: str = Field(description="manifest, folder, dicom, nifti or npz")
+    weight: float = Field(gt=0, description="per-image sampling weight")
+    found: int = Field(ge=0, description="images the source lists")
+    unreadable: int = Field(0, ge=0, description="left out: could not be read")
+    excluded_exact: int = Field(
+        0, ge=0, description="left out: same file or pixel sha256 as a validation / test image"
+    )
+    excluded_near: int = Field(
+        0, ge=0, description="left out: a near duplicate (difference or DCT hash) of one"
+    )
+    used: int = Field(ge=0, description="images pretraining draws from")
+    share: float = Field(ge=0, le=1, description="expected share of each epoch's draws")
+
+
+class CorpusRecord(BaseModel):
+    """The pretraining corpus: its sources and the leakage guard's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[CorpusSourceRecord]
+    guard_images: int = Field(ge=0, description="validation and test images checked against")
+    near_duplicate_bits: int = Field(description="difference-hash threshold (bits of 256)")
+    near_duplicate_phash_bits: int = Field(description="DCT-hash threshold (bits of 256)")
+    sha256: str = Field(description="hash of the list of images used (source, path, locator)")
+
+
 class EncoderCard(UnversionedIsCurrent):
     """An MAE-pretrained encoder (``meta.json`` beside ``encoder.safetensors``)."""
 
@@ -315,6 +348,9 @@ class EncoderCard(UnversionedIsCurrent):
     weights: WeightsProvenance | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="the pretrain section")
     recipe: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe")
+    corpus: CorpusRecord | None = Field(
+        None, description="pretrain.data's sources (None: the manifest's train split)"
+    )
 
     @classmethod
     def load(cls, path: Path) -> EncoderCard:

@@ -146,7 +146,7 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
     """The ``pretrain`` stage: ``<run>/pretrain/encoder.safetensors``."""
     from medtl.pretrain.loop import ENCODER_FILE, pretrain
 
-    stage = Stage(ctx.out / "pretrain", stage_inputs(ctx, "pretrain"))
+    stage = Stage(ctx.out / "pretrain", stage_inputs(ctx, "pretrain", _corpus_input(ctx)))
     if stage.done():
         log.info("pretrain: already done (%s)", stage.folder)
         return stage.folder / ENCODER_FILE
@@ -168,6 +168,17 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
         log_summary({"final_loss": result.meta["final_loss"]})
     stage.mark_done({"final_loss": result.meta["final_loss"]})
     return result.encoder
+
+
+def _corpus_input(ctx: RunContext) -> dict[str, Any]:
+    """``pretrain.data``'s files (names, sizes, times) as a stage input: a changed corpus
+    runs pretraining again, as a changed manifest does."""
+    sources = ctx.recipe.section("pretrain").data
+    if not sources:
+        return {}
+    from medtl.data.corpus import listing_key
+
+    return {"corpus": listing_key(sources)}
 
 
 STAGES = ("pretrain", "finetune", "calibrate", "evaluate", "report")

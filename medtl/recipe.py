@@ -290,6 +290,14 @@ def _model_rows(model: type[BaseModel], prefix: str) -> list[str]:
             nested.append((f"{prefix}.{name}", annotation))
             rows.append(f"| `{prefix}.{name}` | section | | {info.description or ''} (below) |")
             continue
+        item = _listed_model(annotation)
+        if item is not None:  # a list of sections (pretrain.data): each entry's keys below
+            nested.append((f"{prefix}.{name}[]", item))
+            rows.append(
+                f"| `{prefix}.{name}` | list of sections | `{info.default!r}` | "
+                f"{(info.description or '').replace('|', chr(92) + '|')} (each entry: below) |"
+            )
+            continue
         default = (
             "required"
             if info.is_required()
@@ -302,6 +310,18 @@ def _model_rows(model: type[BaseModel], prefix: str) -> list[str]:
     for name, sub in nested:
         out += [f"### `{name}`", "", *_model_rows(sub, name)]
     return out
+
+
+def _listed_model(annotation: Any) -> type[BaseModel] | None:
+    """``X`` when ``annotation`` is ``list[X]`` or ``list[X] | None`` with ``X`` a model."""
+    import typing
+
+    for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is list:
+            (item,) = typing.get_args(arg)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return item
+    return None
 
 
 if __name__ == "__main__":

@@ -120,8 +120,9 @@ def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
     """Open every file the recipe names, as the stage that uses it would, so that a bad one
     fails ``medtl check`` instead of a run hours later: the adapter's files (``options.labels``,
     ``options.file``), ``pretrain.weights`` and ``finetune.weights`` (read without unpickling;
-    the fine-tuning weights also loaded into the backbone), ``evaluate.external`` manifests and
-    their roots. Returns one line per file checked."""
+    the fine-tuning weights also loaded into the backbone), the sources of ``pretrain.data``
+    (each must exist; listing and hashing wait for the stage), ``evaluate.external`` manifests
+    and their roots. Returns one line per file checked."""
     from medtl.data.manifest import resolve
     from medtl.models import create_backbone, read_state_dict
     from medtl.sources import resolve as resolve_weights
@@ -148,6 +149,11 @@ def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
         else:
             read_state_dict(resolve_weights(weights).path)
             lines.append(f"{section}.weights {weights}: readable")
+    corpus = getattr(recipe.sections.get("pretrain"), "data", None)
+    if corpus:
+        from medtl.data.corpus import check_source
+
+        lines += [check_source(i, source) for i, source in enumerate(corpus)]
     if recipe.has("evaluate"):
         from medtl.evaluate import DataSpec
 

@@ -145,7 +145,10 @@ class FitResult:
 
 # -- data order ---------------------------------------------------------------------------------
 class EpochSeeded(Dataset):
-    """Index ``epoch * n + i`` -> sample ``i`` with its random transforms seeded by ``(seed, epoch, i)``."""
+    """Index ``epoch * n + i`` -> sample ``i`` with its random transforms seeded by ``(seed, epoch, i)``.
+
+    A base with a ``pick(epoch, i)`` method (a weighted pool of sources) gives the sample that
+    epoch's draw ``i`` names instead."""
 
     def __init__(self, base: Dataset, seed: int) -> None:
         self.base, self.seed, self.n = base, seed, len(base)  # type: ignore[arg-type]
@@ -158,7 +161,8 @@ class EpochSeeded(Dataset):
         transform: Any = getattr(self.base, "transform", None)
         if transform is not None and hasattr(transform, "set_random_state"):
             transform.set_random_state(seed=mix_seed(self.seed, epoch, i))
-        item = self.base[i]
+        pick = getattr(self.base, "pick", None)  # a weighted pool: draw ``i`` of ``epoch``
+        item = self.base[pick(epoch, i) if pick is not None else i]
         if isinstance(item, dict):
             item = {**item, "index": i, "sample_seed": mix_seed(self.seed, epoch, i, 1)}
         return item

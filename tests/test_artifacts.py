@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from medtl.artifacts import EncoderCard, ModelCard, WeightsProvenance
+from medtl.artifacts import ENCODER_CARD_VERSION, EncoderCard, ModelCard, WeightsProvenance
 from medtl.calibrate import NoCalibration, PlattScaling, TemperatureScaling, VectorScaling
 from medtl.errors import ConfigError
 
@@ -97,7 +97,7 @@ def test_encoder_card_round_trips(tmp_path: Path) -> None:
         weights=WeightsProvenance(path="enc.safetensors", sha256="01" * 32),
     )
     read = EncoderCard.load(written.save(tmp_path / "meta.json"))
-    assert read == written and read.schema_version == 1
+    assert read == written and read.schema_version == ENCODER_CARD_VERSION
     older = written.model_dump(mode="json")
     del older["schema_version"]
     (tmp_path / "older.json").write_text(json.dumps(older))

@@ -19,6 +19,7 @@ import pytest
 
 from medtl.data.prepare import prepare
 from medtl.demo import make_phantom
+from tests.conftest import write_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,31 +226,61 @@ def test_finetune_compare_targets_as_worked_by_hand() -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_benefit_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root, manifest = phantom(tmp_path)
+def test_pretrain_benefit_tiny(tmp_path: Path) -> None:
+    """Every arm at toy scale on a BreastMNIST-shaped file: per-run rows with CIs, the paired
+    entropy - random row, the mask-unit and corpus tables, the ensemble; a rerun trains nothing;
+    --report-only marks what never ran."""
+    import shutil
+
+    from medtl.sources import SOURCES
+
+    source = SOURCES.get("imagenet:efficientnet_lite0")()
+    if importlib.util.find_spec(source.package) is None:
+        pytest.skip(f"{source.pip} is not installed")
+    root, manifest = fake_breastmnist(tmp_path)
+    corpus = tmp_path / "corpus"
+    (corpus / "medmnist").mkdir(parents=True)
+    shutil.copy(root / "breastmnist.npz", corpus / "medmnist")  # its val / test: left out
+    write_png(corpus / "other" / "scan.png", (40, 30), seed=1)
+    write_png(corpus / "other" / "scan_mask.png", (40, 30), seed=2)  # never an image
     out = tmp_path / "results.md"
-    argv = [
-        "pretrain_benefit.py", "--data-root", str(root), "--manifest", str(manifest),
-        "--backbone", "medtl_tiny_convnext", "--image-size", "32", "--pretrain-epochs", "1",
-        "--finetune-epochs", "1", "--patience", "1", "--seeds", "0",
-        "--work", str(tmp_path / "work"), "--out", str(out),
+    tiny = [
+        "pretrain.epochs=1", "pretrain.batch_size=8", "pretrain.picture_every=0",
+        "pretrain.decoder_dim=16", "finetune.epochs=1", "finetune.batch_size=8",
+        "finetune.warmup_epochs=0", "evaluate.n_boot=100",
     ]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    load_script("pretrain_benefit").main()
-
+    argv = [
+        "--datasets", "breastmnist", "--seeds", "0", "--data-root", f"breastmnist={root}",
+        "--manifest", f"breastmnist={manifest}", "--corpus-root", str(corpus), "--device", "cpu",
+        "--work", str(tmp_path / "work"), "--out-results", str(out),
+        *[x for o in tiny for x in ("--set", o)],
+    ]  # fmt: skip
+    script = load_script("pretrain_benefit")
+    script.main(argv)
     text = out.read_text(encoding="utf-8")
-    for init in ("scratch", "random", "entropy"):
-        assert re.search(rf"^\| {init} \| 0 \| \S+ \[", text, flags=re.M), init
-    assert (tmp_path / "work/pretrain_entropy/encoder.safetensors").is_file()
-
-    # the ablation: another temperature / random share, next to the main runs just made
-    monkeypatch.setattr(sys, "argv", [*argv, "--ablation", "0.5:0.25"])
-    load_script("pretrain_benefit").main()
-    text = out.read_text(encoding="utf-8")
-    assert text.count("<!-- pretrain_benefit:start -->") == 1
-    assert re.search(r"^\| entropy \| 0\.5 \| 0\.25 \| \d\.\d{4} \| 1 \| ", text, flags=re.M)
-    assert re.search(r"^\| scratch \| – \| – \| – \| 1 \| ", text, flags=re.M)  # quoted main run
-    assert (tmp_path / "work/pretrain_entropy_T0.5_R0.25/encoder.safetensors").is_file()
+    for arm in ("imagenet", "imagenet_mae_entropy", "imagenet_mae_random", "imagenet_mae_corpus",
+                "imagenet_mae_unit16", "ensemble"):  # fmt: skip
+        assert re.search(rf"^\| breastmnist \| {arm} \| 0 \| \d\.\d+ \[", text, re.M), arm
+    assert re.search(r"^\| breastmnist \| 0 \| [+-]\d\.\d{3} \| ", text, re.M)  # paired
+    assert re.search(
+        r"^\| breastmnist \| validation prefers \| \| \*\*(32 \(default\)|16)\*\*", text, re.M
+    )
+    # the corpus: the npz's 16 train images and the scan; val / test arrays not read (train only)
+    assert re.search(
+        r"^\| breastmnist \| `folder:<corpus root>` \| 1 \| 1 \| 0 \| 0 \| 0 \|", text, re.M
+    )
+    assert re.search(
+        r"^\| breastmnist \| `npz:<corpus root>/medmnist/breastmnist.npz` \| 16 \| 16 \|",
+        text,
+        re.M,
+    )
+    assert "**Partial:" in text and "busi imagenet seed 0" in text  # BUSI never ran
+    assert re.search(r"imagenet_mae_entropy >= imagenet \+ 0\.01 .*\*\*(met|not met)\*\*", text)
+    result = tmp_path / "work/breastmnist/imagenet_mae_entropy/seed0/result.json"
+    before = result.stat().st_mtime_ns
+    script.main([*argv, "--report-only"])
+    assert result.stat().st_mtime_ns == before
+    assert out.read_text(encoding="utf-8").count(script.RESULTS[0]) == 1
 
 
 @pytest.mark.slow

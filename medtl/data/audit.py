@@ -173,13 +173,21 @@ def inspect_item(root: Path, item: Item) -> Inspection:
     out.channels, out.height, out.width = arr.shape
     out.sha256 = sha256_file(file) if not item.locator else sha256_bytes(arr.tobytes())
     gray = arr[:3].mean(axis=0)
-    gray_image = Image.fromarray((gray * 255).astype(np.uint8))
-    out.dhash = imagehash.dhash(gray_image, HASH_SIZE).hash.ravel()
-    out.phash = imagehash.phash(gray_image, PHASH_SIZE).hash.ravel()
+    out.dhash, out.phash = perceptual_hashes(gray)
     out.warnings += _image_warnings(gray)
     if item.mask:
         out.warnings += _mask_warnings(root, item.mask, out.width, out.height)
     return out
+
+
+def perceptual_hashes(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 16x16 difference hash and DCT hash of ``gray`` [H, W] in [0, 1], as flat bools
+    (256 each): what the audit and the pretraining corpus's leakage guard compare."""
+    image = Image.fromarray((gray * 255).astype(np.uint8))
+    return (
+        imagehash.dhash(image, HASH_SIZE).hash.ravel(),
+        imagehash.phash(image, PHASH_SIZE).hash.ravel(),
+    )
 
 
 def _check_format(file: Path, out: Inspection) -> None:

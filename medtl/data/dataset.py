@@ -128,6 +128,7 @@ class LoadSampled(MapTransform):
     Paths go through :func:`medtl.data.manifest.resolve`, so nothing outside the data root is
     read; pixels through :func:`medtl.data.readers.read_array` (MONAI's
     ``PILReader(reverse_indexing=False)`` for image files), addressed by ``d["locator"]``.
+    An item may carry its own ``d["root"]`` (a pretraining corpus pools several roots).
     """
 
     def __init__(self, root: str | Path, keys: Sequence[Hashable] = KEYS) -> None:
@@ -137,8 +138,9 @@ class LoadSampled(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         locator = str(d.get("locator", ""))
+        root = Path(d["root"]) if "root" in d else self.root
         for key in self.key_iterator(d):
-            file = resolve(self.root, str(d[key]))
+            file = resolve(root, str(d[key]))
             pixels = read_array(file, locator)
             if pixels.shape[0] not in (1, 2, 3, 4):
                 raise DataError(

@@ -1,7 +1,9 @@
 """``pretrain``: masked-autoencoder pretraining of a timm backbone on unlabelled images.
 
 Only the manifest's ``train`` split is read (labels, if any, are ignored): validation and
-test images never reach pretraining. Masks are drawn inside the training step, on the model's
+test images never reach pretraining. With ``pretrain.data`` the images come from a corpus of
+its own instead (:mod:`medtl.data.corpus`), pooled from several sources, with copies of the
+manifest's validation and test images left out. Masks are drawn inside the training step, on the model's
 device, one generator per sample seeded from ``(seed, epoch, sample)``, so a run is
 reproducible, resumable and independent of how batches are sharded across processes.
 """
@@ -21,10 +23,11 @@ from pydantic import ConfigDict, Field, field_validator
 
 from medtl import __version__
 from medtl.artifacts import EncoderCard, Normalisation, WeightsProvenance
+from medtl.data.corpus import CorpusSource, build_corpus, corpus_dataset
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
-from medtl.io import atomic_open
+from medtl.io import atomic_open, write_json
 from medtl.models import check_backbone
 from medtl.pretrain.mae import MaskedAutoencoder, build_mae
 from medtl.pretrain.masking import (
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.safetensors"
 META_FILE = "meta.json"
+CORPUS_HASHES = "corpus_hashes.json"  # the leakage guard's hash cache, reused on resume
+CORPUS_EXCLUDED = "corpus_excluded.json"  # corpus images left out, and the row each copies
 
 
 class PretrainConfig(OptimConfig):
@@ -84,6 +89,13 @@ class PretrainConfig(OptimConfig):
     )
     augment: Literal["none", "light", "medium"] = Field(
         "light", description="train-time augmentation"
+    )
+    data: list[CorpusSource] | None = Field(
+        None,
+        description="a pretraining corpus of its own: sources of unlabelled images "
+        "({manifest, root} | folder | dicom | nifti | npz, with weight, exclude, splits); "
+        "copies of the recipe manifest's validation / test images are left out (default: "
+        "the manifest's train split)",
     )
     picture_every: int = Field(
         10, ge=0, description="epochs between mask / reconstruction grids (0 = only the last)"
@@ -231,16 +243,21 @@ def pretrain(
     mean, std = input_stats(manifest, root, data_cfg)
     mae = build_model(cfg, data_cfg, mean, std)
     strategy = build_strategy(cfg, mae)
-    data = build_dataset(
-        manifest,
-        "train",
-        root,
-        data_cfg.model_copy(update={"augment": cfg.augment}),
-        train=True,
-        seed=seed,
-    )
+    train_cfg = data_cfg.model_copy(update={"augment": cfg.augment})
+    plain_cfg = data_cfg.model_copy(update={"augment": "none", "cache": "none"})
+    corpus = None
+    if cfg.data:
+        corpus = build_corpus(
+            cfg.data, manifest, root, out / CORPUS_HASHES, workers=max(4, data_cfg.num_workers)
+        )
+        write_json(out / CORPUS_EXCLUDED, corpus.excluded)
+        data: Any = corpus_dataset(corpus, train_cfg, train=True, seed=seed)
+        shown: Any = corpus_dataset(corpus, plain_cfg)
+    else:
+        data = build_dataset(manifest, "train", root, train_cfg, train=True, seed=seed)
+        shown = build_dataset(manifest, "train", root, plain_cfg)
     pictures = PictureWriter(
-        manifest, root, data_cfg, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
+        shown, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
     )
     schedule = cfg.schedule(checkpoint_every=cfg.checkpoint_every)
     groups = param_groups(mae, cfg.weight_decay)
@@ -274,7 +291,7 @@ def pretrain(
         epochs=cfg.epochs,
         epochs_run=len(result.history),
         final_loss=result.history[-1]["train_loss"] if result.history else None,
-        train_images=len(manifest.split("train")),
+        train_images=len(corpus.items) if corpus else len(manifest.split("train")),
         manifest_sha256=manifest.sha256,
         seed=seed,
         seconds=time.perf_counter() - start,
@@ -282,6 +299,7 @@ def pretrain(
         weights=weights_provenance(mae, cfg.weights),
         config=cfg.model_dump(mode="json"),
         recipe=recipe or {},
+        corpus=corpus.record if corpus else None,
     )
     if result.extra.get("interrupted"):
         return PretrainResult(out / ENCODER_FILE, card, result.history)
@@ -335,9 +353,7 @@ class PictureWriter:
 
     def __init__(
         self,
-        manifest: Manifest,
-        root: Path,
-        data_cfg: DataConfig,
+        ds: Any,
         strategy: MaskingStrategy,
         patch: int,
         out: Path,
@@ -346,14 +362,9 @@ class PictureWriter:
         seed: int,
         n: int = 6,
     ) -> None:
+        """``ds``: the training images without augmentation (items ``{"image": [C, S, S]}``)."""
         self.out, self.every, self.epochs, self.seed, self.patch = out, every, epochs, seed, patch
         self.strategy = strategy
-        ds = build_dataset(
-            manifest,
-            "train",
-            root,
-            data_cfg.model_copy(update={"augment": "none", "cache": "none"}),
-        )
         size = len(ds)  # type: ignore[arg-type]
         picks = sorted(
             {round(i * (size - 1) / max(1, n - 1)) for i in range(min(n, size))}
