@@ -14,9 +14,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import yaml
 
@@ -32,6 +32,7 @@ from medtl.errors import (
 
 log = logging.getLogger("medtl")
 T = TypeVar("T")
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 # -- small parsing helpers ------------------------------------------------------------------
@@ -489,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _prepare_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("prepare", help="build a manifest (and its audit) for a dataset folder")
     p.add_argument("dataset", help="adapter name (see 'medtl list adapters')")
     p.add_argument("root", help="data root: the dataset folder (never written into the manifest)")
@@ -524,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_prepare)
 
+
+def _audit_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "audit", help="audit a manifest against its data: broken files, duplicates, conflicts"
     )
@@ -540,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_audit)
 
+
+def _load_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "load", help="read a split through the loading pipeline and report throughput"
     )
@@ -553,20 +564,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_load)
 
+
+def _check_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("check", help="validate a recipe, its data root and its manifest")
     _recipe_args(p, run=False)
     p.set_defaults(func=cmd_check)
 
+
+def _pretrain_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "pretrain", help="masked-autoencoder pretraining from a recipe's pretrain section"
     )
     _recipe_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _finetune_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("finetune", help="fine-tune a classifier from a recipe's finetune section")
     _recipe_args(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _run_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("run", help="every stage of a recipe into one run folder (resumable)")
     _recipe_args(p)
     p.add_argument(
@@ -577,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+
+def _search_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("search", help="the BioTune search of a recipe (finetune.strategy: biotune)")
     _recipe_args(p)
     p.add_argument(
@@ -591,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
+
+def _calibrate_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "calibrate", help="fit a calibrator on a model's validation predictions and store it"
     )
@@ -612,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_calibrate)
 
+
+def _evaluate_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "evaluate", help="many models x many datasets: predictions and metrics with CIs"
     )
@@ -658,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "predict",
         help="apply a calibrated model to new images: probabilities, called class, conformal sets",
@@ -700,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _report_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "report", help="one self-contained HTML report (+ JSON, CSV) from an evaluation"
     )
@@ -727,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
+
+def _export_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "export", help="model card (Markdown, HTML), ONNX file and MONAI bundle of a model"
     )
@@ -745,12 +776,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+
+def _list_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("list", help="list registered components")
     p.add_argument(
         "kind", nargs="?", choices=["adapters", "masking", "searches", "sources", "strategies"]
     )
     p.set_defaults(func=cmd_list)
 
+
+def _demo_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--n", type=int, default=240, help="phantom images (default 240)")
@@ -769,7 +804,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a key of the demo recipe, e.g. --set pretrain.epochs=2",
     )
     p.set_defaults(func=cmd_demo)
-    return parser
+
+
+_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _prepare_parser,
+    _audit_parser,
+    _load_parser,
+    _check_parser,
+    _pretrain_parser,
+    _finetune_parser,
+    _run_parser,
+    _search_parser,
+    _calibrate_parser,
+    _evaluate_parser,
+    _predict_parser,
+    _report_parser,
+    _export_parser,
+    _list_parser,
+    _demo_parser,
+)
 
 
 def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:
