@@ -168,7 +168,8 @@ def ensemble_run(
 ) -> dict[str, Any] | None:
     """The ImageNet and MAE models of one seed, weighted on validation, evaluated on test."""
     from medtl.ensemble import EnsembleConfig, choose_ensemble
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec
+    from medtl.pipeline import EvaluateStage
 
     if any(arm not in runs for arm in ENSEMBLE):
         return None
@@ -189,7 +190,7 @@ def ensemble_run(
         run = run.parent if run.name == "finetune" else run
         data = DataSpec(manifest_of(run), data_root(args, dataset), dataset)
         cfg = EvaluateConfig.model_validate(evaluate_section(run))
-        evaluate(members, [data], out, cfg, seed=seed, progress=False, chosen=card)
+        EvaluateStage(cfg).evaluate(members, [data], out, seed=seed, progress=False, chosen=card)
         atomic_write_text(stamp, key + "\n")
     if not current():  # never an ensemble of other members
         return None

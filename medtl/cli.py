@@ -250,17 +250,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{stage}: {path}")
     evaluation = ctx.out / "evaluate" / "evaluation.json"
     if "evaluate" in done and evaluation.is_file():
-        from medtl.evaluate import failed_entries
+        from medtl.results import EvaluationResults
 
-        entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        return _batch_exit("evaluation", len(entries), failed_entries(evaluation))
+        results = EvaluationResults.load(evaluation)
+        return _batch_exit("evaluation", len(results.entries), results.failures())
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The BioTune search alone (``--worker``: join a running search as one more process)."""
     from medtl.finetune.methods import SEARCHES
-    from medtl.pipeline import run_finetune, search_job
+    from medtl.pipeline import FinetuneStage, search_job
 
     if args.storage:  # the same as --set search.storage=URL
         args.set = [*(args.set or []), f"search.storage={args.storage}"]
@@ -281,7 +281,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             n = SEARCHES.get(cfg.strategy).work(job)
             print(f"worker ran {n} candidate(s)")
             return 0
-        print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
+        folder = FinetuneStage(resume=not args.no_resume).run(ctx).path
+        print(f"fine-tuned model: {folder}")
         return 0
 
 
@@ -289,7 +290,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from medtl.conformal import ConformalConfig
-    from medtl.evaluate import CalibrateConfig, calibrate_model
+    from medtl.evaluate import CalibrateConfig
+    from medtl.pipeline import CalibrateStage
 
     try:
         conformal = ConformalConfig(
@@ -304,16 +306,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         conformal=conformal,
         **({"compare": args.compare} if args.compare else {}),
     )
-    failures = []
+    failures, stage = [], CalibrateStage(cfg)
     for folder in args.model:
         try:
-            result = calibrate_model(Path(folder), cfg)
+            record = stage.calibrate(Path(folder))
         except MedtlError as exc:
             if len(args.model) == 1:
                 raise
             failures.append(f"{folder}: {one_line(exc)}")
             continue
-        params = result["calibrators"][cfg.method]["params"]
+        params = record.chosen.params.to_dict()
         print(
             f"{folder}: {cfg.method} fitted on validation: {params}; written to meta.json and calibration.json"
         )
@@ -323,8 +325,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate, failed_entries
-    from medtl.pipeline import pick_device
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec
+    from medtl.pipeline import EvaluateStage, pick_device
 
     cfg = EvaluateConfig(
         splits=args.split or ["test"],
@@ -333,33 +335,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ensemble=args.ensemble,
         site_split=args.site_split,
     )
-    path = evaluate(
+    out = Path(args.out)
+    results = EvaluateStage(cfg).evaluate(
         [ModelSpec.parse(m) for m in args.model],
         [replace(DataSpec.parse(d), leaks=args.leaks) for d in args.data],
-        Path(args.out),
-        cfg,
+        out,
         seed=args.seed,
         device=pick_device(args.device),
         progress=show_progress(args),
     )
-    entries = json.loads(path.read_text())["entries"]
-    for e in entries:
-        if e["status"] == "ok":
-            m = e["metrics"]["overall"]
-            auc, bacc = m.get("macro_auroc", {}), m.get("balanced_accuracy", {})
-            print(
-                f"{e['model']} on {e['dataset']}/{e['split']}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}"
-            )
-            if "conformal" in e:
-                c = e["conformal"]
-                print(
-                    f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
-                    f"{_ci(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
-                )
-        else:
-            print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
-    print(f"evaluation written to {path}")
-    return _batch_exit("evaluation", len(entries), failed_entries(path))
+    for e in results.entries:
+        print_entry(e)
+    print(f"evaluation written to {out / 'evaluation.json'}")
+    return _batch_exit("evaluation", len(results.entries), results.failures())
+
+
+def print_entry(e: Any) -> None:
+    """One :class:`~medtl.artifacts.EvaluationEntry` as a line (two with conformal sets)."""
+    where = f"{e.model} on {e.dataset}/{e.split}"
+    if e.status != "ok":
+        print(f"{where}: FAILED: {e.error}")
+        return
+    m = e.metrics["overall"]
+    auc, bacc = m.get("macro_auroc", {}), m.get("balanced_accuracy", {})
+    print(f"{where}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}")
+    if e.conformal is not None:
+        c = e.conformal
+        print(
+            f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
+            f"{_ci(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
+        )
 
 
 def _batch_exit(what: str, total: int, failures: list[str]) -> int:
@@ -405,14 +410,14 @@ def _ci(entry: dict[str, Any]) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from medtl.report import build_report
+    from medtl.evaluate import ReportConfig
+    from medtl.pipeline import ReportStage
 
     roots = dict(parse_options(args.data_root)) if args.data_root else None
-    result = build_report(
+    result = ReportStage(ReportConfig(rank_by=args.rank_by)).report(
         Path(args.evaluation),
         Path(args.out),
         {k: Path(str(v)) for k, v in roots.items()} if roots else None,
-        args.rank_by,
         explain=args.explain,
     )
     print(f"report: {result.html}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -35,8 +34,15 @@ from medtl.conformal import CONFORMAL_FILE, ConformalConfig, fit_conformal
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, MedtlError, one_line
-from medtl.io import check_writable, write_json
+from medtl.io import check_writable
 from medtl.predictions import Predictions
+from medtl.results import (
+    CALIBRATION_FILE,
+    EVALUATION_FILE,
+    CalibrationRecord,
+    EvaluationResults,
+    save_checked,
+)
 
 if TYPE_CHECKING:
     from medtl.ensemble import EnsembleCard
@@ -111,7 +117,7 @@ class ReportConfig(BaseModel):
     )
 
 
-def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
+def calibrate_model(folder: Path, cfg: CalibrateConfig) -> CalibrationRecord:
     """Fit ``cfg.method`` on ``predictions_val.csv``; store it, with the operating thresholds it
     gives on validation, in the model card (``meta.json``); fit the conformal prediction sets
     (``calibrate.conformal``) on the same calibrated validation probabilities
@@ -146,8 +152,7 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     conformal = fit_conformal(val, card.calibrator, cfg.conformal)
     conformal.save(folder / CONFORMAL_FILE)
     result["conformal"] = conformal.model_dump(mode="json")
-    write_json(folder / "calibration.json", result)
-    return result
+    return save_checked(CalibrationRecord, result, folder / CALIBRATION_FILE)
 
 
 def validation_thresholds(
@@ -278,8 +283,8 @@ def evaluate(
         "entries": entries,
         "comparisons": comparisons,
     }
-    path = out / "evaluation.json"
-    write_json(path, result)
+    path = out / EVALUATION_FILE
+    save_checked(EvaluationResults, result, path)
     failed = [e for e in entries if e["status"] != "ok"]
     for e in failed:
         log.warning(
@@ -290,12 +295,7 @@ def evaluate(
 
 def failed_entries(path: Path) -> list[str]:
     """``model on dataset/split: error`` for each failed entry of an ``evaluation.json``."""
-    entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
-    return [
-        f"{e['model']} on {e['dataset']}/{e['split']}: {e['error']}"
-        for e in entries
-        if e["status"] != "ok"
-    ]
+    return EvaluationResults.load(path).failures()
 
 
 def _evaluate_one(

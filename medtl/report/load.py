@@ -21,8 +21,7 @@ from medtl.artifacts import entry_problem
 from medtl.calibrate import Calibrator, TemperatureScaling, as_calibrator
 from medtl.errors import DataError, MedtlError
 from medtl.predictions import Predictions
-
-EVALUATION_FILE = "evaluation.json"
+from medtl.results import EVALUATION_FILE
 
 
 @dataclass
