@@ -26,9 +26,11 @@ from typing import Any
 import torch
 import yaml
 
+from medtl.artifacts import ModelCard
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
+from medtl.results import EvaluationResults
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- breastmnist_recipes:start -->", "<!-- breastmnist_recipes:end -->")
@@ -66,8 +68,8 @@ def run_manifest(out: Path) -> Path:
 
 def entry_metrics(evaluation: Path) -> dict[str, Any]:
     """``{model name: its overall test metrics}`` from an ``evaluation.json``."""
-    entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-    return {e["model"]: e["metrics"]["overall"] for e in entries if e["status"] == "ok"}
+    entries = EvaluationResults.load(evaluation).entries
+    return {e.model: (e.metrics or {})["overall"] for e in entries if e.status == "ok"}
 
 
 def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] | None:
@@ -88,10 +90,10 @@ def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] 
         for stage in ("pretrain", "finetune")
         if (out / stage / "DONE").is_file()
     )
-    meta = json.loads((out / "finetune" / "meta.json").read_text(encoding="utf-8"))
+    card = ModelCard.load(out / "finetune" / "meta.json")
     return {
-        "recipe": recipe, "seed": seed, "metrics": metrics, "val_bacc": meta["val_bacc"],
-        "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"], "seconds": seconds,
+        "recipe": recipe, "seed": seed, "metrics": metrics, "val_bacc": card.val_bacc,
+        "best_epoch": card.best_epoch, "epochs_run": card.epochs_run, "seconds": seconds,
         "model_dir": out / "finetune",
     }  # fmt: skip
 

@@ -41,6 +41,7 @@ from medtl.artifacts import ModelCard, file_sha256
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
+from medtl.results import EvaluationResults
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- transfer:start -->", "<!-- transfer:end -->")
@@ -145,8 +146,8 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
         return None
     folder = model_dir(out)
     entry = next(
-        e for e in json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        if e["status"] == "ok" and Path(e["model_dir"]) == folder
+        e for e in EvaluationResults.load(evaluation).entries
+        if e.status == "ok" and Path(e.model_dir or "") == folder
     )  # fmt: skip
     stages = {
         stage: json.loads((out / stage / "DONE").read_text(encoding="utf-8"))
@@ -155,7 +156,7 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
     }
     card = ModelCard.load(folder / "meta.json")
     return {
-        "arm": arm, "seed": seed, "metrics": entry["metrics"]["overall"],
+        "arm": arm, "seed": seed, "metrics": (entry.metrics or {})["overall"],
         "val_bacc": card.val_bacc, "val_auroc": val_auroc(folder), "model_dir": folder,
         "best_epoch": card.best_epoch, "epochs_run": card.epochs_run,
         "pretrain_s": float(stages.get("pretrain", {}).get("seconds") or 0),
@@ -194,11 +195,11 @@ def ensemble_run(
         atomic_write_text(stamp, key + "\n")
     if not current():  # never an ensemble of other members
         return None
-    entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-    chosen = next(e for e in entries if e["model"].startswith("ensemble(") and e["status"] == "ok")
-    meta = chosen["model_meta"]
+    entries = EvaluationResults.load(evaluation).entries
+    chosen = next(e for e in entries if e.model.startswith("ensemble(") and e.status == "ok")
+    meta = chosen.model_meta or {}
     return {
-        "arm": "ensemble", "seed": seed, "metrics": chosen["metrics"]["overall"],
+        "arm": "ensemble", "seed": seed, "metrics": (chosen.metrics or {})["overall"],
         "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
         "val_log_loss": meta["val_log_loss"],
         "pretrain_s": sum(runs[a]["pretrain_s"] for a in ENSEMBLE),

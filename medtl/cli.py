@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import yaml
 
@@ -29,6 +29,9 @@ from medtl.errors import (
     MedtlError,
     one_line,
 )
+
+if TYPE_CHECKING:
+    from medtl.artifacts import EvaluationEntry
 
 log = logging.getLogger("medtl")
 T = TypeVar("T")
@@ -350,20 +353,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _batch_exit("evaluation", len(results.entries), results.failures())
 
 
-def print_entry(e: Any) -> None:
+def print_entry(e: EvaluationEntry) -> None:
     """One :class:`~medtl.artifacts.EvaluationEntry` as a line (two with conformal sets)."""
+    from medtl.report.tables import fmt_entry
+
     where = f"{e.model} on {e.dataset}/{e.split}"
     if e.status != "ok":
         print(f"{where}: FAILED: {e.error}")
         return
-    m = e.metrics["overall"]
+    m = (e.metrics or {}).get("overall", {})
     auc, bacc = m.get("macro_auroc", {}), m.get("balanced_accuracy", {})
-    print(f"{where}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}")
+    print(f"{where}: macro AUROC {fmt_entry(auc)}, balanced accuracy {fmt_entry(bacc)}")
     if e.conformal is not None:
         c = e.conformal
         print(
             f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
-            f"{_ci(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
+            f"{fmt_entry(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
         )
 
 
@@ -400,13 +405,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"(listed in {result.files['skipped.csv']}); predictions in {result.files['predictions.csv']}"
     )
     return 0
-
-
-def _ci(entry: dict[str, Any]) -> str:
-    def f(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    return f"{f(entry.get('value'))} [{f(entry.get('ci_low'))}, {f(entry.get('ci_high'))}]"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

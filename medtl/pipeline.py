@@ -173,8 +173,9 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
             progress=ctx.progress,
             recipe=ctx.recipe.resolved(),
         )
-        log_summary({"final_loss": result.meta["final_loss"]})
-    stage.mark_done({"final_loss": result.meta["final_loss"]})
+        loss = result.card.final_loss  # None: no epoch ran (nothing to train on)
+        log_summary({"final_loss": loss} if loss is not None else {})
+    stage.mark_done({"final_loss": result.card.final_loss})
     return result.encoder
 
 
@@ -433,8 +434,8 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
             progress=ctx.progress,
             recipe=ctx.recipe.resolved(),
         )
-        log_summary({"best_val_bacc": result.meta["val_bacc"]})
-    stage.mark_done({"val_bacc": result.meta["val_bacc"], "model": "."})
+        log_summary({"best_val_bacc": result.card.val_bacc})
+    stage.mark_done({"val_bacc": result.card.val_bacc, "model": "."})
     return stage.folder
 
 

@@ -25,7 +25,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_script(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package); its folder is on the
+    path, as when ``python benchmarks/<name>.py`` runs it, so a script can use another's helper."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from medtl.artifacts import EncoderCard, EvaluationEntry, ModelCard
-from medtl.pipeline import model_dir
-from medtl.results import CalibrationRecord, EvaluationResults, ReportSummary
 from medtl.demo import DEMO_RECIPE, make_phantom
-from medtl.pipeline import open_run, recipe_stages, run_all
+from medtl.pipeline import model_dir, open_run, recipe_stages, run_all
 from medtl.recipe import load_recipe
+from medtl.results import CalibrationRecord, EvaluationResults, ReportSummary
 
 TINY = [
     "pretrain.backbone=medtl_tiny_convnext", "pretrain.epochs=1", "pretrain.batch_size=8",
