@@ -254,11 +254,10 @@ def evaluate(
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
     specs = {data.name: data for data in datasets}
+    job = _Job(out, cfg, seed, device, progress)
     for spec, data in itertools.product(models, datasets):
         for split in cfg.splits:
-            entry, pred, calibrator = _evaluate_one(
-                spec, data, split, out, cfg, seed, device, progress
-            )
+            entry, pred, calibrator = _evaluate_one(spec, data, split, job)
             entries.append(entry)
             if pred is not None:
                 kept.setdefault((data.name, split), []).append((spec.name, pred, calibrator))
@@ -273,7 +272,20 @@ def evaluate(
             _chosen_entry(chosen, key, members, out, cfg, seed, specs[key[0]])
             for key, members in kept.items()
         ]
-    comparisons = _comparisons(kept)
+    path = out / EVALUATION_FILE
+    _save_evaluation(path, entries, _comparisons(kept), cfg, seed)
+    return path
+
+
+def _save_evaluation(
+    path: Path,
+    entries: list[dict[str, Any]],
+    comparisons: list[dict[str, Any]],
+    cfg: EvaluateConfig,
+    seed: int,
+) -> None:
+    """Write ``evaluation.json`` (checked as :class:`~medtl.results.EvaluationResults`) and warn
+    of each failed entry."""
     entries = [check_entry(e) for e in entries]  # typed: EvaluationEntry
     result = {
         "medtl_version": __version__,
@@ -283,14 +295,13 @@ def evaluate(
         "entries": entries,
         "comparisons": comparisons,
     }
-    path = out / EVALUATION_FILE
     save_checked(EvaluationResults, result, path)
-    failed = [e for e in entries if e["status"] != "ok"]
-    for e in failed:
-        log.warning(
-            "evaluation of %s on %s/%s failed: %s", e["model"], e["dataset"], e["split"], e["error"]
-        )
-    return path
+    for e in entries:
+        if e["status"] != "ok":
+            log.warning(
+                "evaluation of %s on %s/%s failed: %s",
+                e["model"], e["dataset"], e["split"], e["error"],
+            )  # fmt: skip
 
 
 def failed_entries(path: Path) -> list[str]:
@@ -298,18 +309,20 @@ def failed_entries(path: Path) -> list[str]:
     return EvaluationResults.load(path).failures()
 
 
-def _evaluate_one(
-    spec: ModelSpec,
-    data: DataSpec,
-    split: str,
-    out: Path,
-    cfg: EvaluateConfig,
-    seed: int,
-    device: str,
-    progress: bool,
-) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
-    from medtl.clean_test import evaluate_with_leaks
+@dataclass(frozen=True)
+class _Job:
+    """What every entry of one :func:`evaluate` call shares."""
 
+    out: Path
+    cfg: EvaluateConfig
+    seed: int
+    device: str
+    progress: bool
+
+
+def _evaluate_one(
+    spec: ModelSpec, data: DataSpec, split: str, job: _Job
+) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
     entry: dict[str, Any] = {
         "model": spec.name,
         "model_dir": str(spec.folder),
@@ -320,47 +333,59 @@ def _evaluate_one(
         "error": None,
     }
     try:
-        manifest = Manifest.load(data.manifest)  # once: inference, leaks, subgroups, summary
-        card, test, val = _predict(spec, data, split, cfg, device, progress, manifest)
-        calibrator = card.calibrator
-        test, metrics, leaks = evaluate_with_leaks(
-            test,
-            val,
-            _test_leaks(data, manifest, split),
-            data.leaks,
-            cfg.positive,
-            cfg.n_boot,
-            seed,
-            calibrator,
-        )
-        from medtl.subgroups import entry_subgroups
-
-        groups = entry_subgroups(manifest, test, test.probs(calibrator), cfg.n_boot, seed)
-        if groups is not None:
-            metrics["subgroups"] = groups
-        test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
-        test.save(test_file)
-        entry.update(
-            status="ok",
-            predictions=str(test_file.relative_to(out)),
-            val_predictions=str(spec.folder / "predictions_val.csv") if val is not None else None,
-            temperature=card.temperature,
-            calibrator=calibrator.to_dict(),
-            metrics=metrics,
-            model_meta=card.model_dump(mode="json"),
-            data=_data_summary(manifest),
-        )
-        if leaks is not None:
-            entry["leaks"] = leaks
-        if cfg.site_split is not None:
-            entry["site_thresholds"] = _site_thresholds(spec, data, split, test, card, cfg, device)
-        conformal = _conformal(spec.folder, test, calibrator)
-        if conformal is not None:
-            entry["conformal"] = conformal
-        return entry, test, calibrator
+        fields, test, calibrator = _ok_fields(spec, data, split, job)
     except MedtlError as exc:
         entry["error"] = one_line(exc)
         return entry, None, NoCalibration()
+    entry.update(status="ok", **fields)
+    return entry, test, calibrator
+
+
+def _ok_fields(
+    spec: ModelSpec, data: DataSpec, split: str, job: _Job
+) -> tuple[dict[str, Any], Predictions, Calibrator]:
+    """The fields of an ok entry, its (calibrated) test predictions and the calibrator."""
+    from medtl.clean_test import evaluate_with_leaks
+
+    out, cfg, device = job.out, job.cfg, job.device
+    manifest = Manifest.load(data.manifest)  # once: inference, leaks, subgroups, summary
+    card, test, val = _predict(spec, data, split, cfg, device, job.progress, manifest)
+    calibrator = card.calibrator
+    leaking = _test_leaks(data, manifest, split)
+    test, metrics, leaks = evaluate_with_leaks(
+        test, val, leaking, data.leaks, cfg.positive, cfg.n_boot, job.seed, calibrator
+    )
+    metrics.update(_subgroups(manifest, test, calibrator, job))
+    test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
+    test.save(test_file)
+    fields: dict[str, Any] = {
+        "predictions": str(test_file.relative_to(out)),
+        "val_predictions": str(spec.folder / "predictions_val.csv") if val is not None else None,
+        "temperature": card.temperature,
+        "calibrator": calibrator.to_dict(),
+        "metrics": metrics,
+        "model_meta": card.model_dump(mode="json"),
+        "data": _data_summary(manifest),
+    }
+    if leaks is not None:
+        fields["leaks"] = leaks
+    if cfg.site_split is not None:
+        fields["site_thresholds"] = _site_thresholds(spec, data, split, test, card, cfg, device)
+    conformal = _conformal(spec.folder, test, calibrator)
+    if conformal is not None:
+        fields["conformal"] = conformal
+    return fields, test, calibrator
+
+
+def _subgroups(
+    manifest: Manifest, test: Predictions, calibrator: Calibrator, job: _Job
+) -> dict[str, Any]:
+    """``{"subgroups": ...}`` when the manifest has subgroup columns, else ``{}``."""
+    from medtl.subgroups import entry_subgroups
+
+    probs = test.probs(calibrator)
+    groups = entry_subgroups(manifest, test, probs, job.cfg.n_boot, job.seed)
+    return {"subgroups": groups} if groups is not None else {}
 
 
 def _predict(
