@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from medtl.artifacts import ModelCard
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
 from medtl.results import EvaluationResults
+from medtl.runs import run_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- breastmnist_recipes:start -->", "<!-- breastmnist_recipes:end -->")
@@ -54,16 +54,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run_folder(work: Path, recipe: str, seed: int) -> Path:
     return work / recipe / f"seed{seed}"
-
-
-def run_manifest(out: Path) -> Path:
-    """The manifest a run used: the one it prepared, else the recipe's (relative to the repo)."""
-    prepared = out / "data" / "manifest.csv"
-    if prepared.is_file():
-        return prepared
-    resolved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
-    path = Path(resolved["data"]["manifest"])
-    return path if path.is_absolute() else ROOT / path
 
 
 def entry_metrics(evaluation: Path) -> dict[str, Any]:
@@ -114,7 +104,7 @@ def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) 
 
     if not args.report_only and not current():
         models = [x for r in runs for x in ("--model", f"{r['model_dir']}@seed{r['seed']}")]
-        data = f"{run_manifest(runs[0]['model_dir'].parent)}:{args.data_root}@breastmnist"
+        data = f"{run_manifest(runs[0]['model_dir'].parent, ROOT)}:{args.data_root}@breastmnist"
         code = medtl(
             ["-q", "evaluate", *models, "--data", data, "--out", str(out),
              "--positive", "malignant", "--ensemble"]

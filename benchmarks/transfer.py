@@ -42,6 +42,7 @@ from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
 from medtl.results import EvaluationResults
+from medtl.runs import run_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- transfer:start -->", "<!-- transfer:end -->")
@@ -189,7 +190,7 @@ def ensemble_run(
         card.save(out / "ensemble.json")
         run = runs[ENSEMBLE[0]]["model_dir"].parent
         run = run.parent if run.name == "finetune" else run
-        data = DataSpec(manifest_of(run), data_root(args, dataset), dataset)
+        data = DataSpec(run_manifest(run, ROOT), data_root(args, dataset), dataset)
         cfg = EvaluateConfig.model_validate(evaluate_section(run))
         EvaluateStage(cfg).evaluate(members, [data], out, seed=seed, progress=False, chosen=card)
         atomic_write_text(stamp, key + "\n")
@@ -205,18 +206,6 @@ def ensemble_run(
         "pretrain_s": sum(runs[a]["pretrain_s"] for a in ENSEMBLE),
         "finetune_s": sum(runs[a]["finetune_s"] for a in ENSEMBLE),
     }  # fmt: skip
-
-
-def manifest_of(run: Path) -> Path:
-    """The manifest a run used: the one it prepared, else its resolved recipe's."""
-    import yaml
-
-    prepared = run / "data" / "manifest.csv"
-    if prepared.is_file():
-        return prepared
-    resolved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
-    path = Path(resolved["data"]["manifest"])
-    return path if path.is_absolute() else ROOT / path
 
 
 def evaluate_section(run: Path) -> dict[str, Any]:

@@ -263,14 +263,13 @@ def evaluate(
                 kept.setdefault((data.name, split), []).append((spec.name, pred, calibrator))
     if cfg.ensemble:
         entries += [
-            _ensemble_entry(key, members, out, cfg, seed, specs[key[0]])
+            _ensemble_entry(key, members, job, specs[key[0]])
             for key, members in kept.items()
             if len(members) > 1
         ]
     if chosen is not None:
         entries += [
-            _chosen_entry(chosen, key, members, out, cfg, seed, specs[key[0]])
-            for key, members in kept.items()
+            _chosen_entry(chosen, key, members, job, specs[key[0]]) for key, members in kept.items()
         ]
     path = out / EVALUATION_FILE
     _save_evaluation(path, entries, _comparisons(kept), cfg, seed)
@@ -320,18 +319,25 @@ class _Job:
     progress: bool
 
 
-def _evaluate_one(
-    spec: ModelSpec, data: DataSpec, split: str, job: _Job
-) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
-    entry: dict[str, Any] = {
-        "model": spec.name,
-        "model_dir": str(spec.folder),
-        "dataset": data.name,
+def _failed_entry(
+    model: str, model_dir: str | None, dataset: str, split: str, manifest: str | None
+) -> dict[str, Any]:
+    """An entry's identity, marked failed until its figures are in."""
+    return {
+        "model": model,
+        "model_dir": model_dir,
+        "dataset": dataset,
         "split": split,
-        "manifest": str(data.manifest),
+        "manifest": manifest,
         "status": "failed",
         "error": None,
     }
+
+
+def _evaluate_one(
+    spec: ModelSpec, data: DataSpec, split: str, job: _Job
+) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
+    entry = _failed_entry(spec.name, str(spec.folder), data.name, split, str(data.manifest))
     try:
         fields, test, calibrator = _ok_fields(spec, data, split, job)
     except MedtlError as exc:
@@ -508,9 +514,7 @@ def _data_summary(manifest: Manifest) -> dict[str, Any]:
 def _ensemble_entry(
     key: tuple[str, str],
     members: list[tuple[str, Predictions, Calibrator]],
-    out: Path,
-    cfg: EvaluateConfig,
-    seed: int,
+    job: _Job,
     data: DataSpec,
     weights: list[float] | None = None,
     name: str | None = None,
@@ -520,16 +524,9 @@ def _ensemble_entry(
     from medtl.metrics import ensemble
 
     dataset, split = key
+    out, cfg = job.out, job.cfg
     name = name or "ensemble(" + " + ".join(m[0] for m in members) + ")"
-    entry: dict[str, Any] = {
-        "model": name,
-        "model_dir": None,
-        "dataset": dataset,
-        "split": split,
-        "manifest": None,
-        "status": "failed",
-        "error": None,
-    }
+    entry = _failed_entry(name, None, dataset, split, None)
     try:
         pred = ensemble([m[1] for m in members], [m[2] for m in members], weights)
         pred.model = name
@@ -540,7 +537,7 @@ def _ensemble_entry(
             data.leaks,
             cfg.positive,
             cfg.n_boot,
-            seed,
+            job.seed,
             NoCalibration(),
         )
         stem = "ensemble" if weights is None else "ensemble_chosen"
@@ -566,9 +563,7 @@ def _chosen_entry(
     card: EnsembleCard,
     key: tuple[str, str],
     evaluated: list[tuple[str, Predictions, Calibrator]],
-    out: Path,
-    cfg: EvaluateConfig,
-    seed: int,
+    job: _Job,
     data: DataSpec,
 ) -> dict[str, Any]:
     """The ensemble of ``card`` on one dataset / split: its members with a weight, their
@@ -577,7 +572,7 @@ def _chosen_entry(
     kept = [m for m in card.members if m.weight > 0]
     missing = [m.name for m in kept if m.name not in by_name]
     if missing:
-        entry = _ensemble_entry(key, [], out, cfg, seed, data, name=card.label)
+        entry = _ensemble_entry(key, [], job, data, name=card.label)
         entry["error"] = f"ensemble members {missing} were not evaluated on {key[0]}/{key[1]}"
         return entry
     meta = {
@@ -589,9 +584,7 @@ def _chosen_entry(
         "val_log_loss": card.val_log_loss,
     }
     members = [by_name[m.name] for m in kept]
-    return _ensemble_entry(
-        key, members, out, cfg, seed, data, [m.weight for m in kept], card.label, meta
-    )
+    return _ensemble_entry(key, members, job, data, [m.weight for m in kept], card.label, meta)
 
 
 def _comparisons(
