@@ -131,13 +131,13 @@ def read_artifact(cls: type[A], path: Path, rerun: str) -> A:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        key, msg = _first_problem(exc)
+        key, msg = first_problem(exc)
         where = f"key '{key}': " if key else ""
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{path}: {where}{msg}{more}; {rerun}") from None
 
 
-def _first_problem(exc: ValidationError) -> tuple[str, str]:
+def first_problem(exc: ValidationError) -> tuple[str, str]:
     """The key and message to show of a validation error: an unknown key first (a hand edit
     most often renames one), with the missing key it most resembles as the fix."""
     errors = exc.errors()

@@ -118,3 +118,20 @@ def test_a_newer_schema_version_is_refused_with_one_line(
     path = edited(stages["evaluation"], lambda d: d.update(schema_version=99), tmp_path)
     with pytest.raises(ConfigError, match=r"key 'schema_version'.*upgrade medtl"):
         EvaluationResults.load(path)
+
+
+def test_the_report_names_a_hand_edited_evaluation_header_in_one_line(
+    stages: dict[str, Path], tmp_path: Path
+) -> None:
+    """The report reads ``evaluation.json`` entry by entry, but its header is validated whole."""
+    from medtl.errors import DataError
+    from medtl.report import build_report
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    path = edited(stages["evaluation"], lambda d: d.update(nboot=d.pop("n_boot")), folder)
+    with pytest.raises(DataError) as info:
+        build_report(folder, tmp_path / "report")
+    text = str(info.value)
+    assert "\n" not in text and str(path) in text, text
+    assert "key 'nboot': not a key of this file; did you mean 'n_boot'?" in text
