@@ -8,8 +8,8 @@ a ``KeyError`` three stages later. Today:
   given its calibrator and thresholds by calibration, read by evaluation and the report.
 - :class:`EncoderCard` (``pretrain/meta.json``): what an MAE pretraining run produced.
 
-Evaluation entries (``evaluation.json``) are not typed yet. Model cards written before the
-schema was versioned (no ``schema_version``) are read and upgraded in memory: their scalar
+:class:`EvaluationEntry` is one entry of ``evaluation.json``; the results of calibrate, evaluate
+and report are in :mod:`medtl.results`. Model cards written before the schema was versioned (no ``schema_version``) are read and upgraded in memory: their scalar
 ``temperature`` becomes a temperature calibrator unless a ``calibrator`` record is present.
 """
 
