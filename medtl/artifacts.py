@@ -9,8 +9,9 @@ a ``KeyError`` three stages later. Today:
 - :class:`EncoderCard` (``pretrain/meta.json``): what an MAE pretraining run produced.
 
 :class:`EvaluationEntry` is one entry of ``evaluation.json``; the results of calibrate, evaluate
-and report are in :mod:`medtl.results`. Model cards written before the schema was versioned (no ``schema_version``) are read and upgraded in memory: their scalar
-``temperature`` becomes a temperature calibrator unless a ``calibrator`` record is present.
+and report are in :mod:`medtl.results`. Model cards written before the schema was versioned
+(no ``schema_version``) are read and upgraded in memory: their scalar ``temperature`` becomes
+a temperature calibrator unless a ``calibrator`` record is present.
 """
 
 from __future__ import annotations
