@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from medtl.artifacts import ModelCard
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
+from medtl.results import EvaluationResults
+from medtl.runs import run_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- breastmnist_recipes:start -->", "<!-- breastmnist_recipes:end -->")
@@ -54,20 +56,10 @@ def run_folder(work: Path, recipe: str, seed: int) -> Path:
     return work / recipe / f"seed{seed}"
 
 
-def run_manifest(out: Path) -> Path:
-    """The manifest a run used: the one it prepared, else the recipe's (relative to the repo)."""
-    prepared = out / "data" / "manifest.csv"
-    if prepared.is_file():
-        return prepared
-    resolved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
-    path = Path(resolved["data"]["manifest"])
-    return path if path.is_absolute() else ROOT / path
-
-
 def entry_metrics(evaluation: Path) -> dict[str, Any]:
     """``{model name: its overall test metrics}`` from an ``evaluation.json``."""
-    entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-    return {e["model"]: e["metrics"]["overall"] for e in entries if e["status"] == "ok"}
+    entries = EvaluationResults.load(evaluation).entries
+    return {e.model: (e.metrics or {})["overall"] for e in entries if e.status == "ok"}
 
 
 def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] | None:
@@ -88,10 +80,10 @@ def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] 
         for stage in ("pretrain", "finetune")
         if (out / stage / "DONE").is_file()
     )
-    meta = json.loads((out / "finetune" / "meta.json").read_text(encoding="utf-8"))
+    card = ModelCard.load(out / "finetune" / "meta.json")
     return {
-        "recipe": recipe, "seed": seed, "metrics": metrics, "val_bacc": meta["val_bacc"],
-        "best_epoch": meta["best_epoch"], "epochs_run": meta["epochs_run"], "seconds": seconds,
+        "recipe": recipe, "seed": seed, "metrics": metrics, "val_bacc": card.val_bacc,
+        "best_epoch": card.best_epoch, "epochs_run": card.epochs_run, "seconds": seconds,
         "model_dir": out / "finetune",
     }  # fmt: skip
 
@@ -112,7 +104,7 @@ def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) 
 
     if not args.report_only and not current():
         models = [x for r in runs for x in ("--model", f"{r['model_dir']}@seed{r['seed']}")]
-        data = f"{run_manifest(runs[0]['model_dir'].parent)}:{args.data_root}@breastmnist"
+        data = f"{run_manifest(runs[0]['model_dir'].parent, ROOT)}:{args.data_root}@breastmnist"
         code = medtl(
             ["-q", "evaluate", *models, "--data", data, "--out", str(out),
              "--positive", "malignant", "--ensemble"]

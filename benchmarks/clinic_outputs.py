@@ -11,23 +11,16 @@ docs/export.md show its BUSI output:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from medtl.data.dataset import DataConfig
 from medtl.data.prepare import prepare
-from medtl.evaluate import (
-    CalibrateConfig,
-    DataSpec,
-    EvaluateConfig,
-    ModelSpec,
-    calibrate_model,
-    evaluate,
-)
+from medtl.evaluate import CalibrateConfig, DataSpec, EvaluateConfig, ModelSpec
 from medtl.export import export_model
 from medtl.finetune.loop import FinetuneConfig, finetune
-from medtl.report import build_report
+from medtl.pipeline import CalibrateStage, EvaluateStage, ReportStage
+from medtl.results import ReportSummary
 
 
 def run(adapter: str, root: Path, out: Path, backbone: str, epochs: int, size: int) -> list[str]:
@@ -37,13 +30,14 @@ def run(adapter: str, root: Path, out: Path, backbone: str, epochs: int, size: i
     data = DataConfig(image_size=size, channels=3, batch_size=32, augment="light")
     ft = FinetuneConfig(backbone=backbone, epochs=epochs, batch_size=32, min_epochs=epochs, lr=2e-3)
     finetune(ft, manifest, root, data, out / "finetune", progress=False)
-    calibrate_model(out / "finetune", CalibrateConfig(method="temperature", compare=[]))
+    CalibrateStage(CalibrateConfig(method="temperature", compare=[])).calibrate(out / "finetune")
     spec = DataSpec(out / "manifest.csv", root, adapter)
     cfg = EvaluateConfig(n_boot=1000)
-    evaluate([ModelSpec(out / "finetune", backbone)], [spec], out / "eval", cfg, progress=False)
+    model = ModelSpec(out / "finetune", backbone)
+    EvaluateStage(cfg).evaluate([model], [spec], out / "eval", progress=False)
     lines.append(f"trained and evaluated in {time.perf_counter() - start:.0f} s")
     t = time.perf_counter()
-    report = build_report(out / "eval", out / "report", {adapter: root}, explain=True)
+    report = ReportStage().report(out / "eval", out / "report", {adapter: root}, explain=True)
     lines.append(f"report with explanations in {time.perf_counter() - t:.0f} s")
     t = time.perf_counter()
     result = export_model(out / "finetune", out / "export", out / "eval")
@@ -51,12 +45,12 @@ def run(adapter: str, root: Path, out: Path, backbone: str, epochs: int, size: i
         f"export in {time.perf_counter() - t:.0f} s; ONNX max |difference| "
         f"{result.onnx_max_abs_diff:.1e}"
     )
-    entry = json.loads(report.json.read_text())["entries"][0]
-    overall = entry["metrics"]["overall"]
+    entry = ReportSummary.load(report.json).entries[0]
+    overall = entry.metrics["overall"]
     for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
         e = overall[name]
         lines.append(f"test {name}: {e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]")
-    panel = entry["explanations"]
+    panel = entry.explanations or {}
     lines.append(f"Grad-CAM layer: {panel['layer']}")
     lines += [
         f"  {d['kind']}: true {d['true']}, called {d['explained']} {d['probability']:.2f}"

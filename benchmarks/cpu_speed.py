@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pretrain_throughput import load_images  # benchmarks/, this script's folder
 
 from medtl.data.dataset import DataConfig
 from medtl.io import write_marked_section
@@ -45,20 +46,6 @@ VARIANTS = {  # name -> (channels_last, bf16 autocast, torch.compile)
     "torch.compile": (False, False, True),
 }
 Step = Callable[[torch.Tensor, torch.Tensor, list[int]], None]
-
-
-def load_images(data_root: Path, n: int, size: int) -> torch.Tensor:
-    """``n`` BUSI images as ``[n, 3, size, size]`` in [0, 1] (random images if BUSI is absent)."""
-    from PIL import Image
-
-    files = sorted(
-        p for p in (data_root / "Dataset_BUSI_with_GT").glob("*/*.png") if "_mask" not in p.name
-    )[:n]
-    if not files:
-        print(f"note: {data_root} not found; using random images")
-        return torch.rand(n, 3, size, size)
-    arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size))) for f in files]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
 def make_step(

@@ -12,20 +12,13 @@ interval. docs/report.md quotes its output on ../shared/data/isic2018_sample.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from medtl.data.dataset import DataConfig
 from medtl.data.prepare import prepare
-from medtl.evaluate import (
-    CalibrateConfig,
-    DataSpec,
-    EvaluateConfig,
-    ModelSpec,
-    calibrate_model,
-    evaluate,
-)
+from medtl.evaluate import CalibrateConfig, DataSpec, EvaluateConfig, ModelSpec
 from medtl.finetune.loop import FinetuneConfig, finetune
+from medtl.pipeline import CalibrateStage, EvaluateStage
 
 
 def run(
@@ -36,11 +29,12 @@ def run(
     data = DataConfig(image_size=size, channels=3, batch_size=32)
     ft = FinetuneConfig(backbone=backbone, epochs=epochs, batch_size=32, min_epochs=epochs, lr=1e-3)
     finetune(ft, manifest, root, data, out / "model", progress=False)
-    calibrate_model(out / "model", CalibrateConfig(method="temperature", compare=[]))
+    CalibrateStage(CalibrateConfig(method="temperature", compare=[])).calibrate(out / "model")
     spec = DataSpec(out / "isic.csv", root, "isic2018")
     cfg = EvaluateConfig(splits=["val", "test"], n_boot=n_boot)
-    path = evaluate([ModelSpec(out / "model", backbone)], [spec], out / "eval", cfg, progress=False)
-    return {e["split"]: e for e in json.loads(path.read_text())["entries"]}
+    model = ModelSpec(out / "model", backbone)
+    results = EvaluateStage(cfg).evaluate([model], [spec], out / "eval", progress=False)
+    return {e.split: e.model_dump(mode="json", exclude_unset=True) for e in results.entries}
 
 
 def summary(entries: dict[str, object]) -> list[str]:

@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace, study: str, out: Path) -> int:
     from medtl.data.dataset import DataConfig
     from medtl.data.manifest import Manifest
     from medtl.finetune.loop import FinetuneConfig
-    from medtl.finetune.search import BioTuneConfig, run_worker
+    from medtl.finetune.search import BioTuneConfig, SearchTask, run_worker
 
     torch.set_num_threads(1)
     cfg = BioTuneConfig(
@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace, study: str, out: Path) -> int:
     ft = FinetuneConfig(backbone=args.backbone, epochs=args.max_epochs, batch_size=32, lr=3e-3)
     data = DataConfig(image_size=args.image_size, channels=3, cache="memory", batch_size=32)
     manifest = Manifest.load(args.manifest)
-    return run_worker(cfg, ft, manifest, args.root, data, out, progress=False)
+    return run_worker(SearchTask(cfg, ft, manifest, args.root, data, out, progress=False))
 
 
 def timed(args: argparse.Namespace, n: int, work: Path) -> dict[str, object]:

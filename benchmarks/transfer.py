@@ -41,6 +41,8 @@ from medtl.artifacts import ModelCard, file_sha256
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
+from medtl.results import EvaluationResults
+from medtl.runs import run_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- transfer:start -->", "<!-- transfer:end -->")
@@ -146,8 +148,8 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
         return None
     folder = model_dir(out)
     entry = next(
-        e for e in json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        if e["status"] == "ok" and Path(e["model_dir"]) == folder
+        e for e in EvaluationResults.load(evaluation).entries
+        if e.status == "ok" and Path(e.model_dir or "") == folder
     )  # fmt: skip
     stages = {
         stage: json.loads((out / stage / "DONE").read_text(encoding="utf-8"))
@@ -156,7 +158,7 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
     }
     card = ModelCard.load(folder / "meta.json")
     return {
-        "arm": arm, "seed": seed, "metrics": entry["metrics"]["overall"],
+        "arm": arm, "seed": seed, "metrics": (entry.metrics or {})["overall"],
         "val_bacc": card.val_bacc, "val_auroc": val_auroc(folder), "model_dir": folder,
         "best_epoch": card.best_epoch, "epochs_run": card.epochs_run,
         "pretrain_s": float(stages.get("pretrain", {}).get("seconds") or 0),
@@ -169,7 +171,8 @@ def ensemble_run(
 ) -> dict[str, Any] | None:
     """The ImageNet and MAE models of one seed, weighted on validation, evaluated on test."""
     from medtl.ensemble import EnsembleConfig, choose_ensemble
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec
+    from medtl.pipeline import EvaluateStage
 
     if any(arm not in runs for arm in ENSEMBLE):
         return None
@@ -188,34 +191,22 @@ def ensemble_run(
         card.save(out / "ensemble.json")
         run = runs[ENSEMBLE[0]]["model_dir"].parent
         run = run.parent if run.name == "finetune" else run
-        data = DataSpec(manifest_of(run), data_root(args, dataset), dataset)
+        data = DataSpec(run_manifest(run, ROOT), data_root(args, dataset), dataset)
         cfg = EvaluateConfig.model_validate(evaluate_section(run))
-        evaluate(members, [data], out, cfg, seed=seed, progress=False, chosen=card)
+        EvaluateStage(cfg).evaluate(members, [data], out, seed=seed, progress=False, chosen=card)
         atomic_write_text(stamp, key + "\n")
     if not current():  # never an ensemble of other members
         return None
-    entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-    chosen = next(e for e in entries if e["model"].startswith("ensemble(") and e["status"] == "ok")
-    meta = chosen["model_meta"]
+    entries = EvaluationResults.load(evaluation).entries
+    chosen = next(e for e in entries if e.model.startswith("ensemble(") and e.status == "ok")
+    meta = chosen.model_meta or {}
     return {
-        "arm": "ensemble", "seed": seed, "metrics": chosen["metrics"]["overall"],
+        "arm": "ensemble", "seed": seed, "metrics": (chosen.metrics or {})["overall"],
         "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
         "val_log_loss": meta["val_log_loss"],
         "pretrain_s": sum(runs[a]["pretrain_s"] for a in ENSEMBLE),
         "finetune_s": sum(runs[a]["finetune_s"] for a in ENSEMBLE),
     }  # fmt: skip
-
-
-def manifest_of(run: Path) -> Path:
-    """The manifest a run used: the one it prepared, else its resolved recipe's."""
-    import yaml
-
-    prepared = run / "data" / "manifest.csv"
-    if prepared.is_file():
-        return prepared
-    resolved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
-    path = Path(resolved["data"]["manifest"])
-    return path if path.is_absolute() else ROOT / path
 
 
 def evaluate_section(run: Path) -> dict[str, Any]:

@@ -9,17 +9,19 @@ a ``KeyError`` three stages later. Today:
 - :class:`EncoderCard` (``pretrain/meta.json``): what an MAE pretraining run produced, with
   its corpus (:class:`CorpusRecord`) when ``pretrain.data`` names one.
 
-Evaluation entries (``evaluation.json``) are not typed yet. Model cards written before the
-schema was versioned (no ``schema_version``) are read and upgraded in memory: their scalar
-``temperature`` becomes a temperature calibrator unless a ``calibrator`` record is present.
+:class:`EvaluationEntry` is one entry of ``evaluation.json``; the results of calibrate, evaluate
+and report are in :mod:`medtl.results`. Model cards written before the schema was versioned
+(no ``schema_version``) are read and upgraded in memory: their scalar ``temperature`` becomes
+a temperature calibrator unless a ``calibrator`` record is present.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -88,10 +90,17 @@ class Artifact(BaseModel):
             )
         return version
 
+    RERUN: ClassVar[str] = "re-run the medtl command that wrote it"  # the fix, in messages
+
     def save(self, path: Path) -> Path:
         """Write the artifact as JSON, atomically."""
         write_json(path, self.model_dump(mode="json"))
         return path
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        """Read and validate ``path``; a problem is one line naming the key and :attr:`RERUN`."""
+        return read_artifact(cls, path, cls.RERUN)
 
 
 class UnversionedIsCurrent(Artifact):
@@ -124,12 +133,25 @@ def read_artifact(cls: type[A], path: Path, rerun: str) -> A:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"])
+        key, msg = first_problem(exc)
         where = f"key '{key}': " if key else ""
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        msg = error["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path}: {where}{msg}{more}; {rerun}") from None
+
+
+def first_problem(exc: ValidationError) -> tuple[str, str]:
+    """The key and message to show of a validation error: an unknown key first (a hand edit
+    most often renames one), with the missing key it most resembles as the fix."""
+    errors = exc.errors()
+    dotted = [".".join(str(p) for p in e["loc"]) for e in errors]
+    unknown = [i for i, e in enumerate(errors) if e["type"] == "extra_forbidden"]
+    if not unknown:
+        return dotted[0], errors[0]["msg"].removeprefix("Value error, ")
+    key = dotted[unknown[0]]
+    missing = [d for d, e in zip(dotted, errors, strict=True) if e["type"] == "missing"]
+    close = difflib.get_close_matches(key, missing, n=1)
+    fix = f"did you mean '{close[0]}'?" if close else "remove it"
+    return key, f"not a key of this file; {fix}"
 
 
 # -- shared pieces -----------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import yaml
 
@@ -30,8 +30,12 @@ from medtl.errors import (
     one_line,
 )
 
+if TYPE_CHECKING:
+    from medtl.artifacts import EvaluationEntry
+
 log = logging.getLogger("medtl")
 T = TypeVar("T")
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 # -- small parsing helpers ------------------------------------------------------------------
@@ -249,17 +253,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{stage}: {path}")
     evaluation = ctx.out / "evaluate" / "evaluation.json"
     if "evaluate" in done and evaluation.is_file():
-        from medtl.evaluate import failed_entries
+        from medtl.results import EvaluationResults
 
-        entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        return _batch_exit("evaluation", len(entries), failed_entries(evaluation))
+        results = EvaluationResults.load(evaluation)
+        return _batch_exit("evaluation", len(results.entries), results.failures())
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The BioTune search alone (``--worker``: join a running search as one more process)."""
     from medtl.finetune.methods import SEARCHES
-    from medtl.pipeline import run_finetune, search_job
+    from medtl.pipeline import FinetuneStage, search_job
 
     if args.storage:  # the same as --set search.storage=URL
         args.set = [*(args.set or []), f"search.storage={args.storage}"]
@@ -280,7 +284,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             n = SEARCHES.get(cfg.strategy).work(job)
             print(f"worker ran {n} candidate(s)")
             return 0
-        print(f"fine-tuned model: {run_finetune(ctx, resume=not args.no_resume)}")
+        folder = FinetuneStage(resume=not args.no_resume).run(ctx).path
+        print(f"fine-tuned model: {folder}")
         return 0
 
 
@@ -288,7 +293,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from medtl.conformal import ConformalConfig
-    from medtl.evaluate import CalibrateConfig, calibrate_model
+    from medtl.evaluate import CalibrateConfig
+    from medtl.pipeline import CalibrateStage
 
     try:
         conformal = ConformalConfig(
@@ -303,16 +309,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         conformal=conformal,
         **({"compare": args.compare} if args.compare else {}),
     )
-    failures = []
+    failures, stage = [], CalibrateStage(cfg)
     for folder in args.model:
         try:
-            result = calibrate_model(Path(folder), cfg)
+            record = stage.calibrate(Path(folder))
         except MedtlError as exc:
             if len(args.model) == 1:
                 raise
             failures.append(f"{folder}: {one_line(exc)}")
             continue
-        params = result["calibrators"][cfg.method]["params"]
+        params = record.chosen.params.to_dict()
         print(
             f"{folder}: {cfg.method} fitted on validation: {params}; written to meta.json and calibration.json"
         )
@@ -322,8 +328,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate, failed_entries
-    from medtl.pipeline import pick_device
+    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec
+    from medtl.pipeline import EvaluateStage, pick_device
 
     cfg = EvaluateConfig(
         splits=args.split or ["test"],
@@ -332,33 +338,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ensemble=args.ensemble,
         site_split=args.site_split,
     )
-    path = evaluate(
+    out = Path(args.out)
+    results = EvaluateStage(cfg).evaluate(
         [ModelSpec.parse(m) for m in args.model],
         [replace(DataSpec.parse(d), leaks=args.leaks) for d in args.data],
-        Path(args.out),
-        cfg,
+        out,
         seed=args.seed,
         device=pick_device(args.device),
         progress=show_progress(args),
     )
-    entries = json.loads(path.read_text())["entries"]
-    for e in entries:
-        if e["status"] == "ok":
-            m = e["metrics"]["overall"]
-            auc, bacc = m.get("macro_auroc", {}), m.get("balanced_accuracy", {})
-            print(
-                f"{e['model']} on {e['dataset']}/{e['split']}: macro AUROC {_ci(auc)}, balanced accuracy {_ci(bacc)}"
-            )
-            if "conformal" in e:
-                c = e["conformal"]
-                print(
-                    f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
-                    f"{_ci(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
-                )
-        else:
-            print(f"{e['model']} on {e['dataset']}/{e['split']}: FAILED: {e['error']}")
-    print(f"evaluation written to {path}")
-    return _batch_exit("evaluation", len(entries), failed_entries(path))
+    for e in results.entries:
+        print_entry(e)
+    print(f"evaluation written to {out / 'evaluation.json'}")
+    return _batch_exit("evaluation", len(results.entries), results.failures())
+
+
+def print_entry(e: EvaluationEntry) -> None:
+    """One :class:`~medtl.artifacts.EvaluationEntry` as a line (two with conformal sets)."""
+    from medtl.report.tables import fmt_entry
+
+    where = f"{e.model} on {e.dataset}/{e.split}"
+    if e.status != "ok":
+        print(f"{where}: FAILED: {e.error}")
+        return
+    m = (e.metrics or {}).get("overall", {})
+    auc, bacc = m.get("macro_auroc", {}), m.get("balanced_accuracy", {})
+    print(f"{where}: macro AUROC {fmt_entry(auc)}, balanced accuracy {fmt_entry(bacc)}")
+    if e.conformal is not None:
+        c = e.conformal
+        print(
+            f"  conformal sets ({100 * c['target']:.0f}% target): coverage "
+            f"{fmt_entry(c['coverage'])}, mean set size {c['mean_set_size']:.2f}"
+        )
 
 
 def _batch_exit(what: str, total: int, failures: list[str]) -> int:
@@ -396,22 +407,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ci(entry: dict[str, Any]) -> str:
-    def f(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    return f"{f(entry.get('value'))} [{f(entry.get('ci_low'))}, {f(entry.get('ci_high'))}]"
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from medtl.report import build_report
+    from medtl.evaluate import ReportConfig
+    from medtl.pipeline import ReportStage
 
     roots = dict(parse_options(args.data_root)) if args.data_root else None
-    result = build_report(
+    result = ReportStage(ReportConfig(rank_by=args.rank_by)).report(
         Path(args.evaluation),
         Path(args.out),
         {k: Path(str(v)) for k, v in roots.items()} if roots else None,
-        args.rank_by,
         explain=args.explain,
     )
     print(f"report: {result.html}")
@@ -489,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _prepare_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("prepare", help="build a manifest (and its audit) for a dataset folder")
     p.add_argument("dataset", help="adapter name (see 'medtl list adapters')")
     p.add_argument("root", help="data root: the dataset folder (never written into the manifest)")
@@ -524,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_prepare)
 
+
+def _audit_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "audit", help="audit a manifest against its data: broken files, duplicates, conflicts"
     )
@@ -540,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if the audit finds any problem")
     p.set_defaults(func=cmd_audit)
 
+
+def _load_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "load", help="read a split through the loading pipeline and report throughput"
     )
@@ -553,20 +567,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_load)
 
+
+def _check_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("check", help="validate a recipe, its data root and its manifest")
     _recipe_args(p, run=False)
     p.set_defaults(func=cmd_check)
 
+
+def _pretrain_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "pretrain", help="masked-autoencoder pretraining from a recipe's pretrain section"
     )
     _recipe_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _finetune_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("finetune", help="fine-tune a classifier from a recipe's finetune section")
     _recipe_args(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _run_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("run", help="every stage of a recipe into one run folder (resumable)")
     _recipe_args(p)
     p.add_argument(
@@ -577,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+
+def _search_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("search", help="the BioTune search of a recipe (finetune.strategy: biotune)")
     _recipe_args(p)
     p.add_argument(
@@ -591,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
+
+def _calibrate_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "calibrate", help="fit a calibrator on a model's validation predictions and store it"
     )
@@ -612,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_calibrate)
 
+
+def _evaluate_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "evaluate", help="many models x many datasets: predictions and metrics with CIs"
     )
@@ -658,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _predict_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "predict",
         help="apply a calibrated model to new images: probabilities, called class, conformal sets",
@@ -700,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _report_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "report", help="one self-contained HTML report (+ JSON, CSV) from an evaluation"
     )
@@ -727,6 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
+
+def _export_parser(sub: _Subparsers) -> None:
     p = sub.add_parser(
         "export", help="model card (Markdown, HTML), ONNX file and MONAI bundle of a model"
     )
@@ -745,12 +779,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+
+def _list_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("list", help="list registered components")
     p.add_argument(
         "kind", nargs="?", choices=["adapters", "masking", "searches", "sources", "strategies"]
     )
     p.set_defaults(func=cmd_list)
 
+
+def _demo_parser(sub: _Subparsers) -> None:
     p = sub.add_parser("demo", help="run the pipeline on a built-in synthetic phantom dataset")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--n", type=int, default=240, help="phantom images (default 240)")
@@ -769,7 +807,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a key of the demo recipe, e.g. --set pretrain.epochs=2",
     )
     p.set_defaults(func=cmd_demo)
-    return parser
+
+
+_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _prepare_parser,
+    _audit_parser,
+    _load_parser,
+    _check_parser,
+    _pretrain_parser,
+    _finetune_parser,
+    _run_parser,
+    _search_parser,
+    _calibrate_parser,
+    _evaluate_parser,
+    _predict_parser,
+    _report_parser,
+    _export_parser,
+    _list_parser,
+    _demo_parser,
+)
 
 
 def _recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:

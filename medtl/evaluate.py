@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -35,8 +34,15 @@ from medtl.conformal import CONFORMAL_FILE, ConformalConfig, fit_conformal
 from medtl.data.leaks import SplitLeaks, find_test_leaks, read_audit_clusters
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, MedtlError, one_line
-from medtl.io import check_writable, write_json
+from medtl.io import check_writable
 from medtl.predictions import Predictions
+from medtl.results import (
+    CALIBRATION_FILE,
+    EVALUATION_FILE,
+    CalibrationRecord,
+    EvaluationResults,
+    save_checked,
+)
 
 if TYPE_CHECKING:
     from medtl.ensemble import EnsembleCard
@@ -111,7 +117,7 @@ class ReportConfig(BaseModel):
     )
 
 
-def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
+def calibrate_model(folder: Path, cfg: CalibrateConfig) -> CalibrationRecord:
     """Fit ``cfg.method`` on ``predictions_val.csv``; store it, with the operating thresholds it
     gives on validation, in the model card (``meta.json``); fit the conformal prediction sets
     (``calibrate.conformal``) on the same calibrated validation probabilities
@@ -146,8 +152,7 @@ def calibrate_model(folder: Path, cfg: CalibrateConfig) -> dict[str, Any]:
     conformal = fit_conformal(val, card.calibrator, cfg.conformal)
     conformal.save(folder / CONFORMAL_FILE)
     result["conformal"] = conformal.model_dump(mode="json")
-    write_json(folder / "calibration.json", result)
-    return result
+    return save_checked(CalibrationRecord, result, folder / CALIBRATION_FILE)
 
 
 def validation_thresholds(
@@ -249,26 +254,37 @@ def evaluate(
     entries: list[dict[str, Any]] = []
     kept: dict[tuple[str, str], list[tuple[str, Predictions, Calibrator]]] = {}
     specs = {data.name: data for data in datasets}
+    job = _Job(out, cfg, seed, device, progress)
     for spec, data in itertools.product(models, datasets):
         for split in cfg.splits:
-            entry, pred, calibrator = _evaluate_one(
-                spec, data, split, out, cfg, seed, device, progress
-            )
+            entry, pred, calibrator = _evaluate_one(spec, data, split, job)
             entries.append(entry)
             if pred is not None:
                 kept.setdefault((data.name, split), []).append((spec.name, pred, calibrator))
     if cfg.ensemble:
         entries += [
-            _ensemble_entry(key, members, out, cfg, seed, specs[key[0]])
+            _ensemble_entry(key, members, job, specs[key[0]])
             for key, members in kept.items()
             if len(members) > 1
         ]
     if chosen is not None:
         entries += [
-            _chosen_entry(chosen, key, members, out, cfg, seed, specs[key[0]])
-            for key, members in kept.items()
+            _chosen_entry(chosen, key, members, job, specs[key[0]]) for key, members in kept.items()
         ]
-    comparisons = _comparisons(kept)
+    path = out / EVALUATION_FILE
+    _save_evaluation(path, entries, _comparisons(kept), cfg, seed)
+    return path
+
+
+def _save_evaluation(
+    path: Path,
+    entries: list[dict[str, Any]],
+    comparisons: list[dict[str, Any]],
+    cfg: EvaluateConfig,
+    seed: int,
+) -> None:
+    """Write ``evaluation.json`` (checked as :class:`~medtl.results.EvaluationResults`) and warn
+    of each failed entry."""
     entries = [check_entry(e) for e in entries]  # typed: EvaluationEntry
     result = {
         "medtl_version": __version__,
@@ -278,89 +294,104 @@ def evaluate(
         "entries": entries,
         "comparisons": comparisons,
     }
-    path = out / "evaluation.json"
-    write_json(path, result)
-    failed = [e for e in entries if e["status"] != "ok"]
-    for e in failed:
-        log.warning(
-            "evaluation of %s on %s/%s failed: %s", e["model"], e["dataset"], e["split"], e["error"]
-        )
-    return path
+    save_checked(EvaluationResults, result, path)
+    for e in entries:
+        if e["status"] != "ok":
+            log.warning(
+                "evaluation of %s on %s/%s failed: %s",
+                e["model"], e["dataset"], e["split"], e["error"],
+            )  # fmt: skip
 
 
 def failed_entries(path: Path) -> list[str]:
     """``model on dataset/split: error`` for each failed entry of an ``evaluation.json``."""
-    entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
-    return [
-        f"{e['model']} on {e['dataset']}/{e['split']}: {e['error']}"
-        for e in entries
-        if e["status"] != "ok"
-    ]
+    return EvaluationResults.load(path).failures()
 
 
-def _evaluate_one(
-    spec: ModelSpec,
-    data: DataSpec,
-    split: str,
-    out: Path,
-    cfg: EvaluateConfig,
-    seed: int,
-    device: str,
-    progress: bool,
-) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
-    from medtl.clean_test import evaluate_with_leaks
+@dataclass(frozen=True)
+class _Job:
+    """What every entry of one :func:`evaluate` call shares."""
 
-    entry: dict[str, Any] = {
-        "model": spec.name,
-        "model_dir": str(spec.folder),
-        "dataset": data.name,
+    out: Path
+    cfg: EvaluateConfig
+    seed: int
+    device: str
+    progress: bool
+
+
+def _failed_entry(
+    model: str, model_dir: str | None, dataset: str, split: str, manifest: str | None
+) -> dict[str, Any]:
+    """An entry's identity, marked failed until its figures are in."""
+    return {
+        "model": model,
+        "model_dir": model_dir,
+        "dataset": dataset,
         "split": split,
-        "manifest": str(data.manifest),
+        "manifest": manifest,
         "status": "failed",
         "error": None,
     }
-    try:
-        manifest = Manifest.load(data.manifest)  # once: inference, leaks, subgroups, summary
-        card, test, val = _predict(spec, data, split, cfg, device, progress, manifest)
-        calibrator = card.calibrator
-        test, metrics, leaks = evaluate_with_leaks(
-            test,
-            val,
-            _test_leaks(data, manifest, split),
-            data.leaks,
-            cfg.positive,
-            cfg.n_boot,
-            seed,
-            calibrator,
-        )
-        from medtl.subgroups import entry_subgroups
 
-        groups = entry_subgroups(manifest, test, test.probs(calibrator), cfg.n_boot, seed)
-        if groups is not None:
-            metrics["subgroups"] = groups
-        test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
-        test.save(test_file)
-        entry.update(
-            status="ok",
-            predictions=str(test_file.relative_to(out)),
-            val_predictions=str(spec.folder / "predictions_val.csv") if val is not None else None,
-            temperature=card.temperature,
-            calibrator=calibrator.to_dict(),
-            metrics=metrics,
-            model_meta=card.model_dump(mode="json"),
-            data=_data_summary(manifest),
-        )
-        if leaks is not None:
-            entry["leaks"] = leaks
-        if cfg.site_split is not None:
-            entry["site_thresholds"] = _site_thresholds(spec, data, split, test, card, cfg, device)
-        conformal = _conformal(spec.folder, test, calibrator)
-        if conformal is not None:
-            entry["conformal"] = conformal
-        return entry, test, calibrator
+
+def _evaluate_one(
+    spec: ModelSpec, data: DataSpec, split: str, job: _Job
+) -> tuple[dict[str, Any], Predictions | None, Calibrator]:
+    entry = _failed_entry(spec.name, str(spec.folder), data.name, split, str(data.manifest))
+    try:
+        fields, test, calibrator = _ok_fields(spec, data, split, job)
     except MedtlError as exc:
         entry["error"] = one_line(exc)
         return entry, None, NoCalibration()
+    entry.update(status="ok", **fields)
+    return entry, test, calibrator
+
+
+def _ok_fields(
+    spec: ModelSpec, data: DataSpec, split: str, job: _Job
+) -> tuple[dict[str, Any], Predictions, Calibrator]:
+    """The fields of an ok entry, its (calibrated) test predictions and the calibrator."""
+    from medtl.clean_test import evaluate_with_leaks
+
+    out, cfg, device = job.out, job.cfg, job.device
+    manifest = Manifest.load(data.manifest)  # once: inference, leaks, subgroups, summary
+    card, test, val = _predict(spec, data, split, cfg, device, job.progress, manifest)
+    calibrator = card.calibrator
+    leaking = _test_leaks(data, manifest, split)
+    test, metrics, leaks = evaluate_with_leaks(
+        test, val, leaking, data.leaks, cfg.positive, cfg.n_boot, job.seed, calibrator
+    )
+    metrics.update(_subgroups(manifest, test, calibrator, job))
+    test_file = out / "predictions" / f"{safe_name(spec.name, data.name, split)}.csv"
+    test.save(test_file)
+    fields: dict[str, Any] = {
+        "predictions": str(test_file.relative_to(out)),
+        "val_predictions": str(spec.folder / "predictions_val.csv") if val is not None else None,
+        "temperature": card.temperature,
+        "calibrator": calibrator.to_dict(),
+        "metrics": metrics,
+        "model_meta": card.model_dump(mode="json"),
+        "data": _data_summary(manifest),
+    }
+    if leaks is not None:
+        fields["leaks"] = leaks
+    if cfg.site_split is not None:
+        fields["site_thresholds"] = _site_thresholds(spec, data, split, test, card, cfg, device)
+    conformal = _conformal(spec.folder, test, calibrator)
+    if conformal is not None:
+        fields["conformal"] = conformal
+    return fields, test, calibrator
+
+
+def _subgroups(
+    manifest: Manifest, test: Predictions, calibrator: Calibrator, job: _Job
+) -> dict[str, Any]:
+    """``{"subgroups": ...}`` when the manifest has subgroup columns, else ``{}``."""
+    from medtl.subgroups import entry_subgroups
+
+    probs = test.probs(calibrator)
+    groups = entry_subgroups(manifest, test, probs, job.cfg.n_boot, job.seed)
+    return {"subgroups": groups} if groups is not None else {}
 
 
 def _predict(
@@ -483,9 +514,7 @@ def _data_summary(manifest: Manifest) -> dict[str, Any]:
 def _ensemble_entry(
     key: tuple[str, str],
     members: list[tuple[str, Predictions, Calibrator]],
-    out: Path,
-    cfg: EvaluateConfig,
-    seed: int,
+    job: _Job,
     data: DataSpec,
     weights: list[float] | None = None,
     name: str | None = None,
@@ -495,16 +524,9 @@ def _ensemble_entry(
     from medtl.metrics import ensemble
 
     dataset, split = key
+    out, cfg = job.out, job.cfg
     name = name or "ensemble(" + " + ".join(m[0] for m in members) + ")"
-    entry: dict[str, Any] = {
-        "model": name,
-        "model_dir": None,
-        "dataset": dataset,
-        "split": split,
-        "manifest": None,
-        "status": "failed",
-        "error": None,
-    }
+    entry = _failed_entry(name, None, dataset, split, None)
     try:
         pred = ensemble([m[1] for m in members], [m[2] for m in members], weights)
         pred.model = name
@@ -515,7 +537,7 @@ def _ensemble_entry(
             data.leaks,
             cfg.positive,
             cfg.n_boot,
-            seed,
+            job.seed,
             NoCalibration(),
         )
         stem = "ensemble" if weights is None else "ensemble_chosen"
@@ -541,9 +563,7 @@ def _chosen_entry(
     card: EnsembleCard,
     key: tuple[str, str],
     evaluated: list[tuple[str, Predictions, Calibrator]],
-    out: Path,
-    cfg: EvaluateConfig,
-    seed: int,
+    job: _Job,
     data: DataSpec,
 ) -> dict[str, Any]:
     """The ensemble of ``card`` on one dataset / split: its members with a weight, their
@@ -552,7 +572,7 @@ def _chosen_entry(
     kept = [m for m in card.members if m.weight > 0]
     missing = [m.name for m in kept if m.name not in by_name]
     if missing:
-        entry = _ensemble_entry(key, [], out, cfg, seed, data, name=card.label)
+        entry = _ensemble_entry(key, [], job, data, name=card.label)
         entry["error"] = f"ensemble members {missing} were not evaluated on {key[0]}/{key[1]}"
         return entry
     meta = {
@@ -564,9 +584,7 @@ def _chosen_entry(
         "val_log_loss": card.val_log_loss,
     }
     members = [by_name[m.name] for m in kept]
-    return _ensemble_entry(
-        key, members, out, cfg, seed, data, [m.weight for m in kept], card.label, meta
-    )
+    return _ensemble_entry(key, members, job, data, [m.weight for m in kept], card.label, meta)
 
 
 def _comparisons(

@@ -19,6 +19,14 @@ from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import check_writable, remove_stray_temps
 from medtl.recipe import Recipe
+from medtl.results import (
+    CALIBRATION_FILE,
+    EVALUATION_FILE,
+    REPORT_FILE,
+    CalibrationRecord,
+    EvaluationResults,
+    ReportSummary,
+)
 from medtl.runs import (
     RESPLIT_FILE,
     RunLock,
@@ -165,8 +173,9 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
             progress=ctx.progress,
             recipe=ctx.recipe.resolved(),
         )
-        log_summary({"final_loss": result.meta["final_loss"]})
-    stage.mark_done({"final_loss": result.meta["final_loss"]})
+        loss = result.card.final_loss  # None: no epoch ran (nothing to train on)
+        log_summary({"final_loss": loss} if loss is not None else {})
+    stage.mark_done({"final_loss": result.card.final_loss})
     return result.encoder
 
 
@@ -202,12 +211,9 @@ def _done_key(folder: Path) -> str:
 
 
 def run_calibrate(ctx: RunContext) -> Path:
-    """The ``calibrate`` stage: fit on validation, store in the model's meta.json."""
-    from medtl.evaluate import CalibrateConfig, calibrate_model
-
-    cfg: CalibrateConfig = (
-        ctx.recipe.section("calibrate") if ctx.recipe.has("calibrate") else CalibrateConfig()
-    )
+    """The ``calibrate`` stage: fit on validation, store in the model's meta.json; the stage
+    folder keeps a copy of ``calibration.json``."""
+    cfg = _section_or_default(ctx, "calibrate")
     folder = model_dir(ctx.out)
     stage = Stage(
         ctx.out / "calibrate",
@@ -216,21 +222,24 @@ def run_calibrate(ctx: RunContext) -> Path:
     if stage.done():
         return stage.folder
     stage.begin()
-    result = calibrate_model(folder, cfg)
-    from medtl.io import write_json
-
-    write_json(stage.folder / "calibration.json", result)
+    record = CalibrateStage(cfg).calibrate(folder)
+    record.save(stage.folder / CALIBRATION_FILE)
     stage.mark_done({"method": cfg.method})
     return stage.folder
 
 
+def _section_or_default(ctx: RunContext, name: str) -> Any:
+    """The recipe's ``name`` section, or that section's defaults when the recipe has none."""
+    from medtl.recipe import SECTION_MODELS
+
+    return ctx.recipe.section(name) if ctx.recipe.has(name) else SECTION_MODELS[name]()
+
+
 def run_evaluate(ctx: RunContext) -> Path:
     """The ``evaluate`` stage: the run's model on its manifest's test split (and extra datasets)."""
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
+    from medtl.evaluate import DataSpec, ModelSpec
 
-    cfg: EvaluateConfig = (
-        ctx.recipe.section("evaluate") if ctx.recipe.has("evaluate") else EvaluateConfig()
-    )
+    cfg = _section_or_default(ctx, "evaluate")
     manifest_path = _manifest_path(ctx)
     leaks = ctx.recipe.section("data").leaks
     stage = Stage(
@@ -258,18 +267,17 @@ def run_evaluate(ctx: RunContext) -> Path:
         DataSpec(manifest_path, ctx.root, ctx.recipe.name, leaks),
         *(DataSpec.parse(e) for e in cfg.external),
     ]
-    path = evaluate(
+    results = EvaluateStage(cfg).evaluate(
         models,
         data,
         stage.folder,
-        cfg,
         seed=ctx.recipe.seed,
         device=ctx.device,
         progress=ctx.progress,
         chosen=chosen,
     )
     with ctx.tracker.scope("evaluate"):
-        track_evaluation(path)
+        track_evaluation(results)
     stage.mark_done()
     return stage.folder
 
@@ -323,10 +331,9 @@ def _external_data(cfg: Any) -> list[str]:
 
 def run_report(ctx: RunContext) -> Path:
     """The ``report`` stage: report.html, report.json and tables.csv from the evaluation."""
-    from medtl.evaluate import DataSpec, EvaluateConfig, ReportConfig
-    from medtl.report import build_report
+    from medtl.evaluate import DataSpec
 
-    cfg: ReportConfig = ctx.recipe.section("report") if ctx.recipe.has("report") else ReportConfig()
+    cfg = _section_or_default(ctx, "report")
     stage = Stage(
         ctx.out / "report",
         {"evaluation": _done_key(ctx.out / "evaluate"), "config": cfg.model_dump()},
@@ -336,39 +343,34 @@ def run_report(ctx: RunContext) -> Path:
     stage.begin()
     roots: dict[str, Path] = {}
     if cfg.thumbnails:
-        evaluate_cfg = (
-            ctx.recipe.section("evaluate") if ctx.recipe.has("evaluate") else EvaluateConfig()
-        )
+        evaluate_cfg = _section_or_default(ctx, "evaluate")
         roots = {ctx.recipe.name: ctx.root}
         for text in evaluate_cfg.external:
             spec = DataSpec.parse(text)
             if spec.root is not None:
                 roots[spec.name] = spec.root
-    result = build_report(ctx.out / "evaluate", stage.folder, roots, cfg.rank_by)
+    result = ReportStage(cfg).report(ctx.out / "evaluate", stage.folder, roots)
     with ctx.tracker.scope("report"):
         log_artifact(Path(result.html))
     stage.mark_done()
     return Path(result.html)
 
 
-def track_evaluation(path: Path) -> None:
+def track_evaluation(results: EvaluationResults) -> None:
     """Each evaluated split's headline figures with their 95% CIs, as ``<dataset>/<split>/...``
     (a leaking official test split's clean subset as ``<dataset>/test_clean/...``)."""
-    for entry in json.loads(path.read_text())["entries"]:
-        if entry["status"] != "ok":
+    for entry in results.entries:
+        if entry.status != "ok" or entry.metrics is None:
             continue
-        clean = (entry.get("leaks") or {}).get("clean_metrics") or {}
+        clean = (entry.leaks or {}).get("clean_metrics") or {}
         figures: dict[str, float] = {}
-        for split, metrics in (
-            (entry["split"], entry["metrics"]),
-            (f"{entry['split']}_clean", clean),
-        ):
+        for split, metrics in ((entry.split, entry.metrics), (f"{entry.split}_clean", clean)):
             overall = metrics.get("overall") or {}
             for name in ("macro_auroc", "balanced_accuracy", "accuracy"):
                 for part in ("value", "ci_low", "ci_high"):
                     value = (overall.get(name) or {}).get(part)
                     if value is not None:
-                        figures[f"{entry['dataset']}/{split}/{name}/{part}"] = value
+                        figures[f"{entry.dataset}/{split}/{name}/{part}"] = value
         log_summary(figures)
 
 
@@ -443,8 +445,8 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
             progress=ctx.progress,
             recipe=ctx.recipe.resolved(),
         )
-        log_summary({"best_val_bacc": result.meta["val_bacc"]})
-    stage.mark_done({"val_bacc": result.meta["val_bacc"], "model": "."})
+        log_summary({"best_val_bacc": result.card.val_bacc})
+    stage.mark_done({"val_bacc": result.card.val_bacc, "model": "."})
     return stage.folder
 
 
@@ -527,41 +529,79 @@ class FinetuneStage:
 
 @dataclass(frozen=True)
 class CalibrateStage:
-    """``calibrate``: the stage folder; artifact: the model's card with its calibrator and
-    operating thresholds."""
+    """``calibrate``: the stage folder; artifact: its
+    :class:`~medtl.results.CalibrationRecord` (the model card now holds the chosen calibrator
+    and the operating thresholds). ``medtl calibrate`` calls :meth:`calibrate` per folder."""
 
+    config: Any = None  # a CalibrateConfig; None: the defaults (run: the recipe's section)
     name: str = "calibrate"
 
     def run(self, ctx: RunContext) -> StageOutput:
-        return StageOutput(run_calibrate(ctx), _model_card(model_dir(ctx.out)))
+        folder = run_calibrate(ctx)
+        return StageOutput(folder, CalibrationRecord.load(folder / CALIBRATION_FILE))
+
+    def calibrate(self, folder: Path) -> CalibrationRecord:
+        """Fit on ``folder``'s validation predictions and store the calibrator in its card."""
+        from medtl.evaluate import CalibrateConfig, calibrate_model
+
+        return calibrate_model(folder, self.config or CalibrateConfig())
 
 
 @dataclass(frozen=True)
 class EvaluateStage:
-    """``evaluate``: the stage folder; artifact: its entries as
-    :class:`~medtl.artifacts.EvaluationEntry` objects."""
+    """``evaluate``: the stage folder; artifact: its
+    :class:`~medtl.results.EvaluationResults`. ``medtl evaluate`` calls :meth:`evaluate`."""
 
+    config: Any = None  # an EvaluateConfig; None: the defaults (run: the recipe's section)
     name: str = "evaluate"
 
     def run(self, ctx: RunContext) -> StageOutput:
-        from medtl.artifacts import EvaluationEntry
-
         folder = run_evaluate(ctx)
-        entries = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))["entries"]
-        return StageOutput(folder, [EvaluationEntry.model_validate(e) for e in entries])
+        return StageOutput(folder, EvaluationResults.load(folder / EVALUATION_FILE))
+
+    def evaluate(
+        self,
+        models: list[Any],
+        datasets: list[Any],
+        out: Path,
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = True,
+        chosen: Any = None,
+    ) -> EvaluationResults:
+        """Every model (``ModelSpec``) on every dataset (``DataSpec``) into ``out``."""
+        from medtl.evaluate import EvaluateConfig, evaluate
+
+        cfg = self.config or EvaluateConfig()
+        path = evaluate(models, datasets, out, cfg, seed, device, progress, chosen)
+        return EvaluationResults.load(path)
 
 
 @dataclass(frozen=True)
 class ReportStage:
-    """``report``: ``report.html``; artifact: ``report.json`` (not yet a typed model)."""
+    """``report``: ``report.html``; artifact: its :class:`~medtl.results.ReportSummary`
+    (``report.json``). ``medtl report`` calls :meth:`report`."""
 
+    config: Any = None  # a ReportConfig; None: the defaults (run: the recipe's section)
     name: str = "report"
 
     def run(self, ctx: RunContext) -> StageOutput:
         html = run_report(ctx)
-        return StageOutput(
-            html, json.loads((html.parent / "report.json").read_text(encoding="utf-8"))
-        )
+        return StageOutput(html, ReportSummary.load(html.parent / REPORT_FILE))
+
+    def report(
+        self,
+        evaluation_dir: Path,
+        out: Path,
+        data_roots: dict[str, Path] | None = None,
+        explain: bool = False,
+    ) -> Any:
+        """The report of ``evaluation_dir`` into ``out``: a :class:`~medtl.report.ReportResult`."""
+        from medtl.evaluate import ReportConfig
+        from medtl.report import build_report
+
+        cfg = self.config or ReportConfig()
+        return build_report(evaluation_dir, out, data_roots, cfg.rank_by, explain=explain)
 
 
 def _model_card(folder: Path) -> Any:

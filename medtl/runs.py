@@ -116,6 +116,18 @@ def check_manifest_path(section: DataSection) -> None:
 RESPLIT_FILE = "data/resplit.csv"
 
 
+def run_manifest(run: Path, base: Path | None = None) -> Path:
+    """The manifest a run folder's recipe used: the one the run prepared (``data/manifest.csv``),
+    else the resolved recipe's ``data.manifest`` (a relative path is taken from ``base``, by
+    default the working folder, as when the run started)."""
+    prepared = run / "data" / "manifest.csv"
+    if prepared.is_file():
+        return prepared
+    resolved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
+    path = Path(resolved["data"]["manifest"])
+    return path if path.is_absolute() or base is None else base / path
+
+
 def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
     """Open every file the recipe names, as the stage that uses it would, so that a bad one
     fails ``medtl check`` instead of a run hours later: the adapter's files (``options.labels``,

@@ -421,12 +421,7 @@ def fit(
     rank, world = dist_info()
     torch.manual_seed(seed)
     model.to(device)
-    # The caller's group dicts themselves go to the optimizer (torch keeps them), so a hook that
-    # changes a group's ``lr_scale`` between epochs (Auto-RGN) reaches the next step.
-    groups = list(param_groups)
-    for g in groups:
-        g["params"] = list(g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    optimizer, groups = _adamw(param_groups, schedule)
     wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     saver = Checkpointer(out / CHECKPOINT if out is not None else None, rank, world > 1)
     state = LoopState(seed=seed, n=len(data))  # type: ignore[arg-type]
@@ -451,6 +446,18 @@ def fit(
         world,
     )
     return loop.run(stop_after_steps)
+
+
+def _adamw(
+    param_groups: Sequence[dict[str, Any]], schedule: Schedule
+) -> tuple[torch.optim.Optimizer, list[dict[str, Any]]]:
+    """AdamW over the caller's group dicts themselves (torch keeps them), so that a hook that
+    changes a group's ``lr_scale`` between epochs (Auto-RGN) reaches the next step."""
+    groups = list(param_groups)
+    for g in groups:
+        g["params"] = list(g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    return optimizer, groups
 
 
 def _rebind_groups(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:

@@ -148,7 +148,7 @@ def test_a_source_record_fills_the_weights_provenance(tmp_path: Path) -> None:
         ([1, 2], "must hold a JSON object"),
         ({k: v for k, v in v0_meta().items() if k != "classes"}, "key 'classes': Field required"),
         (v0_meta(in_chans="three"), "key 'in_chans'"),
-        (v0_meta(clases=["a", "b"]), "key 'clases': Extra inputs are not permitted"),
+        (v0_meta(clases=["a", "b"]), "key 'clases': not a key of this file; remove it"),
         (v0_meta(resize="crop"), "key 'resize'"),
         (v0_meta(calibrator={"name": "vectr"}), "did you mean 'vector'"),
         ({**card().model_dump(mode="json"), "schema_version": 99}, "key 'schema_version'"),

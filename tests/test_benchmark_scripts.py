@@ -27,7 +27,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_script(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package); its folder is on the
+    path, as when ``python benchmarks/<name>.py`` runs it, so a script can use another's helper."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -413,3 +416,16 @@ def test_cpu_speed_tiny(tmp_path: Path) -> None:
         r"^\| finetune:medtl_tiny_convnext \| 1 \| bf16 autocast \| [\d.]+ \| ", text, re.M
     )
     assert "shared with other processes" in text
+
+
+def test_code_size_counts_functions_with_their_decorators_and_modules(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text(
+        "import functools\n\n\n@functools.cache\ndef f():\n    x = 1\n    return x\n"
+    )
+    (pkg / "sub" / "b.py").write_text("class C:\n    def m(self):\n        pass\n")
+    sizes = load_script("code_size").main([str(pkg), "--json", str(tmp_path / "s.json")])
+    assert sizes["functions"] == [(4, f"{pkg / 'a.py'}:5 f"), (2, f"{pkg / 'sub' / 'b.py'}:2 m")]
+    assert sizes["modules"] == [(7, str(pkg / "a.py")), (3, str(pkg / "sub" / "b.py"))]
+    assert json.loads((tmp_path / "s.json").read_text())["modules"][0] == [7, str(pkg / "a.py")]

@@ -345,3 +345,41 @@ def test_an_option_given_twice_is_refused(
     root = _dataset(tmp_path / "data")
     argv = ["prepare", "nifti", str(root), "-o", str(tmp_path / "m.csv"), "-O", "axis=0"]
     _user_error(capsys, [*argv, "-O", "axis=2"], "option 'axis' is given twice")
+
+
+@pytest.mark.parametrize(
+    ("argv", "method"),
+    [
+        (["calibrate", "m1", "--method", "vector"], "CalibrateStage.calibrate"),
+        (["evaluate", "--model", "m", "--data", "d.csv:r", "--out", "o"], "EvaluateStage.evaluate"),
+        (["report", "ev", "--out", "o", "--rank-by", "official"], "ReportStage.report"),
+    ],
+)
+def test_single_stage_commands_run_the_stage_objects_of_medtl_run(
+    argv: list[str],
+    method: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``medtl calibrate / evaluate / report`` reach their stage through the same objects that
+    ``medtl run`` uses, configured from the command line."""
+    import medtl.pipeline as pipeline
+    from medtl.errors import ConfigError
+
+    calls: list[tuple[object, tuple[object, ...]]] = []
+
+    def reached(self: object, *args: object, **kwargs: object) -> None:
+        calls.append((self, args))
+        raise ConfigError("reached")
+
+    owner, name = method.split(".")
+    monkeypatch.setattr(getattr(pipeline, owner), name, reached)
+    assert main(argv) == 2 and "reached" in capsys.readouterr().err
+    assert len(calls) == 1
+    stage, args = calls[0]
+    if owner == "CalibrateStage":
+        assert stage.config.method == "vector" and args == (Path("m1"),)  # type: ignore[attr-defined]
+    elif owner == "EvaluateStage":
+        assert stage.config.splits == ["test"] and args[2] == Path("o")  # type: ignore[attr-defined]
+    else:
+        assert stage.config.rank_by == "official" and args[:2] == (Path("ev"), Path("o"))  # type: ignore[attr-defined]

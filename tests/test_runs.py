@@ -328,3 +328,16 @@ def test_a_corrupt_prediction_sidecar_is_one_line_at_calibrate(
     side.write_text(side.read_text()[:20])
     assert main(["-q", "calibrate", str(model)]) == EXIT_USER_ERROR
     assert f"prediction sidecar {side} is not valid JSON" in one_error_line(capsys)
+
+
+def test_run_manifest_is_the_prepared_one_else_the_recipes(tmp_path: Path) -> None:
+    from medtl.runs import run_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("data:\n  manifest: data_manifests/busi.csv\n")
+    assert run_manifest(run) == Path("data_manifests/busi.csv")
+    assert run_manifest(run, tmp_path) == tmp_path / "data_manifests" / "busi.csv"
+    (run / "data").mkdir()
+    (run / "data" / "manifest.csv").write_text("")
+    assert run_manifest(run, tmp_path) == run / "data" / "manifest.csv"

@@ -9,8 +9,9 @@ import pytest
 
 from medtl.artifacts import EncoderCard, EvaluationEntry, ModelCard
 from medtl.demo import DEMO_RECIPE, make_phantom
-from medtl.pipeline import open_run, recipe_stages, run_all
+from medtl.pipeline import model_dir, open_run, recipe_stages, run_all
 from medtl.recipe import load_recipe
+from medtl.results import CalibrationRecord, EvaluationResults, ReportSummary
 
 TINY = [
     "pretrain.backbone=medtl_tiny_convnext", "pretrain.epochs=1", "pretrain.batch_size=8",
@@ -20,9 +21,9 @@ TINY = [
 ARTIFACTS = {
     "pretrain": EncoderCard,
     "finetune": ModelCard,
-    "calibrate": ModelCard,
-    "evaluate": list,
-    "report": dict,
+    "calibrate": CalibrationRecord,
+    "evaluate": EvaluationResults,
+    "report": ReportSummary,
 }
 
 
@@ -39,13 +40,17 @@ def test_each_stage_hands_on_its_typed_artifact(tmp_path: Path) -> None:
         paths = run_all(ctx)
     for name, kind in ARTIFACTS.items():
         assert isinstance(first[name].artifact, kind), name
-        # the model card is one file: calibration completes the card fine-tuning wrote
-        expected = first["calibrate" if name == "finetune" else name].artifact
-        assert again[name].artifact == expected, name
+        if name != "finetune":  # calibration completes the card fine-tuning wrote
+            assert again[name].artifact == first[name].artifact, name
         assert first[name].path == again[name].path == paths[name]
-    assert first["calibrate"].artifact.calibrator.name == recipe.section("calibrate").method
+    record = first["calibrate"].artifact
+    assert record.method == recipe.section("calibrate").method
     assert first["finetune"].artifact.calibrator.name == "none"  # before calibration
-    entries = first["evaluate"].artifact
+    calibrated = ModelCard.load(model_dir(tmp_path / "run") / "meta.json")
+    assert again["finetune"].artifact == calibrated
+    assert calibrated.calibrator == record.chosen.params
+    entries = first["evaluate"].artifact.entries
     assert entries and all(isinstance(e, EvaluationEntry) and e.status == "ok" for e in entries)
+    assert [e.model for e in first["report"].artifact.entries] == [e.model for e in entries]
     card = first["pretrain"].artifact
     assert EncoderCard.model_validate_json(card.model_dump_json()) == card

@@ -367,23 +367,7 @@ def build_report(
     that must share a group: exact and near duplicates together."""
     report = AuditReport(len(items), sum(not i.error for i in inspections), near_bits, phash_bits)
     for item, ins in zip(items, inspections, strict=True):
-        if ins.error:
-            report.problems.append(Problem(ins.error_kind, item.key, ins.error))
-        report.problems += [Problem(k, item.key, d) for k, d in ins.warnings]
-        if item.sha256 and ins.sha256 and item.sha256 != ins.sha256 and not ins.error:
-            report.problems.append(
-                Problem(
-                    "changed",
-                    item.key,
-                    "content differs from the manifest's sha256; prepare the manifest again",
-                )
-            )
-        if item.label and item.label not in classes:
-            report.problems.append(
-                Problem(
-                    "unknown-label", item.key, f"label {item.label!r} is not in {list(classes)}"
-                )
-            )
+        report.problems += _item_problems(item, ins, classes)
     report.problems += _size_outliers(items, inspections)
     report.image_modes = mode_summary(inspections)
     counts = Counter(
@@ -398,36 +382,65 @@ def build_report(
     exact, near, pairs = duplicate_clusters(inspections, near_bits, phash_bits)
     report.exact_duplicates = [[items[i].key for i in c] for c in exact]
     for cluster in near:
-        members = [items[i].key for i in cluster]
-        labels = [items[i].label for i in cluster]
-        splits = [items[i].split for i in cluster]
-        linked = [p for (a, b), p in pairs.items() if a in cluster and b in cluster]
-        entry = {
-            "members": members,
-            "labels": labels,
-            "splits": splits,
-            "max_bits": max((p.dhash for p in linked), default=0),
-            "max_phash_bits": max((p.phash for p in linked), default=0),
-        }
-        report.near_duplicates.append(entry)
-        if len(set(labels)) > 1:
-            report.label_conflicts.append(entry)
-            report.problems.append(
-                Problem(
-                    "label-conflict",
-                    members[0],
-                    "near-duplicates with different labels: " + _tagged(members, labels),
-                )
-            )
-        if len({s for s in splits if s}) > 1:
-            report.problems.append(
-                Problem(
-                    "cross-split-duplicate",
-                    members[0],
-                    "near-duplicates in different splits: " + _tagged(members, splits),
-                )
-            )
+        _add_near_cluster(report, [items[i] for i in cluster], cluster, pairs)
     return report, [*exact, *near]
+
+
+def _item_problems(item: Item, ins: Inspection, classes: Sequence[str]) -> list[Problem]:
+    """One image's problems: unreadable, its warnings, changed content, an unknown label."""
+    problems = [Problem(ins.error_kind, item.key, ins.error)] if ins.error else []
+    problems += [Problem(k, item.key, d) for k, d in ins.warnings]
+    if item.sha256 and ins.sha256 and item.sha256 != ins.sha256 and not ins.error:
+        problems.append(
+            Problem(
+                "changed",
+                item.key,
+                "content differs from the manifest's sha256; prepare the manifest again",
+            )
+        )
+    if item.label and item.label not in classes:
+        problems.append(
+            Problem("unknown-label", item.key, f"label {item.label!r} is not in {list(classes)}")
+        )
+    return problems
+
+
+def _add_near_cluster(
+    report: AuditReport,
+    members: list[Item],
+    cluster: list[int],
+    pairs: dict[tuple[int, int], NearPair],
+) -> None:
+    """Record one near-duplicate cluster, and its label conflict or split crossing."""
+    keys = [m.key for m in members]
+    labels = [m.label for m in members]
+    splits = [m.split for m in members]
+    linked = [p for (a, b), p in pairs.items() if a in cluster and b in cluster]
+    entry = {
+        "members": keys,
+        "labels": labels,
+        "splits": splits,
+        "max_bits": max((p.dhash for p in linked), default=0),
+        "max_phash_bits": max((p.phash for p in linked), default=0),
+    }
+    report.near_duplicates.append(entry)
+    if len(set(labels)) > 1:
+        report.label_conflicts.append(entry)
+        report.problems.append(
+            Problem(
+                "label-conflict",
+                keys[0],
+                "near-duplicates with different labels: " + _tagged(keys, labels),
+            )
+        )
+    if len({s for s in splits if s}) > 1:
+        report.problems.append(
+            Problem(
+                "cross-split-duplicate",
+                keys[0],
+                "near-duplicates in different splits: " + _tagged(keys, splits),
+            )
+        )
 
 
 def mode_summary(inspections: Sequence[Inspection]) -> dict[str, str]:

@@ -19,10 +19,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from medtl import __version__
-from medtl.artifacts import ModelCard
+from medtl.artifacts import EvaluationEntry, ModelCard
 from medtl.errors import ConfigError
 from medtl.export.modelcard import build_document, evaluation_entries
 from medtl.export.network import (
@@ -95,7 +94,7 @@ def _write(
     net: CalibratedClassifier,
     card: ModelCard,
     folder: Path,
-    entries: list[dict[str, Any]],
+    entries: list[EvaluationEntry],
     tmp: Path,
     formats: list[str],
     intended_use: str | None,

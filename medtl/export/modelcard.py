@@ -9,14 +9,13 @@ whose source is absent says so instead of being left out silently.
 from __future__ import annotations
 
 import html
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from medtl.artifacts import ModelCard
+from medtl.artifacts import EvaluationEntry, ModelCard
 from medtl.errors import ConfigError
+from medtl.report.tables import fmt_entry
+from medtl.results import EVALUATION_FILE, EvaluationResults
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -84,34 +83,15 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def fmt_entry(entry: Any) -> str:
-    """``0.912 [0.871, 0.944]`` from a metric entry ``{"value", "ci_low", "ci_high"}``."""
-    if not isinstance(entry, dict):
-        return "n/a"
-
-    def f(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-    if entry.get("ci_low") is None and entry.get("ci_high") is None:
-        return f(entry.get("value"))
-    return f"{f(entry.get('value'))} [{f(entry.get('ci_low'))}, {f(entry.get('ci_high'))}]"
-
-
 # -- where the figures come from ---------------------------------------------------------------
-def evaluation_entries(evaluation: Path, folder: Path) -> list[dict[str, Any]]:
+def evaluation_entries(evaluation: Path, folder: Path) -> list[EvaluationEntry]:
     """The successful entries of ``evaluation`` (a folder or its ``evaluation.json``) that
     evaluated the model in ``folder``."""
-    path = evaluation / "evaluation.json" if evaluation.is_dir() else evaluation
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"evaluation {path} cannot be read ({exc}); give the folder 'medtl evaluate' wrote"
-        ) from None
+    path = evaluation / EVALUATION_FILE if evaluation.is_dir() else evaluation
     entries = [
         e
-        for e in data.get("entries", [])
-        if e.get("status") == "ok" and Path(str(e.get("model_dir", ""))).resolve() == folder
+        for e in EvaluationResults.load(path).entries
+        if e.status == "ok" and Path(str(e.model_dir or "")).resolve() == folder
     ]
     if not entries:
         raise ConfigError(
@@ -124,7 +104,7 @@ def evaluation_entries(evaluation: Path, folder: Path) -> list[dict[str, Any]]:
 def build_document(
     card: ModelCard,
     folder: Path,
-    entries: list[dict[str, Any]],
+    entries: list[EvaluationEntry],
     name: str,
     intended_use: str | None = None,
 ) -> CardDocument:
@@ -176,7 +156,7 @@ def _short(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
-def _data_section(card: ModelCard, entries: list[dict[str, Any]]) -> Section:
+def _data_section(card: ModelCard, entries: list[EvaluationEntry]) -> Section:
     data = card.recipe.get("data", {}) if isinstance(card.recipe, dict) else {}
     bullets = [f"Training manifest SHA-256: {card.manifest_sha256}"]
     if isinstance(data, dict) and data.get("dataset"):
@@ -184,11 +164,11 @@ def _data_section(card: ModelCard, entries: list[dict[str, Any]]) -> Section:
     section = Section("Data and splits", bullets=bullets)
     rows = []
     for e in entries:
-        summary = e.get("data") or {}
+        summary = e.data or {}
         sizes = summary.get("split_sizes", {})
         rows.append(
             [
-                str(e.get("dataset")),
+                e.dataset,
                 str(summary.get("manifest_sha256", "n/a")),
                 ", ".join(f"{s} {n}" for s, n in sizes.items()) or "n/a",
             ]
@@ -203,7 +183,7 @@ def _data_section(card: ModelCard, entries: list[dict[str, Any]]) -> Section:
 _HEADLINE = ("macro_auroc", "balanced_accuracy", "accuracy", "macro_f1")
 
 
-def _metrics_section(entries: list[dict[str, Any]]) -> Section:
+def _metrics_section(entries: list[EvaluationEntry]) -> Section:
     section = Section("Metrics (95% confidence intervals)")
     if not entries:
         section.paragraphs.append(
@@ -212,10 +192,8 @@ def _metrics_section(entries: list[dict[str, Any]]) -> Section:
         return section
     rows = []
     for e in entries:
-        overall = (e.get("metrics") or {}).get("overall", {})
-        rows.append(
-            [f"{e['dataset']}/{e['split']}"] + [fmt_entry(overall.get(k)) for k in _HEADLINE]
-        )
+        overall = (e.metrics or {}).get("overall", {})
+        rows.append([f"{e.dataset}/{e.split}"] + [fmt_entry(overall.get(k)) for k in _HEADLINE])
     section.tables.append((["data", *_HEADLINE], rows))
     section.paragraphs.append(
         "Intervals are percentile bootstraps over patients / lesions / duplicate groups "
@@ -224,7 +202,7 @@ def _metrics_section(entries: list[dict[str, Any]]) -> Section:
     return section
 
 
-def _calibration_section(card: ModelCard, folder: Path, entries: list[dict[str, Any]]) -> Section:
+def _calibration_section(card: ModelCard, folder: Path, entries: list[EvaluationEntry]) -> Section:
     cal = card.calibrator
     section = Section(
         "Calibration",
@@ -234,11 +212,11 @@ def _calibration_section(card: ModelCard, folder: Path, entries: list[dict[str, 
     )
     rows = []
     for e in entries:
-        calib = (e.get("metrics") or {}).get("calibration", {})
+        calib = (e.metrics or {}).get("calibration", {})
         for stage in ("before", "after"):
             ece = (calib.get(stage) or {}).get("ece")
             if ece is not None:
-                rows.append([f"{e['dataset']}/{e['split']}", stage, fmt_entry(ece)])
+                rows.append([f"{e.dataset}/{e.split}", stage, fmt_entry(ece)])
     if rows:
         section.tables.append((["data", "calibration", "ECE"], rows))
     elif (folder / "calibration.json").is_file():
@@ -248,10 +226,10 @@ def _calibration_section(card: ModelCard, folder: Path, entries: list[dict[str, 
     return section
 
 
-def _subgroup_section(entries: list[dict[str, Any]]) -> Section:
+def _subgroup_section(entries: list[EvaluationEntry]) -> Section:
     section = Section("Subgroups")
     for e in entries:
-        subgroups = (e.get("metrics") or {}).get("subgroups")
+        subgroups = (e.metrics or {}).get("subgroups")
         if not subgroups:
             continue
         for column, result in subgroups.items():
@@ -259,7 +237,7 @@ def _subgroup_section(entries: list[dict[str, Any]]) -> Section:
                 [str(g), str(r.get("n", "")), fmt_entry(r.get(result.get("metric", "")))]
                 for g, r in result.get("groups", {}).items()
             ]
-            section.tables.append(([f"{column} ({e['dataset']}/{e['split']})", "n", "value"], rows))
+            section.tables.append(([f"{column} ({e.dataset}/{e.split})", "n", "value"], rows))
             gap = result.get("largest_gap")
             if gap:
                 section.paragraphs.append(
@@ -275,13 +253,13 @@ def _subgroup_section(entries: list[dict[str, Any]]) -> Section:
     return section
 
 
-def _conformal_section(entries: list[dict[str, Any]]) -> Section:
+def _conformal_section(entries: list[EvaluationEntry]) -> Section:
     section = Section("Conformal coverage")
     for e in entries:
-        conformal = (e.get("metrics") or {}).get("conformal")
+        conformal = (e.metrics or {}).get("conformal")
         if isinstance(conformal, dict):
             rows = [
-                [f"{e['dataset']}/{e['split']}", k, fmt_entry(v)]
+                [f"{e.dataset}/{e.split}", k, fmt_entry(v)]
                 for k, v in conformal.items()
                 if isinstance(v, dict) and "value" in v
             ]
@@ -292,8 +270,8 @@ def _conformal_section(entries: list[dict[str, Any]]) -> Section:
     return section
 
 
-def _limitations(card: ModelCard, entries: list[dict[str, Any]]) -> Section:
-    datasets = sorted({str(e.get("dataset")) for e in entries})
+def _limitations(card: ModelCard, entries: list[EvaluationEntry]) -> Section:
+    datasets = sorted({e.dataset for e in entries})
     bullets = [
         "Trained on one manifest (hash above); performance on another site, scanner or "
         "population is unknown until measured there.",

@@ -76,13 +76,19 @@ class BioTune:
     def _cfg(self, job: SearchJob) -> Any:
         return job.search if job.search is not None else self.config()
 
-    def run(self, job: SearchJob) -> SearchOutcome:
-        from medtl.finetune.search import biotune_search
+    def _task(self, job: SearchJob) -> Any:
+        """The :class:`~medtl.finetune.search.SearchTask` of ``job``."""
+        from medtl.finetune.search import SearchTask
 
-        found = biotune_search(
+        return SearchTask(
             self._cfg(job), job.finetune, job.manifest, job.root, job.data, job.out,
             job.weights, job.device, job.progress,
         )  # fmt: skip
+
+    def run(self, job: SearchJob) -> SearchOutcome:
+        from medtl.finetune.search import run_search
+
+        found = run_search(self._task(job))
         if found.finetune is None:
             raise RuntimeError("the BioTune search ended without its retrained model")
         model = found.finetune.model_path.parent.relative_to(job.out)
@@ -92,10 +98,7 @@ class BioTune:
     def work(self, job: SearchJob) -> int:
         from medtl.finetune.search import run_worker
 
-        return run_worker(
-            self._cfg(job), job.finetune, job.manifest, job.root, job.data, job.out,
-            job.weights, job.device, job.progress,
-        )  # fmt: skip
+        return run_worker(self._task(job))
 
 
 SEARCHES.register("biotune")(BioTune())

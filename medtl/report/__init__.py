@@ -5,7 +5,8 @@ and the prediction files it names, and writes into ``out_dir``:
 
 - ``report.html``: one file, plots embedded as PNG ``data:`` URIs, inline CSS, no JavaScript
   and no external requests (it opens offline);
-- ``report.json``: the same numbers (strict JSON: undefined values are ``null``);
+- ``report.json``: the same numbers (strict JSON: undefined values are ``null``), a
+  :class:`~medtl.results.ReportSummary` checked before it is written;
 - ``tables.csv``: one row per model x dataset x split x metric (value, ci_low, ci_high, method).
 
 A failed entry, a missing prediction file or an unreadable image is reported, never fatal.
@@ -22,7 +23,7 @@ from typing import Any
 from medtl import __version__
 from medtl.data.manifest import Manifest
 from medtl.errors import MedtlError
-from medtl.io import atomic_write_text, check_writable, write_json
+from medtl.io import atomic_write_text, check_writable
 from medtl.report.entry import all_notes, entry_section, run_info
 from medtl.report.explanations import Panel, entry_panel, panel_block
 from medtl.report.gallery import Gallery, entry_gallery
@@ -36,10 +37,11 @@ from medtl.report.sections import (
 )
 from medtl.report.subgroups import subgroup_block
 from medtl.report.tables import all_rows, leaderboard, rows_csv
+from medtl.results import REPORT_FILE, ReportSummary, save_checked
 
 __all__ = ["ReportResult", "build_report"]
 
-HTML_FILE, JSON_FILE, CSV_FILE = "report.html", "report.json", "tables.csv"
+HTML_FILE, JSON_FILE, CSV_FILE = "report.html", REPORT_FILE, "tables.csv"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def build_report(
         len(evaluation.ok_entries),
         len(evaluation.failed_entries),
     )
-    write_json(result.json, strict_json(payload))
+    save_checked(ReportSummary, strict_json(payload), result.json)
     atomic_write_text(result.csv, rows_csv(rows))
     atomic_write_text(result.html, render_html(evaluation, galleries, created, rank_by, panels))
     return result

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from medtl.artifacts import entry_problem
+from medtl.artifacts import entry_problem, first_problem
 from medtl.calibrate import Calibrator, TemperatureScaling, as_calibrator
 from medtl.errors import DataError, MedtlError
 from medtl.predictions import Predictions
-
-EVALUATION_FILE = "evaluation.json"
+from medtl.results import EVALUATION_FILE, EvaluationResults
 
 
 @dataclass
@@ -123,6 +123,7 @@ def as_float(value: Any) -> float:
 def load_evaluation(folder: Path, data_roots: dict[str, Path] | None = None) -> Evaluation:
     """Read ``folder/evaluation.json`` and the test predictions of every ok entry."""
     raw = _read_json(folder / EVALUATION_FILE)
+    _check_header(raw, folder / EVALUATION_FILE)
     raw = redact(raw, root_replacements(data_roots or {}))
     entries_raw = raw.get("entries")
     if not isinstance(entries_raw, list):
@@ -137,6 +138,16 @@ def load_evaluation(folder: Path, data_roots: dict[str, Path] | None = None) -> 
     comparisons = [c for c in raw.get("comparisons") or [] if isinstance(c, dict)]
     header = {k: v for k, v in raw.items() if k not in ("entries", "comparisons")}
     return Evaluation(folder, header, entries, comparisons)
+
+
+def _check_header(raw: dict[str, Any], path: Path) -> None:
+    """Everything but the entries validated as :class:`~medtl.results.EvaluationResults` (the
+    entries are validated one by one: an invalid one is shown as failed)."""
+    try:
+        EvaluationResults.model_validate({**raw, "entries": []})
+    except ValidationError as exc:
+        key, message = first_problem(exc)
+        raise DataError(f"{path}: key '{key}': {message}; run 'medtl evaluate' again") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

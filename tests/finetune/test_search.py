@@ -518,9 +518,8 @@ def test_a_stopped_search_resumes_to_the_same_result_without_reading_test(
     monkeypatch.setattr(candidate, "build_dataset", build)
     parts = tmp_path / "parts"
     try:
-        assert (
-            bt.run_worker(cfg, FT, manifest, root, DATA, parts, progress=False, max_trials=3) == 3
-        )
+        task = bt.SearchTask(cfg, FT, manifest, root, DATA, parts, progress=False)
+        assert bt.run_worker(task, max_trials=3) == 3
         assert {r["idx"] for r in _rows(parts)} == {0, 1, 2}
         monkeypatch.setattr(candidate, "fit", killed)
         with pytest.raises(KeyboardInterrupt):
@@ -564,7 +563,8 @@ manifest = Manifest.load(a["manifest"])
 Path(a["ready"]).touch()
 while not all(Path(p).exists() for p in a["everyone"]):  # start together
     time.sleep(0.01)
-print(bt.run_worker(cfg, ft, manifest, Path(a["root"]), data, Path(a["out"]), progress=False))
+task = bt.SearchTask(cfg, ft, manifest, Path(a["root"]), data, Path(a["out"]), progress=False)
+print(bt.run_worker(task))
 """
 
 

@@ -271,25 +271,11 @@ class Candidate:
 
 
 def run_worker(
-    cfg: BioTuneConfig,
-    finetune_cfg: FinetuneConfig,
-    manifest: Manifest,
-    root: Path,
-    data_cfg: DataConfig,
-    out: Path,
-    weights: str | Path | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    *,
-    max_trials: int | None = None,
-    worker: str | None = None,
+    task: SearchTask, *, max_trials: int | None = None, worker: str | None = None
 ) -> int:
-    """Join the search in ``out`` (starting it if new) as one more worker process; returns
+    """Join the search in ``task.out`` (starting it if new) as one more worker process; returns
     how many trials it trained. ``max_trials`` stops it early (the search resumes later)."""
-    task = SearchTask(
-        cfg, finetune_cfg, manifest, root, data_cfg, Path(out), weights, device, progress
-    )
-    connect(storage_url(cfg.storage, Path(out)))  # an unreachable database fails before any work
+    connect(storage_url(task.cfg.storage, task.out))  # an unreachable database fails before work
     search = Search(task)
     return work(search, open_study(search), worker or worker_id(), max_trials)
 
@@ -309,7 +295,8 @@ def biotune_search(
 ) -> SearchResult:
     """Run (or resume, or join) the BioTune search in ``out`` to the end, write
     ``trials.csv``, ``search.png`` and ``search.json``, then retrain the best genome with
-    :func:`finetune` into ``out/final`` (unless ``retrain`` is false).
+    :func:`finetune` into ``out/final`` (unless ``retrain`` is false): :func:`run_search` of
+    the :class:`SearchTask` these arguments make.
 
     Candidates see the train and val splits only; the retrain uses ``finetune_cfg`` as given
     (its epochs, patience and augmentation) with strategy ``genome``.
@@ -317,6 +304,11 @@ def biotune_search(
     task = SearchTask(
         cfg, finetune_cfg, manifest, root, data_cfg, Path(out), weights, device, progress
     )
+    return run_search(task, retrain)
+
+
+def run_search(task: SearchTask, retrain: bool = True) -> SearchResult:
+    """The search of ``task`` to the end, then (``retrain``) its best genome into ``final/``."""
     result = search_to_the_end(task)
     if retrain:
         result.finetune = retrain_best(task, result)
