@@ -54,6 +54,7 @@ from medtl.cli import main as medtl
 from medtl.errors import DataError
 from medtl.io import atomic_write_text, write_json, write_marked_section
 from medtl.report.tables import fmt_entry, fmt_p, mean_sd
+from medtl.runs import run_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- pretrain_imagenet:start -->", "<!-- pretrain_imagenet:end -->")
@@ -255,7 +256,7 @@ def ensemble_run(
         out.mkdir(parents=True, exist_ok=True)
         card.save(out / "ensemble.json")
         run = run_folder(args, dataset, "imagenet", seed)
-        manifest = TRANSFER.manifest_of(run)
+        manifest = run_manifest(run, ROOT)
         data = DataSpec(manifest, data_root(args, dataset), dataset)
         cfg = EvaluateConfig.model_validate(TRANSFER.evaluate_section(run))
         evaluate(members, [data], out, cfg, seed=seed, progress=False, chosen=card)
