@@ -39,7 +39,11 @@ META_FILE = "meta.json"
 
 class FinetuneConfig(OptimConfig):
     """The ``finetune`` recipe section: the shared optimisation keys (:class:`OptimConfig`) and
-    what fine-tuning adds."""
+    what fine-tuning adds.
+
+    The start-dependent keys (``warmup_epochs``, ``label_smoothing``, ``augment``,
+    ``backbone_lr_scale``, ``layer_decay``) may be null: :meth:`for_start` fills them with the
+    pretrained or the scratch defaults of :mod:`medtl.finetune.defaults`."""
 
     model_config = ConfigDict(extra="forbid")
 
