@@ -3,14 +3,16 @@ resolved values reach the optimizer, the loss and the transforms, and the model 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from medtl.artifacts import ModelCard
 from medtl.errors import ConfigError
-from medtl.finetune import plan
+from medtl.finetune import defaults, loop, plan
 from medtl.finetune.defaults import START_DEFAULTS, defaults_for, defaults_markdown, start_of
 from medtl.finetune.loop import FinetuneConfig
 from medtl.models import build_classifier
@@ -27,6 +29,24 @@ SCRATCH_BEFORE = {
 KNOBS = set(SCRATCH_BEFORE)
 
 
+# a pretrained column unlike the scratch one in every knob, so that the tests below tell the two
+# starts apart whatever values medtl's own table holds
+DISTINCT = {
+    "backbone_lr_scale": 0.5,
+    "layer_decay": 0.8,
+    "warmup_epochs": 3.0,
+    "label_smoothing": 0.1,
+    "augment": "medium",
+}
+
+
+@pytest.fixture
+def distinct(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    table = tuple(replace(d, pretrained=DISTINCT[d.key]) for d in defaults.START_DEFAULTS)
+    monkeypatch.setattr(defaults, "START_DEFAULTS", table)
+    return DISTINCT
+
+
 def _scales(p: object) -> dict[str, float]:
     return {g["name"].removesuffix(".no_decay"): g["lr_scale"] for g in p.param_groups}  # type: ignore[attr-defined]
 
@@ -39,22 +59,22 @@ def test_scratch_defaults_are_the_values_used_before() -> None:
 
 
 @pytest.mark.parametrize("weights", ["pretrain", "imagenet:efficientnet_lite0"])
-def test_a_pretrained_start_takes_the_pretrained_column(weights: str) -> None:
+def test_a_pretrained_start_takes_the_pretrained_column(
+    weights: str, distinct: dict[str, object]
+) -> None:
     backbone = "efficientnet_lite0" if weights.startswith("imagenet") else "test_resnet"
     cfg = FinetuneConfig(backbone=backbone, weights=weights)
     assert cfg.start == "pretrained" and cfg.label_smoothing is None
     resolved = cfg.for_start()
-    want = {d.key: d.pretrained for d in START_DEFAULTS}
-    assert {k: getattr(resolved, k) for k in KNOBS} == want
-    assert resolved.strategy_options == {
-        "backbone_lr_scale": want["backbone_lr_scale"],
-        "layer_decay": want["layer_decay"],
-    }
+    assert {k: getattr(resolved, k) for k in KNOBS} == distinct
+    assert resolved.strategy_options == {"backbone_lr_scale": 0.5, "layer_decay": 0.8}
+    scratch = FinetuneConfig(backbone=backbone).for_start()  # same table, no weights
+    assert {k: getattr(scratch, k) for k in KNOBS} == SCRATCH_BEFORE
 
 
-def test_the_columns_differ_somewhere() -> None:
-    """Otherwise a pretrained start would not be treated differently at all."""
-    assert defaults_for("pretrained") != defaults_for("scratch")
+def test_the_pretrained_column_is_valid_for_every_key() -> None:
+    """medtl's own table: each pretrained value passes the key's validation."""
+    FinetuneConfig(backbone="test_resnet", weights="pretrain", **defaults_for("pretrained"))
 
 
 def test_values_given_in_the_recipe_win_for_either_start() -> None:
@@ -81,11 +101,13 @@ def test_strategy_options_win_and_a_conflict_is_one_error() -> None:
         both.for_start()
 
 
-def test_a_strategy_without_backbone_rates_refuses_the_key_and_ignores_the_default() -> None:
+def test_a_strategy_without_backbone_rates_refuses_the_key_and_ignores_the_default(
+    distinct: dict[str, object],
+) -> None:
     linear = FinetuneConfig(backbone="test_resnet", weights="pretrain", strategy="linear")
     resolved = linear.for_start()
     assert resolved.backbone_lr_scale is None and resolved.strategy_options == {}
-    assert resolved.label_smoothing == defaults_for("pretrained")["label_smoothing"]
+    assert resolved.label_smoothing == distinct["label_smoothing"]
     with pytest.raises(ConfigError, match="strategy 'linear' takes no backbone_lr_scale"):
         FinetuneConfig(backbone="test_resnet", strategy="linear", backbone_lr_scale=0.1).for_start()
 
@@ -148,7 +170,9 @@ def test_lpft_applies_layer_decay_after_the_probe() -> None:
 
 
 # -- end to end: finetune resolves for the start it loads and the card records it --------------------
-def test_finetune_resolves_for_its_start_and_the_card_records_it(tmp_path: Path) -> None:
+def test_finetune_resolves_for_its_start_and_the_card_records_it(
+    tmp_path: Path, distinct: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
     scratch = tmp_path / "scratch"
     train_tiny(tmp_path / "a", scratch, n=24, epochs=1, batch_size=8)
     card = ModelCard.load(scratch / "meta.json")
@@ -157,10 +181,20 @@ def test_finetune_resolves_for_its_start_and_the_card_records_it(tmp_path: Path)
     assert {g["lr_scale"] for g in card.plan["groups"]} == {1.0}
 
     warm = tmp_path / "warm"
+    augments: list[str] = []
+    real_build = loop.build_dataset
+
+    def spy(manifest: Any, split: str, root: Any, cfg: Any, **kwargs: Any) -> Any:
+        if split == "train":
+            augments.append(cfg.augment)
+        return real_build(manifest, split, root, cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "build_dataset", spy)
     _finetune_from(tmp_path / "a", scratch / "model.safetensors", warm)
+    assert augments == [distinct["augment"]]  # the resolved augmentation reaches the transforms
     card = ModelCard.load(warm / "meta.json")
     assert card.defaults_for == "pretrained"
-    want = defaults_for("pretrained")
+    want: dict[str, float] = distinct  # type: ignore[assignment]
     assert {k: card.config[k] for k in KNOBS} == want
     head = [g for g in card.plan["groups"] if g["name"].startswith("head")]
     stem = [g for g in card.plan["groups"] if g["name"].startswith("stem")]
