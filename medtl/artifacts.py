@@ -244,7 +244,13 @@ class ModelCard(Artifact):
         default_factory=dict,
         description="per class taken as positive: operating thresholds chosen on validation",
     )
-    config: dict[str, Any] = Field(default_factory=dict, description="the finetune section")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the finetune section, its start-dependent keys resolved",
+    )
+    defaults_for: Literal["pretrained", "scratch"] | None = Field(
+        None, description="which start's defaults filled the finetune keys left unset"
+    )
     recipe: dict[str, Any] = Field(default_factory=dict, description="the resolved recipe")
 
     @model_validator(mode="before")

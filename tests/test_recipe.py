@@ -176,4 +176,4 @@ def test_one_optimisation_section_for_pretraining_and_fine_tuning(tmp_path: Path
     # each stage keeps its own defaults
     defaults = load_recipe(_write(tmp_path, "pretrain: {}\nfinetune: {}"))
     assert defaults.section("pretrain").schedule().grad_clip == 3.0
-    assert defaults.section("finetune").schedule().grad_clip is None
+    assert defaults.section("finetune").for_start().schedule().grad_clip is None

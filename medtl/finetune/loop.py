@@ -25,10 +25,11 @@ from medtl.artifacts import ModelCard, Normalisation, WeightsProvenance
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError, DataError, reason
+from medtl.finetune.defaults import STRATEGY_KNOBS, Start, defaults_for, start_of
 from medtl.io import atomic_open
 from medtl.models import Classifier, build_classifier, check_backbone, create_backbone
 from medtl.predictions import Predictions
-from medtl.train import OptimConfig, fit, supervised_step
+from medtl.train import OptimConfig, Schedule, fit, supervised_step
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,11 @@ META_FILE = "meta.json"
 
 class FinetuneConfig(OptimConfig):
     """The ``finetune`` recipe section: the shared optimisation keys (:class:`OptimConfig`) and
-    what fine-tuning adds."""
+    what fine-tuning adds.
+
+    The start-dependent keys (``warmup_epochs``, ``label_smoothing``, ``augment``,
+    ``backbone_lr_scale``, ``layer_decay``) may be null: :meth:`for_start` fills them with the
+    pretrained or the scratch defaults of :mod:`medtl.finetune.defaults`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,12 +67,34 @@ class FinetuneConfig(OptimConfig):
         description="early stopping never ends a run before this epoch (a ConvNeXt from scratch "
         "can sit at chance for its first epochs while its layer scales grow)",
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: float | None = Field(  # type: ignore[assignment]
+        None,
+        ge=0,
+        description="linear warm-up epochs; null: the start's default (docs/finetune.md)",
+    )
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=1, description="null: the start's default (docs/finetune.md)"
+    )
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="'balanced': inverse class frequency in the loss"
     )
-    augment: Literal["none", "light", "medium"] = Field(
-        "light", description="train-time augmentation"
+    augment: Literal["none", "light", "medium"] | None = Field(
+        None,
+        description="train-time augmentation (data.loader's augment); null: the start's default",
+    )
+    backbone_lr_scale: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="learning rate of every block but the head, as a fraction of lr (strategies "
+        "full and lpft); null: the start's default",
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise decay: each block nearer the input trains at this times the rate "
+        "of the next (strategies full and lpft; 1: none); null: the start's default",
     )
 
     def model_post_init(self, __context: Any) -> None:
@@ -79,6 +106,50 @@ class FinetuneConfig(OptimConfig):
                 check_spec(str(self.weights), self.backbone)
             except ValueError as exc:
                 raise ConfigError(f"finetune.weights: {exc}") from None
+
+    @property
+    def start(self) -> Start:
+        """Which defaults apply: ``pretrained`` when ``weights`` is set, else ``scratch``."""
+        return start_of(self.weights)
+
+    def for_start(self, start: Start | None = None) -> FinetuneConfig:
+        """This section with every unset start-dependent key filled for ``start`` (default:
+        :attr:`start`), ``backbone_lr_scale`` and ``layer_decay`` handed to the strategy
+        when it takes them (``strategy_options`` given in the recipe win)."""
+        from medtl.finetune.strategies import strategy_options_of
+
+        start = start or self.start
+        fill = {k: v for k, v in defaults_for(start).items() if getattr(self, k) is None}
+        resolved = self.model_copy(update=fill)
+        takes = strategy_options_of(self.strategy)
+        options = dict(self.strategy_options)
+        for key in STRATEGY_KNOBS:
+            given = getattr(self, key)
+            if key not in takes:
+                if given is not None:
+                    raise ConfigError(
+                        f"finetune.{key}: strategy {self.strategy!r} takes no {key}; remove the "
+                        f"key (strategies that take it: full, lpft)"
+                    )
+                resolved = resolved.model_copy(update={key: None})
+                continue
+            if key in options:
+                if given is not None and given != options[key]:
+                    raise ConfigError(
+                        f"finetune.{key}={given} and finetune.strategy_options.{key}="
+                        f"{options[key]}: set one of them"
+                    )
+                resolved = resolved.model_copy(update={key: options[key]})
+            options[key] = getattr(resolved, key)
+        return resolved.model_copy(update={"strategy_options": options})
+
+    def schedule(self, **stage: Any) -> Schedule:
+        """:meth:`OptimConfig.schedule` of a section resolved by :meth:`for_start`."""
+        if self.warmup_epochs is None:
+            raise ValueError(
+                "finetune.warmup_epochs is unresolved: call FinetuneConfig.for_start() first"
+            )
+        return super().schedule(**stage)
 
     @field_validator("strategy")
     @classmethod
@@ -197,6 +268,7 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     if not manifest.classes:
         raise ConfigError("fine-tuning needs a labelled manifest; this one has no classes")
+    cfg = cfg.for_start(start_of(weights))  # the start actually loaded decides the defaults
     torch.manual_seed(seed)
     mean, std = input_stats(manifest, root, data_cfg)
     backbone = create_backbone(cfg.backbone, len(manifest.classes), data_cfg.channels)
@@ -230,7 +302,7 @@ def finetune(
     start = time.perf_counter()
     result = fit(
         model,
-        make_step(weights_t, cfg.label_smoothing),
+        make_step(weights_t, cfg.label_smoothing or 0.0),
         the_plan.param_groups,
         train_ds,
         schedule,
@@ -282,6 +354,7 @@ def finetune(
         epoch_equivalents=result.samples_seen / max(1, len(manifest.split("train"))),
         seconds=time.perf_counter() - start,
         config=cfg.model_dump(mode="json"),
+        defaults_for=start_of(weights),
         recipe=recipe or {},
     )
     val.save(out / "predictions_val.csv")

@@ -11,7 +11,8 @@ does not train, so frozen tensors get no gradient and, absent from the groups, n
 
 Strategies by name; their options are plain JSON values, so a recipe can replay any of them:
 
-- ``full``: every block at the base rate.
+- ``full``: every block at the base rate, or the blocks before the head at ``backbone_lr_scale``
+  times it, lowered by ``layer_decay`` per block towards the input (layer-wise decay).
 - ``linear``: the head only.
 - ``surgical`` (Lee et al., ICLR 2023): the blocks listed in ``blocks``, or the ``first`` /
   ``last`` k blocks before the head; the head always trains.
@@ -25,7 +26,8 @@ Strategies by name; their options are plain JSON values, so a recipe can replay 
   ``plan(..., data=..., loss=...)``; see :class:`AutoRGN`.
 - ``lpft`` (linear probe then fine-tune, Kumar et al., ICLR 2022): for the first
   ``probe_epochs`` epochs only the head moves (every other block at ``lr_scale`` 0, its
-  normalisation layers in eval mode), then every block trains as in ``full``; see :class:`LPFT`.
+  normalisation layers in eval mode), then every block trains as in ``full`` (with its
+  ``backbone_lr_scale`` and ``layer_decay``); see :class:`LPFT`.
 - ``lora`` (Hu et al., ICLR 2022): low-rank adapters on the backbone's ``Linear`` and dense
   ``Conv2d`` layers, added to the model in place; base weights frozen, head trains.
 """
@@ -161,17 +163,44 @@ def plan(
     return replace(result, strategy=name, options=dict(options))
 
 
+def strategy_options_of(name: str) -> set[str]:
+    """The options strategy ``name`` takes (none for a name that is not a strategy, such as a
+    search)."""
+    if name not in STRATEGIES:
+        return set()
+    params = inspect.signature(STRATEGIES.get(name)).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
 # -- strategies ----------------------------------------------------------------------------------
 @STRATEGIES.register("full")
 def full(
-    model: nn.Module, parts: list[Block], ctx: PlanContext, /, *, backbone_lr_scale: float = 1.0
+    model: nn.Module,
+    parts: list[Block],
+    ctx: PlanContext,
+    /,
+    *,
+    backbone_lr_scale: float = 1.0,
+    layer_decay: float | None = None,
 ) -> Plan:
     """Every block trains at the base learning rate; ``backbone_lr_scale`` (0-1) lowers the
-    rate of every block but the head, for a pretrained start."""
-    scale = _number("full", "backbone_lr_scale", backbone_lr_scale, 0.0, 1.0)
-    return _block_plan(
-        model, parts, {b.name: scale for b in parts[:-1]} | {parts[-1].name: 1.0}, ctx
-    )
+    rate of every block but the head, and ``layer_decay`` (0-1) lowers it further the nearer a
+    block is to the input (:func:`body_scales`), for a pretrained start."""
+    scales = body_scales("full", parts, backbone_lr_scale, layer_decay)
+    return _block_plan(model, parts, scales | {parts[-1].name: 1.0}, ctx)
+
+
+def body_scales(
+    strategy: str, parts: list[Block], backbone_lr_scale: Any, layer_decay: Any
+) -> dict[str, float]:
+    """The ``lr_scale`` of each block before the head: ``backbone_lr_scale * layer_decay ** d``
+    with ``d`` the block's distance from the head (1 for the last stage, ``len(parts) - 1`` for
+    the stem), timm's layer-wise decay rule (``param_groups_layer_decay``) over medtl's blocks;
+    without ``layer_decay``, ``backbone_lr_scale`` for every block."""
+    scale = _number(strategy, "backbone_lr_scale", backbone_lr_scale, 0.0, 1.0)
+    decay = 1.0 if layer_decay is None else _number(strategy, "layer_decay", layer_decay, 0.0, 1.0)
+    body = parts[:-1]
+    return {b.name: scale * decay ** (len(body) - i) for i, b in enumerate(body)}
 
 
 @STRATEGIES.register("linear")
@@ -189,18 +218,19 @@ def lpft(
     *,
     probe_epochs: int,
     backbone_lr_scale: float = 1.0,
+    layer_decay: float | None = None,
 ) -> Plan:
     """Linear probe, then every block: the head alone for ``probe_epochs`` epochs.
 
     After the probe the blocks before the head train at ``backbone_lr_scale`` (0-1) times the
-    base rate; see :class:`LPFT`."""
+    base rate, lowered per block by ``layer_decay`` as in ``full``; see :class:`LPFT`."""
     probe = _integer("lpft", "probe_epochs", probe_epochs, 1)
-    scale = _number("lpft", "backbone_lr_scale", backbone_lr_scale, 0.0, 1.0)
+    scales = body_scales("lpft", parts, backbone_lr_scale, layer_decay)
     result = _block_plan(model, parts, {b.name: 1.0 for b in parts}, ctx)
     head = parts[-1].name
     body = [g for g in result.param_groups if _block_group(g["name"]) != head]
     norms = [n for b in parts[:-1] for n, m in block_modules(model, b) if isinstance(m, _NormBase)]
-    hook = LPFT(body, probe, scale, EvalNorms(norms))
+    hook = LPFT(body, probe, [scales[_block_group(g["name"])] for g in body], EvalNorms(norms))
     hook.set_phase(0)
     result.on_epoch_start, result.train_mode = hook, hook.train_mode
     result.notes.update(probe_epochs=probe, probe_frozen_norm_layers=len(norms))
@@ -354,15 +384,26 @@ class LPFT:
     """
 
     def __init__(
-        self, groups: list[dict[str, Any]], probe_epochs: int, scale: float, norms: EvalNorms
+        self,
+        groups: list[dict[str, Any]],
+        probe_epochs: int,
+        scales: list[float],
+        norms: EvalNorms,
     ) -> None:
-        self.groups, self.probe_epochs, self.scale, self.norms = groups, probe_epochs, scale, norms
+        if len(scales) != len(groups):
+            raise ValueError(f"LPFT: {len(groups)} groups but {len(scales)} scales")
+        self.groups, self.probe_epochs, self.scales, self.norms = (
+            groups,
+            probe_epochs,
+            scales,
+            norms,
+        )
         self.probing = True
 
     def set_phase(self, epoch: int) -> None:
         self.probing = epoch < self.probe_epochs
-        for group in self.groups:
-            group["lr_scale"] = 0.0 if self.probing else self.scale
+        for group, scale in zip(self.groups, self.scales, strict=True):
+            group["lr_scale"] = 0.0 if self.probing else scale
 
     def __call__(self, model: nn.Module, epoch: int) -> None:
         self.set_phase(epoch)

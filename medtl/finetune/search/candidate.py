@@ -20,6 +20,7 @@ from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.finetune import prefix as px
 from medtl.finetune.blocks import blocks_of
+from medtl.finetune.defaults import STRATEGY_KNOBS, start_of
 from medtl.finetune.loop import (
     FinetuneConfig,
     balanced_accuracy,
@@ -85,7 +86,8 @@ class Search:
     def __init__(self, task: SearchTask) -> None:
         if not task.manifest.classes:
             raise ConfigError("the BioTune search needs a labelled manifest; it has no classes")
-        self.task, self.cfg, self.ft, self.manifest = task, task.cfg, task.ft, task.manifest
+        self.task, self.cfg, self.manifest = task, task.cfg, task.manifest
+        self.ft = task.ft.for_start(start_of(task.weights))  # candidates train as finetune does
         self.root, self.data_cfg, self.out = Path(task.root), task.data_cfg, Path(task.out)
         self.weights, self.device, self.progress = task.weights, task.device, task.progress
         self.seeds = [self.cfg.seed + i for i in range(self.cfg.seeds)]
@@ -117,7 +119,11 @@ class Search:
         skip = {"storage", "study", "poll_seconds", "stale_seconds", "heartbeat_seconds"}
         return {
             "biotune": self.cfg.model_dump(mode="json", exclude=skip),
-            "finetune": self.ft.model_dump(mode="json", exclude=RETRAIN_ONLY),
+            # knobs that genome candidates never take stay out, so older stores stay valid
+            "finetune": self.ft.model_dump(
+                mode="json",
+                exclude=RETRAIN_ONLY | {k for k in STRATEGY_KNOBS if getattr(self.ft, k) is None},
+            ),
             # stores made before data.loader.normalize existed stay valid at its default
             "data": self.data_cfg.model_dump(
                 mode="json",
@@ -199,7 +205,7 @@ class Search:
         runner = prepared.runner
         balanced = self.ft.class_weights == "balanced"
         step = make_step(
-            class_weight_tensor(self.manifest) if balanced else None, self.ft.label_smoothing
+            class_weight_tensor(self.manifest) if balanced else None, self.ft.label_smoothing or 0.0
         )
         with tracking.child(f"search/{folder.name}"):
             result = fit(

@@ -1,0 +1,328 @@
+"""Fine-tuning defaults for a pretrained start, chosen on VALIDATION only.
+
+A one-factor-at-a-time grid around a base (the values medtl uses from scratch): each
+configuration changes one knob of the ``finetune`` section, ``efficientnet_lite0`` from
+``imagenet:efficientnet_lite0``, fully fine-tuned with each dataset's recipe (``recipes/busi.yaml``,
+``recipes/breastmnist.yaml``; their pretraining removed). Every knob is set explicitly, so the
+defaults being chosen never enter a run.
+
+The test split is never read: each run gets a copy of the dataset's manifest with its test rows
+removed (``train`` and ``val`` only), so fine-tuning neither loads a test image nor writes test
+predictions, and no calibration or evaluation runs. Configurations are ranked by the validation
+figures of ``predictions_val.csv`` alone: macro AUROC (one-vs-rest, of the softmax) and balanced
+accuracy, each a mean over datasets and seeds; the score is their mean. For each knob the level
+with the best score is chosen, and the chosen set is compared with the pretrained column of
+``medtl.finetune.defaults``. The ranking goes into ``docs/finetune.md`` between markers.
+
+Each finished run leaves ``result.json`` in its folder (``<work>/<dataset>/<config>/seed<S>``); a
+rerun skips it, an interrupted one resumes its checkpoint. ``--report-only`` runs nothing and
+tabulates what finished ("not run" for the rest).
+
+    python benchmarks/pretrained_defaults.py [--datasets busi breastmnist] [--configs base ...]
+        [--seeds 0 1] [--data-root DATASET=FOLDER] [--manifest DATASET=CSV] [--set key=value]
+        [--device cuda] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from medtl.cli import main as medtl
+from medtl.finetune.defaults import defaults_for
+from medtl.io import atomic_write_text, write_marked_section
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKERS = ("<!-- pretrained_defaults:start -->", "<!-- pretrained_defaults:end -->")
+RESULT = "result.json"
+VAL_FILE = "predictions_val.csv"
+DATASETS = {  # dataset -> (recipe, default data folder under ../shared/data)
+    "busi": ("busi", "busi"),
+    "breastmnist": ("breastmnist", "medmnist"),
+}
+START = [
+    "pretrain=",  # no MAE pretraining: the start is the ImageNet source
+    "finetune.backbone=efficientnet_lite0",
+    "finetune.weights=imagenet:efficientnet_lite0",
+    "finetune.strategy=full",
+    "finetune.epochs=20",
+    "finetune.lr=0.001",
+]
+BASE: dict[str, Any] = defaults_for("scratch")  # the values medtl uses from scratch
+# one factor at a time: the configuration's knob and its level (the base keeps every knob)
+CONFIGS: dict[str, tuple[str, Any] | None] = {
+    "base": None,
+    "backbone_lr_0.3": ("backbone_lr_scale", 0.3),
+    "backbone_lr_0.1": ("backbone_lr_scale", 0.1),
+    "layer_decay_0.75": ("layer_decay", 0.75),
+    "warmup_0": ("warmup_epochs", 0.0),
+    "warmup_3": ("warmup_epochs", 3.0),
+    "smoothing_0.1": ("label_smoothing", 0.1),
+    "augment_none": ("augment", "none"),
+    "augment_medium": ("augment", "medium"),
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add = parser.add_argument
+    add("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    add("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    add("--seeds", type=int, nargs="+", default=[0, 1])
+    add("--data-root", action="append", default=[], help="DATASET=FOLDER (default ../shared/data)")
+    add("--manifest", action="append", default=[], help="DATASET=CSV (default: the recipe's)")
+    add("--work", type=Path, default=ROOT / "benchmarks/out/pretrained_defaults")
+    add("--out", type=Path, default=ROOT / "docs/finetune.md")
+    add("--set", dest="overrides", action="append", default=[], help="override for every run")
+    add("--device", default=None, help="passed to medtl (default: CUDA when present)")
+    add("--report-only", action="store_true", help="run nothing: tabulate the finished runs")
+    return parser.parse_args(argv)
+
+
+def _given(pairs: list[str], dataset: str) -> str | None:
+    return dict(text.partition("=")[::2] for text in pairs).get(dataset) or None
+
+
+def data_root(args: argparse.Namespace, dataset: str) -> Path:
+    given = _given(args.data_root, dataset)
+    return Path(given) if given else ROOT.parent / "shared/data" / DATASETS[dataset][1]
+
+
+def recipe_path(dataset: str) -> Path:
+    return ROOT / "recipes" / f"{DATASETS[dataset][0]}.yaml"
+
+
+def source_manifest(args: argparse.Namespace, dataset: str) -> Path:
+    """The manifest to select on: ``--manifest DATASET=CSV``, else the recipe's."""
+    from medtl.recipe import load_recipe
+
+    given = _given(args.manifest, dataset)
+    if given:
+        return Path(given)
+    path = Path(load_recipe(recipe_path(dataset)).section("data").manifest)
+    return path if path.is_absolute() else ROOT / path
+
+
+def without_test(source: Path, out: Path) -> Path:
+    """``source`` with its test rows removed, saved as ``out`` (CSV and sidecar, atomically):
+    what every run of this benchmark trains and validates on, so that no run can read the test
+    split."""
+    from medtl.data.manifest import Manifest
+
+    manifest = Manifest.load(source)
+    rows = [r for r in manifest.rows if r.split != "test"]
+    if {r.split for r in rows} != {"train", "val"}:
+        raise SystemExit(
+            f"{source}: needs train and val rows; it has {sorted({r.split for r in rows})}"
+        )
+    return manifest.with_rows(rows).save(out)
+
+
+def config_overrides(config: str) -> list[str]:
+    """Every start-dependent knob set explicitly: the base's, with this configuration's one."""
+    knobs = dict(BASE)
+    change = CONFIGS[config]
+    if change is not None:
+        knobs[change[0]] = change[1]
+    return [f"finetune.{k}={v}" for k, v in knobs.items()]
+
+
+def run_folder(args: argparse.Namespace, dataset: str, config: str, seed: int) -> Path:
+    return args.work / dataset / config / f"seed{seed}"
+
+
+def val_scores(folder: Path) -> dict[str, float | None]:
+    """Validation macro AUROC and balanced accuracy of a finished run, from its validation
+    predictions alone; a folder holding test predictions is refused (this benchmark's runs
+    never make any)."""
+    from medtl.predictions import Predictions
+
+    if any(folder.glob("predictions_test*")):
+        raise RuntimeError(f"{folder} holds test predictions; this selection must not read them")
+    val = Predictions.load(folder / VAL_FILE)
+    if val.split != "val":
+        raise RuntimeError(f"{folder / VAL_FILE} is the {val.split!r} split, not 'val'")
+    logits = torch.from_numpy(val.logits).float()
+    probs = torch.softmax(logits, 1).numpy()
+    labels = val.labels
+    try:
+        if probs.shape[1] == 2:
+            auroc: float | None = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            auroc = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    except ValueError:  # a class absent from validation
+        auroc = None
+    bacc = float(balanced_accuracy_score(labels, probs.argmax(1)))
+    return {"val_auroc": auroc, "val_bacc": bacc}
+
+
+def one_run(
+    args: argparse.Namespace, dataset: str, config: str, seed: int
+) -> dict[str, Any] | None:
+    """Fine-tune one configuration and seed (``medtl finetune``, no test rows); its record."""
+    out = run_folder(args, dataset, config, seed)
+    done = out / RESULT
+    if done.is_file():
+        return dict(json.loads(done.read_text(encoding="utf-8")))
+    if args.report_only:
+        return None
+    manifest = without_test(source_manifest(args, dataset), args.work / dataset / "trainval.csv")
+    sets = [f"seed={seed}", f"data.manifest={manifest}", *START, *config_overrides(config)]
+    sets += args.overrides
+    argv = ["-q", "finetune", str(recipe_path(dataset)), "--out", str(out)]
+    argv += ["--data-root", str(data_root(args, dataset)), *[x for o in sets for x in ("--set", o)]]
+    if args.device:
+        argv += ["--device", args.device]
+    code = medtl(argv)
+    folder = out / "finetune"
+    if code != 0 or not (folder / VAL_FILE).is_file():
+        print(f"{dataset} {config} seed {seed}: medtl finetune exited with {code}", file=sys.stderr)
+        return None
+    card = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    record = {
+        "dataset": dataset, "config": config, "seed": seed, **val_scores(folder),
+        "best_epoch": card["best_epoch"], "epochs_run": card["epochs_run"],
+        "seconds": card["seconds"], "knobs": {k: card["config"][k] for k in BASE},
+    }  # fmt: skip
+    atomic_write_text(done, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def score(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean validation AUROC and balanced accuracy over runs, and their mean (the score)."""
+    aucs = [r["val_auroc"] for r in records if r["val_auroc"] is not None]
+    auroc = statistics.fmean(aucs) if aucs else None
+    bacc = statistics.fmean(r["val_bacc"] for r in records) if records else None
+    both = None if auroc is None or bacc is None else (auroc + bacc) / 2
+    return {"val_auroc": auroc, "val_bacc": bacc, "score": both}
+
+
+def ranking(results: list[dict[str, Any]], configs: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Configurations by score, best first; those with no finished run last."""
+    rows = [(c, score([r for r in results if r["config"] == c])) for c in configs]
+    return sorted(rows, key=lambda row: -(row[1]["score"] if row[1]["score"] is not None else -1))
+
+
+def chosen(results: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
+    """Per knob, the level with the best score among the base and the configurations that
+    change that knob; ``None`` for a knob with no measured alternative (or no measured base)."""
+    scored = dict(ranking(results, configs))
+    base = scored.get("base", {}).get("score")
+    pick: dict[str, Any] = {}
+    for knob in BASE:
+        best, level, compared = base, BASE[knob], False
+        for config, change in CONFIGS.items():
+            value = scored.get(config, {}).get("score")
+            if change is None or change[0] != knob or value is None:
+                continue
+            compared = True
+            if best is None or value > best:
+                best, level = value, change[1]
+        pick[knob] = level if compared and base is not None else None
+    return pick
+
+
+def _fmt(value: float | None) -> str:
+    return "not run" if value is None else f"{value:.3f}"
+
+
+def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        MARKERS[0],
+        "## Choosing the pretrained defaults (`benchmarks/pretrained_defaults.py`)",
+        "",
+        "`efficientnet_lite0` from `imagenet:efficientnet_lite0`, fully fine-tuned with each "
+        "dataset's recipe (its MAE pretraining removed), up to 20 epochs, lr 0.001. One knob "
+        f"changed at a time from the base ({', '.join(f'{k} {v}' for k, v in BASE.items())}). "
+        "**Validation only**: the runs' manifests hold no test rows; the score is the mean of "
+        "validation macro AUROC and balanced accuracy, averaged over datasets and seeds.",
+        "",
+        "| rank | configuration | val macro AUROC | val bal. acc. | score | "
+        + " | ".join(f"{d} s{s}" for d in args.datasets for s in args.seeds)
+        + " |",
+        "|---:|---|---:|---:|---:|" + "---:|" * (len(args.datasets) * len(args.seeds)),
+    ]
+    for rank, (config, s) in enumerate(ranking(results, args.configs), 1):
+        cells = []
+        for d in args.datasets:
+            for seed in args.seeds:
+                hit = [
+                    r
+                    for r in results
+                    if (r["dataset"], r["config"], r["seed"]) == (d, config, seed)
+                ]
+                cells.append(
+                    "not run"
+                    if not hit
+                    else f"{_fmt(hit[0]['val_auroc'])} / {hit[0]['val_bacc']:.3f}"
+                )
+        lines.append(
+            f"| {rank} | {config} | {_fmt(s['val_auroc'])} | {_fmt(s['val_bacc'])} | "
+            f"{_fmt(s['score'])} | {' | '.join(cells)} |"
+        )
+    pick = chosen(results, args.configs)
+    current = defaults_for("pretrained")
+    lines += [
+        "",
+        "Per-run cells: validation macro AUROC / balanced accuracy.",
+        "",
+        "| key | chosen here | medtl's pretrained default now |",
+        "|---|---|---|",
+    ]
+    for knob in BASE:
+        lines.append(
+            f"| `finetune.{knob}` | {pick[knob] if pick[knob] is not None else 'not compared'} | {current[knob]} |"
+        )
+    differs = [k for k in BASE if pick[k] is not None and pick[k] != current[k]]
+    if not results:
+        verdict = "- nothing measured yet"
+    elif differs:
+        verdict = (
+            f"- differs from the defaults for {', '.join(differs)}: update the pretrained "
+            "column of `medtl/finetune/defaults.py` (and its table) if these runs are the full grid"
+        )
+    else:
+        verdict = "- the chosen levels match medtl's pretrained defaults (where measured)"
+    lines += ["", verdict, f"- command: `{command}`", *machine(), MARKERS[1]]
+    return "\n".join(lines)
+
+
+def machine() -> list[str]:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return [
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {device}, "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}"
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    results = [
+        record
+        for dataset in args.datasets
+        for seed in args.seeds
+        for config in args.configs
+        if (record := one_run(args, dataset, config, seed)) is not None
+    ]
+    command = "python benchmarks/pretrained_defaults.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    text = report(args, results, command.strip())
+    print(text)
+    write_marked_section(args.out, text, *MARKERS, "Fine-tuning")
+    return results
+
+
+if __name__ == "__main__":
+    main()
