@@ -8,7 +8,8 @@ whole with ``medtl run --set seed=S`` (a finished stage is skipped, an interrupt
   with entropy-guided or random masking, then full fine-tuning;
 - ``imagenet_lite0`` / ``imagenet_lite2``: ``efficientnet_lite0`` / ``_lite2`` from ImageNet
   weights (``recipes/busi_imagenet.yaml``'s fine-tuning: 20 epochs, 3 warm-up epochs, label
-  smoothing 0.1), no pretraining;
+  smoothing 0.1, the backbone at the head's learning rate: pinned, so that the figures do not
+  move when the pretrained start's defaults change), no pretraining;
 - ``ensemble``: the ``imagenet_lite0`` and ``mae_entropy`` models of the same seed, their
   calibrated probabilities weighted on VALIDATION only (greedy selection, ``medtl.ensemble``),
   then evaluated on test like any model.
@@ -55,6 +56,7 @@ IMAGENET = [
     "finetune.lr=0.001",
     "finetune.warmup_epochs=3",
     "finetune.label_smoothing=0.1",
+    "finetune.backbone_lr_scale=1.0",  # pinned: the figures do not move with the start's defaults
 ]
 ARMS: dict[str, list[str]] = {
     "scratch": ["pretrain=", "finetune.weights="],
