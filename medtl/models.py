@@ -91,6 +91,22 @@ def create_backbone(
     return model
 
 
+def init_head(model: nn.Module, std: float = 0.01) -> None:
+    """Give a new classification head small weights (truncated normal, ``std``) and zero bias.
+
+    A pretrained body starts with a head that is not trained yet; timm's own initialisation of
+    some heads (EfficientNet's scales by ``1/sqrt(num_classes)``: weights of std 0.41 for two
+    classes) makes the first logits large (std about 4 on ImageNet features), so fine-tuning
+    begins from confident wrong predictions (a loss of 7 instead of ln 2) and spends its first
+    epochs undoing them. Small weights start every class near equal probability, as the MAE and
+    ConvNeXt fine-tuning recipes do."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+
+
 def read_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file, without pickle: safetensors, or ``torch.load(weights_only=True)``."""
     file = Path(file)

@@ -29,7 +29,14 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from medtl.errors import ConfigError
-from medtl.models import IMAGENET_MEAN, IMAGENET_STD, head_keys, load_state, read_state_dict
+from medtl.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    head_keys,
+    init_head,
+    load_state,
+    read_state_dict,
+)
 from medtl.registry import Registry
 
 # TensorFlow's EfficientNet-Lite preprocessing, (x * 255 - 127) / 128, on [0, 1] images.
@@ -314,6 +321,7 @@ def load_source(model: nn.Module, spec: str | Path) -> SourceInfo:
     state = read_state_dict(resolved.path)
     layout = resolved.source.layout if resolved.source else detect_layout(state)
     state = adapt_stem(LAYOUTS.get(layout)(state, model, origin), model)
+    init_head(model)  # a head the weights do not hold starts small; one they hold is loaded
     load_state(model, state, origin)
     cfg: Any = getattr(model, "pretrained_cfg", None) or {}
     mean = resolved.source.mean if resolved.source else tuple(cfg.get("mean", IMAGENET_MEAN))

@@ -116,6 +116,24 @@ def test_order_mapping_loads_a_foreign_file_exactly(tmp_path: Path) -> None:
             assert torch.equal(model.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18", "convnext_atto"])
+def test_a_new_head_on_pretrained_weights_starts_near_equal_probabilities(
+    tmp_path: Path, backbone: str
+) -> None:
+    """timm initialises an EfficientNet head with weights of std 1/sqrt(num_classes) (0.41 for
+    two classes): on pretrained features the first logits were large, so fine-tuning began
+    from confident wrong predictions (loss about 7 instead of ln 2)."""
+    torch.manual_seed(0)
+    donor = timm.create_model(backbone, num_classes=1000)
+    torch.save(donor.state_dict(), tmp_path / "donor.pth")
+    model = create_backbone(backbone, num_classes=2, weights=tmp_path / "donor.pth").eval()
+    head = model.get_classifier()
+    assert float(head.weight.std()) < 0.02 and not head.bias.any()
+    with torch.no_grad():
+        logits = model(torch.randn(8, 3, 64, 64))
+    assert float(logits.abs().max()) < 1.0  # every class near 1/2 at the first step
+
+
 def test_order_mapping_adapts_a_colour_stem_to_grey(tmp_path: Path) -> None:
     torch.manual_seed(0)
     donor = timm.create_model("test_efficientnet", num_classes=5)  # 3 input channels
