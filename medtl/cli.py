@@ -84,9 +84,10 @@ def progress_bar(desc: str, quiet: bool) -> Any:
 
 # -- commands -------------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from medtl.data.prepare import prepare
+    from medtl.pipeline import PrepareStage
 
-    result = prepare(
+    stage = PrepareStage(args.workers, progress_bar("reading", not show_progress(args)))
+    result = stage.prepare(
         args.dataset,
         Path(args.root),
         Path(args.output),
@@ -94,8 +95,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         ratios=parse_ratios(args.split_ratios),
         seed=args.seed,
         near_bits=args.near_dup_bits,
-        workers=args.workers,
-        progress=progress_bar("reading", not show_progress(args)),
         phash_bits=args.near_dup_phash_bits,
     )
     m = result.manifest
