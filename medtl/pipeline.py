@@ -39,7 +39,11 @@ from medtl.runs import (
 from medtl.tracking import Tracker, TrackingConfig, log_artifact, log_summary, log_to_run_folder
 
 if TYPE_CHECKING:
+    from medtl.artifacts import EncoderCard, ModelCard
+    from medtl.data.dataset import DataConfig
     from medtl.data.prepare import PrepareResult
+    from medtl.finetune.loop import FinetuneConfig
+    from medtl.pretrain.loop import PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,7 @@ def stage_inputs(ctx: RunContext, name: str, extra: dict[str, Any] | None = None
 
 def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
     """The ``pretrain`` stage: ``<run>/pretrain/encoder.safetensors``."""
-    from medtl.pretrain.loop import ENCODER_FILE, pretrain
+    from medtl.pretrain.loop import ENCODER_FILE
 
     stage = Stage(ctx.out / "pretrain", stage_inputs(ctx, "pretrain", _corpus_input(ctx)))
     if stage.done():
@@ -167,22 +171,20 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
     stage.begin()
     data_cfg = ctx.recipe.section("data").loader.data_config()
     with ctx.tracker.scope("pretrain"):
-        result = pretrain(
-            ctx.recipe.section("pretrain"),
+        card = PretrainStage(resume, ctx.recipe.section("pretrain")).pretrain(
             ctx.manifest,
             ctx.root,
             data_cfg,
             stage.folder,
             seed=ctx.recipe.seed,
             device=ctx.device,
-            resume=resume,
             progress=ctx.progress,
             recipe=ctx.recipe.resolved(),
         )
-        loss = result.card.final_loss  # None: no epoch ran (nothing to train on)
+        loss = card.final_loss  # None: no epoch ran (nothing to train on)
         log_summary({"final_loss": loss} if loss is not None else {})
-    stage.mark_done({"final_loss": result.card.final_loss})
-    return result.encoder
+    stage.mark_done({"final_loss": card.final_loss})
+    return stage.folder / ENCODER_FILE
 
 
 def _corpus_input(ctx: RunContext) -> dict[str, Any]:
@@ -431,8 +433,6 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
     """The ``finetune`` stage: ``<run>/finetune/model.safetensors`` and predictions; with
     ``finetune.strategy: biotune``, the search (``search`` section), then the best genome
     retrained into ``<run>/finetune/final/``."""
-    from medtl.finetune.loop import finetune
-
     cfg = ctx.recipe.section("finetune")
     stage, weights = finetune_stage(ctx, resume)
     if stage.done():
@@ -443,8 +443,7 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
     if _is_search(cfg.strategy):
         return _run_search(ctx, stage, weights)
     with ctx.tracker.scope("finetune"):
-        result = finetune(
-            cfg,
+        card = FinetuneStage(resume, cfg).finetune(
             ctx.manifest,
             ctx.root,
             data_cfg,
@@ -452,12 +451,11 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
             seed=ctx.recipe.seed,
             weights=weights,
             device=ctx.device,
-            resume=resume,
             progress=ctx.progress,
             recipe=ctx.recipe.resolved(),
         )
-        log_summary({"best_val_bacc": result.card.val_bacc})
-    stage.mark_done({"val_bacc": result.card.val_bacc, "model": "."})
+        log_summary({"best_val_bacc": card.val_bacc})
+    stage.mark_done({"val_bacc": card.val_bacc, "model": "."})
     return stage.folder
 
 
@@ -621,9 +619,12 @@ class PrepareStage:
 
 @dataclass(frozen=True)
 class PretrainStage:
-    """``pretrain``: the encoder file; artifact: its :class:`~medtl.artifacts.EncoderCard`."""
+    """``pretrain``: the encoder file; artifact: its :class:`~medtl.artifacts.EncoderCard`.
+    ``run(ctx)`` (``medtl pretrain``, ``medtl run``) calls :meth:`pretrain` with the recipe's
+    section."""
 
     resume: bool = True
+    config: PretrainConfig | None = None  # None: the defaults (run: the recipe's section)
     name: str = "pretrain"
 
     def run(self, ctx: RunContext) -> StageOutput:
@@ -633,18 +634,88 @@ class PretrainStage:
         encoder = run_pretrain(ctx, self.resume)
         return StageOutput(encoder, EncoderCard.load(encoder.parent / META_FILE))
 
+    def pretrain(
+        self,
+        manifest: Manifest,
+        root: Path,
+        data: DataConfig,
+        out: Path,
+        *,
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = True,
+        recipe: dict[str, Any] | None = None,
+    ) -> EncoderCard:
+        """Pretrain on ``manifest``'s images under ``root`` into the folder ``out``
+        (``encoder.safetensors``, ``meta.json``), resuming its checkpoint if ``resume``."""
+        from medtl.pretrain.loop import PretrainConfig, pretrain
+
+        cfg = self.config or PretrainConfig()
+        return pretrain(
+            cfg,
+            manifest,
+            root,
+            data,
+            out,
+            seed=seed,
+            device=device,
+            resume=self.resume,
+            progress=progress,
+            recipe=recipe,
+        ).card
+
 
 @dataclass(frozen=True)
 class FinetuneStage:
     """``finetune`` (one strategy, or a registered search): the model folder; artifact: its
-    :class:`~medtl.artifacts.ModelCard`."""
+    :class:`~medtl.artifacts.ModelCard`. ``run(ctx)`` (``medtl finetune``, ``medtl run``) calls
+    :meth:`finetune` with the recipe's section, or a search through its registry."""
 
     resume: bool = True
+    config: FinetuneConfig | None = None  # None: the defaults (run: the recipe's section)
     name: str = "finetune"
 
     def run(self, ctx: RunContext) -> StageOutput:
         folder = run_finetune(ctx, self.resume)
         return StageOutput(folder, _model_card(folder))
+
+    def finetune(
+        self,
+        manifest: Manifest,
+        root: Path,
+        data: DataConfig,
+        out: Path,
+        *,
+        seed: int = 0,
+        weights: str | None = None,
+        device: str = "cpu",
+        progress: bool = True,
+        recipe: dict[str, Any] | None = None,
+    ) -> ModelCard:
+        """Fine-tune one strategy from ``weights`` (``None``: random initialisation) on
+        ``manifest``'s images under ``root`` into the folder ``out`` (``model.safetensors``,
+        ``meta.json``, predictions), resuming its checkpoint if ``resume``."""
+        from medtl.finetune.loop import FinetuneConfig, finetune
+
+        cfg = self.config or FinetuneConfig()
+        if _is_search(cfg.strategy):
+            raise ConfigError(
+                f"finetune.strategy {cfg.strategy!r} is a search: run it from a recipe "
+                "(medtl search / medtl run)"
+            )
+        return finetune(
+            cfg,
+            manifest,
+            root,
+            data,
+            out,
+            seed=seed,
+            weights=weights,
+            device=device,
+            resume=self.resume,
+            progress=progress,
+            recipe=recipe,
+        ).card
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,34 @@ def test_prepare_stage_gives_the_run_and_medtl_prepare_one_manifest(tmp_path: Pa
     cli = Manifest.load(tmp_path / "cli.csv")
     assert cli.sha256 == ctx.manifest.sha256
     assert cli.meta.adapter == ctx.manifest.meta.adapter == data.adapter
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_folder_methods_train_as_the_run_does(tmp_path: Path) -> None:
+    """``PretrainStage(config).pretrain`` and ``FinetuneStage(config).finetune`` on folders (as
+    the benchmarks call them) write the same weights as ``run(ctx)`` with the recipe's
+    sections; a search strategy is refused there (it runs from a recipe)."""
+    from medtl.errors import ConfigError
+    from medtl.pipeline import FinetuneStage, PretrainStage
+
+    root = make_phantom(tmp_path / "data", n=24, size=32, seed=0)
+    recipe = load_recipe(DEMO_RECIPE, TINY)
+    data = recipe.section("data").loader.data_config()
+    with open_run(recipe, tmp_path / "run", str(root), "cpu", progress=False) as ctx:
+        encoder = PretrainStage().run(ctx).path
+        model = FinetuneStage().run(ctx).path
+        manifest = ctx.manifest
+    pretrain = PretrainStage(config=recipe.section("pretrain"))
+    card = pretrain.pretrain(manifest, root, data, tmp_path / "pre", seed=recipe.seed)
+    assert card.final_loss == EncoderCard.load(encoder.parent / "meta.json").final_loss
+    written = (tmp_path / "pre" / "encoder.safetensors").read_bytes()
+    assert written == encoder.read_bytes()
+    finetune = FinetuneStage(config=recipe.section("finetune"))
+    alone = tmp_path / "ft"
+    card = finetune.finetune(manifest, root, data, alone, seed=recipe.seed, weights=str(encoder))
+    assert card.val_bacc == ModelCard.load(model / "meta.json").val_bacc
+    written = (alone / "model.safetensors").read_bytes()
+    assert written == (model / "model.safetensors").read_bytes()
+    search = recipe.section("finetune").model_copy(update={"strategy": "biotune"})
+    with pytest.raises(ConfigError, match="is a search"):
+        FinetuneStage(config=search).finetune(manifest, root, data, tmp_path / "s")
