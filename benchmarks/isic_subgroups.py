@@ -17,7 +17,7 @@ from pathlib import Path
 from medtl.data.dataset import DataConfig
 from medtl.evaluate import CalibrateConfig, DataSpec, EvaluateConfig, ModelSpec
 from medtl.finetune.loop import FinetuneConfig
-from medtl.pipeline import CalibrateStage, EvaluateStage, FinetuneStage, PrepareStage
+from medtl.pipeline import CalibrateStage, EvaluateStage, FinetuneStage, PrepareStage, TrainingData
 
 
 def run(
@@ -27,7 +27,9 @@ def run(
     manifest = PrepareStage(workers=1).prepare("isic2018", root, out / "isic.csv").manifest
     data = DataConfig(image_size=size, channels=3, batch_size=32)
     ft = FinetuneConfig(backbone=backbone, epochs=epochs, batch_size=32, min_epochs=epochs, lr=1e-3)
-    FinetuneStage(config=ft).finetune(manifest, root, data, out / "model", progress=False)
+    FinetuneStage(config=ft).finetune(
+        TrainingData(manifest, root, data, progress=False), out / "model"
+    )
     CalibrateStage(CalibrateConfig(method="temperature", compare=[])).calibrate(out / "model")
     spec = DataSpec(out / "isic.csv", root, "isic2018")
     cfg = EvaluateConfig(splits=["val", "test"], n_boot=n_boot)

@@ -169,18 +169,9 @@ def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
         log.info("pretrain: already done (%s)", stage.folder)
         return stage.folder / ENCODER_FILE
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader.data_config()
     with ctx.tracker.scope("pretrain"):
-        card = PretrainStage(resume, ctx.recipe.section("pretrain")).pretrain(
-            ctx.manifest,
-            ctx.root,
-            data_cfg,
-            stage.folder,
-            seed=ctx.recipe.seed,
-            device=ctx.device,
-            progress=ctx.progress,
-            recipe=ctx.recipe.resolved(),
-        )
+        pretrain = PretrainStage(resume, ctx.recipe.section("pretrain"))
+        card = pretrain.pretrain(training_data(ctx), stage.folder)
         loss = card.final_loss  # None: no epoch ran (nothing to train on)
         log_summary({"final_loss": loss} if loss is not None else {})
     stage.mark_done({"final_loss": card.final_loss})
@@ -439,21 +430,10 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
         log.info("finetune: already done (%s)", stage.folder)
         return model_dir(ctx.out)
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader.data_config()
     if _is_search(cfg.strategy):
         return _run_search(ctx, stage, weights)
     with ctx.tracker.scope("finetune"):
-        card = FinetuneStage(resume, cfg).finetune(
-            ctx.manifest,
-            ctx.root,
-            data_cfg,
-            stage.folder,
-            seed=ctx.recipe.seed,
-            weights=weights,
-            device=ctx.device,
-            progress=ctx.progress,
-            recipe=ctx.recipe.resolved(),
-        )
+        card = FinetuneStage(resume, cfg).finetune(training_data(ctx), stage.folder, weights)
         log_summary({"best_val_bacc": card.val_bacc})
     stage.mark_done({"val_bacc": card.val_bacc, "model": "."})
     return stage.folder
@@ -489,6 +469,43 @@ def _run_search(ctx: RunContext, stage: Stage, weights: str | None) -> Path:
 
 
 # -- the stage protocol ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingData:
+    """What a training stage reads: the manifest, its data root and how its images are loaded
+    (``data``), with the run's seed, device, progress setting and resolved recipe (recorded in
+    the card)."""
+
+    manifest: Manifest
+    root: Path
+    data: DataConfig
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    recipe: dict[str, Any] | None = None
+
+    def reads(self) -> tuple[Manifest, Path, DataConfig]:
+        return self.manifest, self.root, self.data
+
+    def options(self) -> dict[str, Any]:
+        """The training loops' keyword arguments."""
+        keys = ("seed", "device", "progress", "recipe")
+        return {key: getattr(self, key) for key in keys}
+
+
+def training_data(ctx: RunContext) -> TrainingData:
+    """A run's :class:`TrainingData`: its manifest and root, ``data.loader`` as a
+    ``DataConfig``, and the recipe's seed."""
+    return TrainingData(
+        ctx.manifest,
+        ctx.root,
+        ctx.recipe.section("data").loader.data_config(),
+        ctx.recipe.seed,
+        ctx.device,
+        ctx.progress,
+        ctx.recipe.resolved(),
+    )
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """What a stage hands on: where its output is, and the typed artifact read back from it
@@ -634,35 +651,13 @@ class PretrainStage:
         encoder = run_pretrain(ctx, self.resume)
         return StageOutput(encoder, EncoderCard.load(encoder.parent / META_FILE))
 
-    def pretrain(
-        self,
-        manifest: Manifest,
-        root: Path,
-        data: DataConfig,
-        out: Path,
-        *,
-        seed: int = 0,
-        device: str = "cpu",
-        progress: bool = True,
-        recipe: dict[str, Any] | None = None,
-    ) -> EncoderCard:
-        """Pretrain on ``manifest``'s images under ``root`` into the folder ``out``
-        (``encoder.safetensors``, ``meta.json``), resuming its checkpoint if ``resume``."""
+    def pretrain(self, data: TrainingData, out: Path) -> EncoderCard:
+        """Pretrain on ``data`` into the folder ``out`` (``encoder.safetensors``,
+        ``meta.json``), resuming its checkpoint if ``resume``."""
         from medtl.pretrain.loop import PretrainConfig, pretrain
 
         cfg = self.config or PretrainConfig()
-        return pretrain(
-            cfg,
-            manifest,
-            root,
-            data,
-            out,
-            seed=seed,
-            device=device,
-            resume=self.resume,
-            progress=progress,
-            recipe=recipe,
-        ).card
+        return pretrain(cfg, *data.reads(), out, resume=self.resume, **data.options()).card
 
 
 @dataclass(frozen=True)
@@ -679,22 +674,10 @@ class FinetuneStage:
         folder = run_finetune(ctx, self.resume)
         return StageOutput(folder, _model_card(folder))
 
-    def finetune(
-        self,
-        manifest: Manifest,
-        root: Path,
-        data: DataConfig,
-        out: Path,
-        *,
-        seed: int = 0,
-        weights: str | None = None,
-        device: str = "cpu",
-        progress: bool = True,
-        recipe: dict[str, Any] | None = None,
-    ) -> ModelCard:
+    def finetune(self, data: TrainingData, out: Path, weights: str | None = None) -> ModelCard:
         """Fine-tune one strategy from ``weights`` (``None``: random initialisation) on
-        ``manifest``'s images under ``root`` into the folder ``out`` (``model.safetensors``,
-        ``meta.json``, predictions), resuming its checkpoint if ``resume``."""
+        ``data`` into the folder ``out`` (``model.safetensors``, ``meta.json``, predictions),
+        resuming its checkpoint if ``resume``."""
         from medtl.finetune.loop import FinetuneConfig, finetune
 
         cfg = self.config or FinetuneConfig()
@@ -703,19 +686,10 @@ class FinetuneStage:
                 f"finetune.strategy {cfg.strategy!r} is a search: run it from a recipe "
                 "(medtl search / medtl run)"
             )
-        return finetune(
-            cfg,
-            manifest,
-            root,
-            data,
-            out,
-            seed=seed,
-            weights=weights,
-            device=device,
-            resume=self.resume,
-            progress=progress,
-            recipe=recipe,
-        ).card
+        run = finetune(
+            cfg, *data.reads(), out, weights=weights, resume=self.resume, **data.options()
+        )
+        return run.card
 
 
 @dataclass(frozen=True)

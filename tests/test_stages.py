@@ -88,7 +88,7 @@ def test_folder_methods_train_as_the_run_does(tmp_path: Path) -> None:
     the benchmarks call them) write the same weights as ``run(ctx)`` with the recipe's
     sections; a search strategy is refused there (it runs from a recipe)."""
     from medtl.errors import ConfigError
-    from medtl.pipeline import FinetuneStage, PretrainStage
+    from medtl.pipeline import FinetuneStage, PretrainStage, TrainingData
 
     root = make_phantom(tmp_path / "data", n=24, size=32, seed=0)
     recipe = load_recipe(DEMO_RECIPE, TINY)
@@ -97,17 +97,17 @@ def test_folder_methods_train_as_the_run_does(tmp_path: Path) -> None:
         encoder = PretrainStage().run(ctx).path
         model = FinetuneStage().run(ctx).path
         manifest = ctx.manifest
-    pretrain = PretrainStage(config=recipe.section("pretrain"))
-    card = pretrain.pretrain(manifest, root, data, tmp_path / "pre", seed=recipe.seed)
+    reads = TrainingData(manifest, root, data, seed=recipe.seed)
+    card = PretrainStage(config=recipe.section("pretrain")).pretrain(reads, tmp_path / "pre")
     assert card.final_loss == EncoderCard.load(encoder.parent / "meta.json").final_loss
     written = (tmp_path / "pre" / "encoder.safetensors").read_bytes()
     assert written == encoder.read_bytes()
     finetune = FinetuneStage(config=recipe.section("finetune"))
     alone = tmp_path / "ft"
-    card = finetune.finetune(manifest, root, data, alone, seed=recipe.seed, weights=str(encoder))
+    card = finetune.finetune(reads, alone, weights=str(encoder))
     assert card.val_bacc == ModelCard.load(model / "meta.json").val_bacc
     written = (alone / "model.safetensors").read_bytes()
     assert written == (model / "model.safetensors").read_bytes()
     search = recipe.section("finetune").model_copy(update={"strategy": "biotune"})
     with pytest.raises(ConfigError, match="is a search"):
-        FinetuneStage(config=search).finetune(manifest, root, data, tmp_path / "s")
+        FinetuneStage(config=search).finetune(reads, tmp_path / "s")
