@@ -15,21 +15,29 @@ import time
 from pathlib import Path
 
 from medtl.data.dataset import DataConfig
-from medtl.data.prepare import prepare
 from medtl.evaluate import CalibrateConfig, DataSpec, EvaluateConfig, ModelSpec
 from medtl.export import export_model
-from medtl.finetune.loop import FinetuneConfig, finetune
-from medtl.pipeline import CalibrateStage, EvaluateStage, ReportStage
+from medtl.finetune.loop import FinetuneConfig
+from medtl.pipeline import (
+    CalibrateStage,
+    EvaluateStage,
+    FinetuneStage,
+    PrepareStage,
+    ReportStage,
+    TrainingData,
+)
 from medtl.results import ReportSummary
 
 
 def run(adapter: str, root: Path, out: Path, backbone: str, epochs: int, size: int) -> list[str]:
     """Every step into ``out``; returns the lines to print (figures and timings)."""
     start, lines = time.perf_counter(), []
-    manifest = prepare(adapter, root, out / "manifest.csv", workers=1).manifest
+    manifest = PrepareStage(workers=1).prepare(adapter, root, out / "manifest.csv").manifest
     data = DataConfig(image_size=size, channels=3, batch_size=32, augment="light")
     ft = FinetuneConfig(backbone=backbone, epochs=epochs, batch_size=32, min_epochs=epochs, lr=2e-3)
-    finetune(ft, manifest, root, data, out / "finetune", progress=False)
+    FinetuneStage(config=ft).finetune(
+        TrainingData(manifest, root, data, progress=False), out / "finetune"
+    )
     CalibrateStage(CalibrateConfig(method="temperature", compare=[])).calibrate(out / "finetune")
     spec = DataSpec(out / "manifest.csv", root, adapter)
     cfg = EvaluateConfig(n_boot=1000)

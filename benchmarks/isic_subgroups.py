@@ -15,20 +15,21 @@ import argparse
 from pathlib import Path
 
 from medtl.data.dataset import DataConfig
-from medtl.data.prepare import prepare
 from medtl.evaluate import CalibrateConfig, DataSpec, EvaluateConfig, ModelSpec
-from medtl.finetune.loop import FinetuneConfig, finetune
-from medtl.pipeline import CalibrateStage, EvaluateStage
+from medtl.finetune.loop import FinetuneConfig
+from medtl.pipeline import CalibrateStage, EvaluateStage, FinetuneStage, PrepareStage, TrainingData
 
 
 def run(
     root: Path, out: Path, backbone: str, epochs: int, size: int, n_boot: int
 ) -> dict[str, object]:
     """Prepare, fine-tune, calibrate, evaluate; the evaluation's entries by split."""
-    manifest = prepare("isic2018", root, out / "isic.csv", workers=1).manifest
+    manifest = PrepareStage(workers=1).prepare("isic2018", root, out / "isic.csv").manifest
     data = DataConfig(image_size=size, channels=3, batch_size=32)
     ft = FinetuneConfig(backbone=backbone, epochs=epochs, batch_size=32, min_epochs=epochs, lr=1e-3)
-    finetune(ft, manifest, root, data, out / "model", progress=False)
+    FinetuneStage(config=ft).finetune(
+        TrainingData(manifest, root, data, progress=False), out / "model"
+    )
     CalibrateStage(CalibrateConfig(method="temperature", compare=[])).calibrate(out / "model")
     spec = DataSpec(out / "isic.csv", root, "isic2018")
     cfg = EvaluateConfig(splits=["val", "test"], n_boot=n_boot)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from medtl.data.manifest import Manifest
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, DataError
 from medtl.io import check_writable, remove_stray_temps
-from medtl.recipe import Recipe
+from medtl.recipe import DataSection, Recipe
 from medtl.results import (
     CALIBRATION_FILE,
     EVALUATION_FILE,
@@ -31,26 +31,36 @@ from medtl.runs import (
     RESPLIT_FILE,
     RunLock,
     Stage,
+    check_manifest_path,
     check_named_files,
     data_root,
-    ensure_manifest,
     start_run,
 )
 from medtl.tracking import Tracker, TrackingConfig, log_artifact, log_summary, log_to_run_folder
+
+if TYPE_CHECKING:
+    from medtl.artifacts import EncoderCard, ModelCard
+    from medtl.data.dataset import DataConfig
+    from medtl.data.prepare import PrepareResult
+    from medtl.finetune.loop import FinetuneConfig
+    from medtl.pretrain.loop import PretrainConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunContext:
+    """What every stage of a run reads: the recipe, the run folder, the data root, the device,
+    the tracker, and the manifest that :class:`PrepareStage` sets when the run is opened."""
+
     recipe: Recipe
     out: Path
     root: Path
-    manifest: Manifest
     device: str
     progress: bool
     tracker: Tracker
     lock: RunLock | None = None
+    manifest: Manifest = field(init=False, repr=False)  # set by PrepareStage().run(ctx)
 
     def close(self) -> None:
         """Flush and close the trackers (TensorBoard writers, the MLflow run); unlock."""
@@ -120,22 +130,22 @@ def _open_locked(
     rank: int,
     held: RunLock | None,
 ) -> RunContext:
-    section = recipe.section("data")
     if rank == 0:
         start_run(recipe, out)
         log_to_run_folder(out)
-        manifest = ensure_manifest(section, root, out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        if rank != 0:
-            manifest = ensure_manifest(section, root, out)
     tracking: TrackingConfig = (
         recipe.section("tracking") if recipe.has("tracking") else TrackingConfig()
     )
     if rank != 0:  # one process writes the event files
         tracking = TrackingConfig(tensorboard=False, mlflow=False)
     tracker = Tracker(out, tracking, recipe.name, recipe.resolved())
-    return RunContext(recipe, out, root, manifest, device, progress and rank == 0, tracker, held)
+    ctx = RunContext(recipe, out, root, device, progress and rank == 0, tracker, held)
+    try:
+        ctx.manifest = PrepareStage().run(ctx).artifact
+    except BaseException:
+        tracker.close()
+        raise
+    return ctx
 
 
 def stage_inputs(ctx: RunContext, name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -152,31 +162,20 @@ def stage_inputs(ctx: RunContext, name: str, extra: dict[str, Any] | None = None
 
 def run_pretrain(ctx: RunContext, resume: bool = True) -> Path:
     """The ``pretrain`` stage: ``<run>/pretrain/encoder.safetensors``."""
-    from medtl.pretrain.loop import ENCODER_FILE, pretrain
+    from medtl.pretrain.loop import ENCODER_FILE
 
     stage = Stage(ctx.out / "pretrain", stage_inputs(ctx, "pretrain", _corpus_input(ctx)))
     if stage.done():
         log.info("pretrain: already done (%s)", stage.folder)
         return stage.folder / ENCODER_FILE
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader.data_config()
     with ctx.tracker.scope("pretrain"):
-        result = pretrain(
-            ctx.recipe.section("pretrain"),
-            ctx.manifest,
-            ctx.root,
-            data_cfg,
-            stage.folder,
-            seed=ctx.recipe.seed,
-            device=ctx.device,
-            resume=resume,
-            progress=ctx.progress,
-            recipe=ctx.recipe.resolved(),
-        )
-        loss = result.card.final_loss  # None: no epoch ran (nothing to train on)
+        pretrain = PretrainStage(resume, ctx.recipe.section("pretrain"))
+        card = pretrain.pretrain(training_data(ctx), stage.folder)
+        loss = card.final_loss  # None: no epoch ran (nothing to train on)
         log_summary({"final_loss": loss} if loss is not None else {})
-    stage.mark_done({"final_loss": result.card.final_loss})
-    return result.encoder
+    stage.mark_done({"final_loss": card.final_loss})
+    return stage.folder / ENCODER_FILE
 
 
 def _corpus_input(ctx: RunContext) -> dict[str, Any]:
@@ -375,12 +374,17 @@ def track_evaluation(results: EvaluationResults) -> None:
 
 
 def _manifest_path(ctx: RunContext) -> Path:
-    section = ctx.recipe.section("data")
-    if (ctx.out / RESPLIT_FILE).is_file() and ctx.manifest.meta.split_source == "resplit":
-        return ctx.out / RESPLIT_FILE
+    return manifest_file(ctx.recipe.section("data"), ctx.out, ctx.manifest)
+
+
+def manifest_file(section: DataSection, out: Path, manifest: Manifest) -> Path:
+    """Where a run's ``manifest`` is: ``data/resplit.csv`` (``data.leaks: resplit``), the
+    recipe's ``data.manifest``, or the one prepared into ``data/manifest.csv``."""
+    if (out / RESPLIT_FILE).is_file() and manifest.meta.split_source == "resplit":
+        return out / RESPLIT_FILE
     if section.manifest and Path(section.manifest).is_file():
         return Path(section.manifest)
-    return ctx.out / "data" / "manifest.csv"
+    return out / PREPARED_FILE
 
 
 def finetune_stage(ctx: RunContext, resume: bool = True) -> tuple[Stage, str | None]:
@@ -420,33 +424,18 @@ def run_finetune(ctx: RunContext, resume: bool = True) -> Path:
     """The ``finetune`` stage: ``<run>/finetune/model.safetensors`` and predictions; with
     ``finetune.strategy: biotune``, the search (``search`` section), then the best genome
     retrained into ``<run>/finetune/final/``."""
-    from medtl.finetune.loop import finetune
-
     cfg = ctx.recipe.section("finetune")
     stage, weights = finetune_stage(ctx, resume)
     if stage.done():
         log.info("finetune: already done (%s)", stage.folder)
         return model_dir(ctx.out)
     stage.begin()
-    data_cfg = ctx.recipe.section("data").loader.data_config()
     if _is_search(cfg.strategy):
         return _run_search(ctx, stage, weights)
     with ctx.tracker.scope("finetune"):
-        result = finetune(
-            cfg,
-            ctx.manifest,
-            ctx.root,
-            data_cfg,
-            stage.folder,
-            seed=ctx.recipe.seed,
-            weights=weights,
-            device=ctx.device,
-            resume=resume,
-            progress=ctx.progress,
-            recipe=ctx.recipe.resolved(),
-        )
-        log_summary({"best_val_bacc": result.card.val_bacc})
-    stage.mark_done({"val_bacc": result.card.val_bacc, "model": "."})
+        card = FinetuneStage(resume, cfg).finetune(training_data(ctx), stage.folder, weights)
+        log_summary({"best_val_bacc": card.val_bacc})
+    stage.mark_done({"val_bacc": card.val_bacc, "model": "."})
     return stage.folder
 
 
@@ -481,6 +470,43 @@ def _run_search(ctx: RunContext, stage: Stage, weights: str | None) -> Path:
 
 # -- the stage protocol ------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TrainingData:
+    """What a training stage reads: the manifest, its data root and how its images are loaded
+    (``data``), with the run's seed, device, progress setting and resolved recipe (recorded in
+    the card)."""
+
+    manifest: Manifest
+    root: Path
+    data: DataConfig
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    recipe: dict[str, Any] | None = None
+
+    def reads(self) -> tuple[Manifest, Path, DataConfig]:
+        return self.manifest, self.root, self.data
+
+    def options(self) -> dict[str, Any]:
+        """The training loops' keyword arguments."""
+        keys = ("seed", "device", "progress", "recipe")
+        return {key: getattr(self, key) for key in keys}
+
+
+def training_data(ctx: RunContext) -> TrainingData:
+    """A run's :class:`TrainingData`: its manifest and root, ``data.loader`` as a
+    ``DataConfig``, and the recipe's seed."""
+    return TrainingData(
+        ctx.manifest,
+        ctx.root,
+        ctx.recipe.section("data").loader.data_config(),
+        ctx.recipe.seed,
+        ctx.device,
+        ctx.progress,
+        ctx.recipe.resolved(),
+    )
+
+
+@dataclass(frozen=True)
 class StageOutput:
     """What a stage hands on: where its output is, and the typed artifact read back from it
     (validated, so a later stage never reads a loose dict)."""
@@ -499,11 +525,123 @@ class RunStage(Protocol):
     def run(self, ctx: RunContext) -> StageOutput: ...
 
 
+PREPARED_FILE = "data/manifest.csv"
+
+
+@dataclass(frozen=True)
+class PrepareStage:
+    """``prepare``: the run's manifest, the recipe's ``data.manifest`` verified against the
+    data root or one prepared into ``<run>/data/manifest.csv`` (split again by group into
+    ``data/resplit.csv`` with ``data.leaks: resplit``); artifact: the
+    :class:`~medtl.data.manifest.Manifest` (its rows and typed sidecar,
+    :class:`~medtl.data.manifest.ManifestMeta`). Opening a run runs it, so every later stage
+    reads ``ctx.manifest``; ``medtl prepare`` calls :meth:`prepare`."""
+
+    workers: int = 4  # image reader threads
+    progress: Any = None  # a medtl.data.prepare.Progress wrapper (the CLI's bar); None: none
+    name: str = "prepare"
+
+    def run(self, ctx: RunContext) -> StageOutput:
+        """Rank 0 prepares or verifies the manifest; other ranks wait for it, then load it."""
+        section = ctx.recipe.section("data")
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            manifest = self.manifest(section, ctx.root, ctx.out)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if rank != 0:
+            manifest = self.manifest(section, ctx.root, ctx.out)
+        return StageOutput(manifest_file(section, ctx.out, manifest), manifest)
+
+    def manifest(self, section: DataSection, root: Path, out: Path) -> Manifest:
+        """The data section's manifest for the run folder ``out``; with ``data.leaks: resplit``
+        and an official split, that manifest split again by group into ``data/resplit.csv``."""
+        from medtl.data.leaks import OFFICIAL_SOURCES, read_audit_clusters, resplit
+
+        manifest = self._source(section, root, out)
+        if section.leaks != "resplit" or manifest.meta.split_source not in OFFICIAL_SOURCES:
+            return manifest
+        source = Path(section.manifest) if section.manifest else out / PREPARED_FILE
+        clusters = read_audit_clusters(source)
+        fresh = resplit(manifest, section.split_ratios, section.split_seed, clusters)
+        target = out / RESPLIT_FILE
+        if not target.is_file() or Manifest.load(target).sha256 != fresh.sha256:
+            fresh.save(target)
+        log.info("data.leaks=resplit: official split ignored; group-aware split in %s", target)
+        return fresh
+
+    def _source(self, section: DataSection, root: Path, out: Path) -> Manifest:
+        """The recipe's named manifest, or one prepared into ``out/data/manifest.csv``. An
+        existing manifest is verified against the files under ``root``
+        (:func:`~medtl.data.verify.verify_data`) before any stage can be skipped: the stages'
+        keys hold the manifest's hash, which covers every row's sha256."""
+        from medtl.data.verify import verify_data
+
+        check_manifest_path(section)
+        if section.manifest:
+            manifest = Manifest.load(section.manifest)
+            if manifest.meta.adapter != section.adapter:
+                raise DataError(
+                    f"manifest {section.manifest} was made by adapter {manifest.meta.adapter!r}, "
+                    f"the recipe names {section.adapter!r}"
+                )
+            verify_data(manifest, root)
+            return manifest
+        target = out / PREPARED_FILE
+        if target.is_file():
+            manifest = Manifest.load(target)
+            verify_data(manifest, root)
+            return manifest
+        return self.prepare(
+            section.adapter,
+            root,
+            target,
+            options=section.options,
+            ratios=section.split_ratios,
+            seed=section.split_seed,
+            near_bits=section.near_dup_bits,
+            phash_bits=section.near_dup_phash_bits,
+        ).manifest
+
+    def prepare(
+        self,
+        adapter: str,
+        root: Path,
+        out: Path,
+        options: dict[str, Any] | None = None,
+        ratios: dict[str, float] | None = None,
+        seed: int = 0,
+        near_bits: int | None = None,
+        phash_bits: int | None = None,
+    ) -> PrepareResult:
+        """Build, audit and split the manifest of the dataset at ``root`` into ``out`` (a CSV
+        path): a :class:`~medtl.data.prepare.PrepareResult`. ``None`` thresholds: the
+        defaults."""
+        from medtl.data.audit import DEFAULT_NEAR_BITS, DEFAULT_PHASH_BITS
+        from medtl.data.prepare import prepare
+
+        return prepare(
+            adapter,
+            root,
+            out,
+            options=options,
+            ratios=ratios,
+            seed=seed,
+            near_bits=DEFAULT_NEAR_BITS if near_bits is None else near_bits,
+            workers=self.workers,
+            progress=self.progress,
+            phash_bits=DEFAULT_PHASH_BITS if phash_bits is None else phash_bits,
+        )
+
+
 @dataclass(frozen=True)
 class PretrainStage:
-    """``pretrain``: the encoder file; artifact: its :class:`~medtl.artifacts.EncoderCard`."""
+    """``pretrain``: the encoder file; artifact: its :class:`~medtl.artifacts.EncoderCard`.
+    ``run(ctx)`` (``medtl pretrain``, ``medtl run``) calls :meth:`pretrain` with the recipe's
+    section."""
 
     resume: bool = True
+    config: PretrainConfig | None = None  # None: the defaults (run: the recipe's section)
     name: str = "pretrain"
 
     def run(self, ctx: RunContext) -> StageOutput:
@@ -513,18 +651,45 @@ class PretrainStage:
         encoder = run_pretrain(ctx, self.resume)
         return StageOutput(encoder, EncoderCard.load(encoder.parent / META_FILE))
 
+    def pretrain(self, data: TrainingData, out: Path) -> EncoderCard:
+        """Pretrain on ``data`` into the folder ``out`` (``encoder.safetensors``,
+        ``meta.json``), resuming its checkpoint if ``resume``."""
+        from medtl.pretrain.loop import PretrainConfig, pretrain
+
+        cfg = self.config or PretrainConfig()
+        return pretrain(cfg, *data.reads(), out, resume=self.resume, **data.options()).card
+
 
 @dataclass(frozen=True)
 class FinetuneStage:
     """``finetune`` (one strategy, or a registered search): the model folder; artifact: its
-    :class:`~medtl.artifacts.ModelCard`."""
+    :class:`~medtl.artifacts.ModelCard`. ``run(ctx)`` (``medtl finetune``, ``medtl run``) calls
+    :meth:`finetune` with the recipe's section, or a search through its registry."""
 
     resume: bool = True
+    config: FinetuneConfig | None = None  # None: the defaults (run: the recipe's section)
     name: str = "finetune"
 
     def run(self, ctx: RunContext) -> StageOutput:
         folder = run_finetune(ctx, self.resume)
         return StageOutput(folder, _model_card(folder))
+
+    def finetune(self, data: TrainingData, out: Path, weights: str | None = None) -> ModelCard:
+        """Fine-tune one strategy from ``weights`` (``None``: random initialisation) on
+        ``data`` into the folder ``out`` (``model.safetensors``, ``meta.json``, predictions),
+        resuming its checkpoint if ``resume``."""
+        from medtl.finetune.loop import FinetuneConfig, finetune
+
+        cfg = self.config or FinetuneConfig()
+        if _is_search(cfg.strategy):
+            raise ConfigError(
+                f"finetune.strategy {cfg.strategy!r} is a search: run it from a recipe "
+                "(medtl search / medtl run)"
+            )
+        run = finetune(
+            cfg, *data.reads(), out, weights=weights, resume=self.resume, **data.options()
+        )
+        return run.card
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from typing import Any
 import yaml
 
 from medtl import __version__
-from medtl.data.leaks import OFFICIAL_SOURCES, read_audit_clusters, resplit
 from medtl.data.manifest import Manifest, check_root
 from medtl.errors import DataError, MedtlError
 from medtl.io import atomic_write_text, write_json
@@ -177,60 +176,6 @@ def check_named_files(recipe: Recipe, root: Path | None) -> list[str]:
             check_root(spec.root)
             lines.append(f"evaluate.external {spec.name}: {len(external.rows)} rows")
     return lines
-
-
-def ensure_manifest(section: DataSection, root: Path, out: Path, workers: int = 4) -> Manifest:
-    """The recipe's manifest (which must exist), or, when the recipe names none, one prepared
-    into ``out/data/manifest.csv``; with ``data.leaks: resplit`` and an official split, that
-    manifest split again by group into ``out/data/resplit.csv``."""
-    manifest = _source_manifest(section, root, out, workers)
-    if section.leaks != "resplit" or manifest.meta.split_source not in OFFICIAL_SOURCES:
-        return manifest
-    source = Path(section.manifest) if section.manifest else out / "data" / "manifest.csv"
-    clusters = read_audit_clusters(source)
-    fresh = resplit(manifest, section.split_ratios, section.split_seed, clusters)
-    target = out / RESPLIT_FILE
-    if not target.is_file() or Manifest.load(target).sha256 != fresh.sha256:
-        fresh.save(target)
-    log.info("data.leaks=resplit: official split ignored; group-aware split in %s", target)
-    return fresh
-
-
-def _source_manifest(section: DataSection, root: Path, out: Path, workers: int) -> Manifest:
-    """The recipe's named manifest, or one prepared into ``out/data/manifest.csv``. An existing
-    manifest is verified against the files under ``root`` (:func:`~medtl.data.verify.verify_data`)
-    before any stage can be skipped: the stages' keys hold the manifest's hash, which covers
-    every row's sha256."""
-    from medtl.data.verify import verify_data
-
-    check_manifest_path(section)
-    if section.manifest:
-        manifest = Manifest.load(section.manifest)
-        if manifest.meta.adapter != section.adapter:
-            raise DataError(
-                f"manifest {section.manifest} was made by adapter {manifest.meta.adapter!r}, "
-                f"the recipe names {section.adapter!r}"
-            )
-        verify_data(manifest, root)
-        return manifest
-    target = out / "data" / "manifest.csv"
-    if target.is_file():
-        manifest = Manifest.load(target)
-        verify_data(manifest, root)
-        return manifest
-    from medtl.data.prepare import prepare
-
-    return prepare(
-        section.adapter,
-        root,
-        target,
-        options=section.options,
-        ratios=section.split_ratios,
-        seed=section.split_seed,
-        near_bits=section.near_dup_bits,
-        workers=workers,
-        phash_bits=section.near_dup_phash_bits,
-    ).manifest
 
 
 @dataclass

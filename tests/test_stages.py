@@ -54,3 +54,60 @@ def test_each_stage_hands_on_its_typed_artifact(tmp_path: Path) -> None:
     assert [e.model for e in first["report"].artifact.entries] == [e.model for e in entries]
     card = first["pretrain"].artifact
     assert EncoderCard.model_validate_json(card.model_dump_json()) == card
+
+
+def test_prepare_stage_gives_the_run_and_medtl_prepare_one_manifest(tmp_path: Path) -> None:
+    """Opening a run prepares its manifest through ``PrepareStage``; ``run(ctx)`` hands on the
+    typed manifest, a rerun verifies it instead of preparing again, and ``medtl prepare`` with
+    the recipe's data settings writes the same manifest (one code path)."""
+    from medtl.cli import main
+    from medtl.data.manifest import Manifest
+    from medtl.pipeline import PrepareStage
+
+    root = make_phantom(tmp_path / "data", n=24, size=32, seed=0)
+    recipe = load_recipe(DEMO_RECIPE, TINY)
+    with open_run(recipe, tmp_path / "run", str(root), "cpu", progress=False) as ctx:
+        prepared = tmp_path / "run" / "data" / "manifest.csv"
+        written = prepared.stat().st_mtime_ns
+        out = PrepareStage().run(ctx)
+        assert out.path == prepared and prepared.stat().st_mtime_ns == written
+        assert isinstance(out.artifact, Manifest)
+        assert out.artifact.sha256 == ctx.manifest.sha256 == Manifest.load(prepared).sha256
+    data = recipe.section("data")
+    ratios = ",".join(str(data.split_ratios[s]) for s in ("train", "val", "test"))
+    argv = ["-q", "prepare", data.adapter, str(root), "-o", str(tmp_path / "cli.csv")]
+    assert main([*argv, "--seed", str(data.split_seed), "--split-ratios", ratios]) == 0
+    cli = Manifest.load(tmp_path / "cli.csv")
+    assert cli.sha256 == ctx.manifest.sha256
+    assert cli.meta.adapter == ctx.manifest.meta.adapter == data.adapter
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_folder_methods_train_as_the_run_does(tmp_path: Path) -> None:
+    """``PretrainStage(config).pretrain`` and ``FinetuneStage(config).finetune`` on folders (as
+    the benchmarks call them) write the same weights as ``run(ctx)`` with the recipe's
+    sections; a search strategy is refused there (it runs from a recipe)."""
+    from medtl.errors import ConfigError
+    from medtl.pipeline import FinetuneStage, PretrainStage, TrainingData
+
+    root = make_phantom(tmp_path / "data", n=24, size=32, seed=0)
+    recipe = load_recipe(DEMO_RECIPE, TINY)
+    data = recipe.section("data").loader.data_config()
+    with open_run(recipe, tmp_path / "run", str(root), "cpu", progress=False) as ctx:
+        encoder = PretrainStage().run(ctx).path
+        model = FinetuneStage().run(ctx).path
+        manifest = ctx.manifest
+    reads = TrainingData(manifest, root, data, seed=recipe.seed)
+    card = PretrainStage(config=recipe.section("pretrain")).pretrain(reads, tmp_path / "pre")
+    assert card.final_loss == EncoderCard.load(encoder.parent / "meta.json").final_loss
+    written = (tmp_path / "pre" / "encoder.safetensors").read_bytes()
+    assert written == encoder.read_bytes()
+    finetune = FinetuneStage(config=recipe.section("finetune"))
+    alone = tmp_path / "ft"
+    card = finetune.finetune(reads, alone, weights=str(encoder))
+    assert card.val_bacc == ModelCard.load(model / "meta.json").val_bacc
+    written = (alone / "model.safetensors").read_bytes()
+    assert written == (model / "model.safetensors").read_bytes()
+    search = recipe.section("finetune").model_copy(update={"strategy": "biotune"})
+    with pytest.raises(ConfigError, match="is a search"):
+        FinetuneStage(config=search).finetune(reads, tmp_path / "s")

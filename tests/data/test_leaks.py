@@ -206,11 +206,12 @@ def test_the_run_folder_manifest_of_each_policy(
 ) -> None:
     """keep and drop train on the official split (validation carved); resplit on a seeded
     group-aware split written to ``data/resplit.csv``, where nothing leaks."""
+    from medtl.pipeline import PrepareStage
     from medtl.recipe import DataSection
-    from medtl.runs import RESPLIT_FILE, ensure_manifest
+    from medtl.runs import RESPLIT_FILE
 
     section = DataSection(adapter="brain_tumor_mri", manifest=str(planted.path), leaks=policy)
-    manifest = ensure_manifest(section, planted.root, tmp_path)
+    manifest = PrepareStage().manifest(section, planted.root, tmp_path)
     if policy == "resplit":
         assert manifest.meta.split_source == "resplit"
         assert Manifest.load(tmp_path / RESPLIT_FILE).sha256 == manifest.sha256
