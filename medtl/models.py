@@ -100,7 +100,8 @@ def init_head(model: nn.Module, std: float = 0.01) -> None:
     begins from confident wrong predictions (a loss of 7 instead of ln 2) and spends its first
     epochs undoing them. Small weights start every class near equal probability, as the MAE and
     ConvNeXt fine-tuning recipes do."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     if isinstance(head, nn.Linear):
         nn.init.trunc_normal_(head.weight, std=std, a=-2 * std, b=2 * std)
         if head.bias is not None:
