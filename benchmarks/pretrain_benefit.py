@@ -203,7 +203,7 @@ def summarise(out: Path, arm: str, seed: int) -> dict[str, Any] | None:
     folder = model_dir(out)
     entry = next(
         e for e in json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        if e["status"] == "ok" and Path(e["model_dir"]) == folder
+        if e["status"] == "ok" and Path(e["model_dir"]).resolve() == folder.resolve()
     )  # fmt: skip
     card = ModelCard.load(folder / "meta.json")
     summary: dict[str, Any] = {
