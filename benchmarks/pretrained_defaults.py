@@ -10,7 +10,8 @@ The test split is never read: each run gets a copy of the dataset's manifest wit
 removed (``train`` and ``val`` only), so fine-tuning neither loads a test image nor writes test
 predictions, and no calibration or evaluation runs. Configurations are ranked by the validation
 figures of ``predictions_val.csv`` alone: macro AUROC (one-vs-rest, of the softmax) and balanced
-accuracy, each a mean over datasets and seeds; the score is their mean. For each knob the level
+accuracy, each averaged over seeds within a dataset and then over datasets (each dataset weighs
+the same); the score is their mean. For each knob the level
 with the best score is chosen, and the chosen set is compared with the pretrained column of
 ``medtl.finetune.defaults``. The ranking goes into ``docs/finetune.md`` between markers.
 
@@ -200,10 +201,19 @@ def one_run(
 
 
 def score(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean validation AUROC and balanced accuracy over runs, and their mean (the score)."""
-    aucs = [r["val_auroc"] for r in records if r["val_auroc"] is not None]
-    auroc = statistics.fmean(aucs) if aucs else None
-    bacc = statistics.fmean(r["val_bacc"] for r in records) if records else None
+    """Validation AUROC and balanced accuracy, each the mean over datasets of the dataset's mean
+    over seeds (every dataset weighs the same, whatever its number of finished seeds), and their
+    mean (the score)."""
+
+    def mean_of(key: str) -> float | None:
+        per_dataset = []
+        for dataset in dict.fromkeys(r["dataset"] for r in records):
+            values = [r[key] for r in records if r["dataset"] == dataset and r[key] is not None]
+            if values:
+                per_dataset.append(statistics.fmean(values))
+        return statistics.fmean(per_dataset) if per_dataset else None
+
+    auroc, bacc = mean_of("val_auroc"), mean_of("val_bacc")
     both = None if auroc is None or bacc is None else (auroc + bacc) / 2
     return {"val_auroc": auroc, "val_bacc": bacc, "score": both}
 
@@ -246,7 +256,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         "dataset's recipe (its MAE pretraining removed), up to 20 epochs, lr 0.001. One knob "
         f"changed at a time from the base ({', '.join(f'{k} {v}' for k, v in BASE.items())}). "
         "**Validation only**: the runs' manifests hold no test rows; the score is the mean of "
-        "validation macro AUROC and balanced accuracy, averaged over datasets and seeds.",
+        "validation macro AUROC and balanced accuracy, each averaged over seeds within a dataset, "
+        "then over datasets (each dataset weighs the same).",
         "",
         "| rank | configuration | val macro AUROC | val bal. acc. | score | "
         + " | ".join(f"{d} s{s}" for d in args.datasets for s in args.seeds)

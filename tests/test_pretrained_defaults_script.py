@@ -107,3 +107,11 @@ def test_every_knob_is_set_explicitly() -> None:
         sets = dict(o.split("=", 1) for o in script.config_overrides(config))
         assert set(sets) == {f"finetune.{k}" for k in script.BASE}
     assert json.dumps(script.config_overrides("warmup_3")).count("warmup_epochs=3.0") == 1
+
+
+def test_each_dataset_weighs_the_same_whatever_its_seeds() -> None:
+    script = load_script("pretrained_defaults")
+    records = [{**_record("base", 0.6, 0.6, seed=s), "dataset": "a"} for s in range(3)] + [
+        {**_record("base", 1.0, 1.0), "dataset": "b"}
+    ]
+    assert script.score(records)["score"] == pytest.approx(0.8)  # not (3 * 0.6 + 1.0) / 4
