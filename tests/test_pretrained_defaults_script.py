@@ -82,21 +82,25 @@ def test_ranking_and_choice_by_validation_score() -> None:
         _record("backbone_lr_0.3", 0.90, 0.80),  # 0.85
         _record("backbone_lr_0.1", 0.95, 0.85),  # 0.90
         _record("smoothing_0.1", 0.70, 0.60),  # 0.65
+        _record("warmup_0", 0.86, 0.76),  # 0.81: better than the base, but within the margin
     ]
-    configs = ["base", "backbone_lr_0.3", "backbone_lr_0.1", "smoothing_0.1", "warmup_3"]
+    configs = ["base", "backbone_lr_0.3", "backbone_lr_0.1", "smoothing_0.1", "warmup_0"]
+    configs += ["augment_none"]
     ranked = script.ranking(results, configs)
     assert [c for c, _ in ranked] == [
         "backbone_lr_0.1",
         "backbone_lr_0.3",
+        "warmup_0",
         "base",
         "smoothing_0.1",
-        "warmup_3",
+        "augment_none",
     ]
-    assert ranked[2][1] == pytest.approx({"val_auroc": 0.85, "val_bacc": 0.75, "score": 0.80})
+    assert ranked[3][1] == pytest.approx({"val_auroc": 0.85, "val_bacc": 0.75, "score": 0.80})
     pick = script.chosen(results, configs)
     assert pick["backbone_lr_scale"] == 0.1  # better than the base
     assert pick["label_smoothing"] == 0.0  # the base wins
-    assert pick["warmup_epochs"] is None  # its alternatives never ran: not compared
+    assert pick["warmup_epochs"] == 1.0  # warmup_0 is within the margin: the base stays
+    assert pick["augment"] is None  # its alternatives never ran: not compared
     assert script.chosen([], configs)["backbone_lr_scale"] is None
 
 
