@@ -82,21 +82,25 @@ def test_ranking_and_choice_by_validation_score() -> None:
         _record("backbone_lr_0.3", 0.90, 0.80),  # 0.85
         _record("backbone_lr_0.1", 0.95, 0.85),  # 0.90
         _record("smoothing_0.1", 0.70, 0.60),  # 0.65
+        _record("warmup_0", 0.86, 0.76),  # 0.81: better than the base, but within the margin
     ]
-    configs = ["base", "backbone_lr_0.3", "backbone_lr_0.1", "smoothing_0.1", "warmup_3"]
+    configs = ["base", "backbone_lr_0.3", "backbone_lr_0.1", "smoothing_0.1", "warmup_0"]
+    configs += ["augment_none"]
     ranked = script.ranking(results, configs)
     assert [c for c, _ in ranked] == [
         "backbone_lr_0.1",
         "backbone_lr_0.3",
+        "warmup_0",
         "base",
         "smoothing_0.1",
-        "warmup_3",
+        "augment_none",
     ]
-    assert ranked[2][1] == pytest.approx({"val_auroc": 0.85, "val_bacc": 0.75, "score": 0.80})
+    assert ranked[3][1] == pytest.approx({"val_auroc": 0.85, "val_bacc": 0.75, "score": 0.80})
     pick = script.chosen(results, configs)
     assert pick["backbone_lr_scale"] == 0.1  # better than the base
     assert pick["label_smoothing"] == 0.0  # the base wins
-    assert pick["warmup_epochs"] is None  # its alternatives never ran: not compared
+    assert pick["warmup_epochs"] == 1.0  # warmup_0 is within the margin: the base stays
+    assert pick["augment"] is None  # its alternatives never ran: not compared
     assert script.chosen([], configs)["backbone_lr_scale"] is None
 
 
@@ -107,3 +111,11 @@ def test_every_knob_is_set_explicitly() -> None:
         sets = dict(o.split("=", 1) for o in script.config_overrides(config))
         assert set(sets) == {f"finetune.{k}" for k in script.BASE}
     assert json.dumps(script.config_overrides("warmup_3")).count("warmup_epochs=3.0") == 1
+
+
+def test_each_dataset_weighs_the_same_whatever_its_seeds() -> None:
+    script = load_script("pretrained_defaults")
+    records = [{**_record("base", 0.6, 0.6, seed=s), "dataset": "a"} for s in range(3)] + [
+        {**_record("base", 1.0, 1.0), "dataset": "b"}
+    ]
+    assert script.score(records)["score"] == pytest.approx(0.8)  # not (3 * 0.6 + 1.0) / 4

@@ -115,7 +115,10 @@ def test_a_strategy_without_backbone_rates_refuses_the_key_and_ignores_the_defau
 def test_an_unresolved_section_has_no_schedule() -> None:
     with pytest.raises(ValueError, match="for_start"):
         FinetuneConfig(backbone="test_resnet").schedule()
-    assert FinetuneConfig(backbone="test_resnet").for_start("pretrained").schedule().warmup_epochs
+    assert (
+        FinetuneConfig(backbone="test_resnet").for_start("pretrained").schedule().warmup_epochs
+        == (defaults_for("pretrained")["warmup_epochs"])
+    )
 
 
 def test_start_of() -> None:
