@@ -219,15 +219,9 @@ def ensemble_run(
     members = {arm: Path(runs[arm]["model_dir"]) for arm in ("imagenet", mae)}
     run = run_folder(args, dataset, "imagenet", seed)
     out = run_folder(args, dataset, "ensemble", seed)
-    root = data_root(args, dataset)
-    chosen = ensemble(members, run, root, dataset, out, seed, build=not args.report_only)
-    if chosen is None:
-        return None
-    meta = chosen.model_meta or {}
-    return {
-        "arm": "ensemble", "seed": seed, "metrics": (chosen.metrics or {})["overall"],
-        "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
-    }  # fmt: skip
+    return ensemble(
+        members, run, data_root(args, dataset), dataset, out, seed, not args.report_only
+    )
 
 
 # -- the paired comparison ------------------------------------------------------------------

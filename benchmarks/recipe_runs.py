@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medtl.artifacts import EvaluationEntry, ModelCard, file_sha256
+from medtl.artifacts import ModelCard, file_sha256
 from medtl.cli import main as medtl
 from medtl.io import atomic_write_text
 from medtl.results import EvaluationResults
@@ -124,12 +124,13 @@ def ensemble(
     out: Path,
     seed: int,
     build: bool,
-) -> EvaluationEntry | None:
+) -> dict[str, Any] | None:
     """The ensemble of finished models (name -> model folder), weighted on VALIDATION only
     (``medtl.ensemble``) and evaluated on the test split of ``run`` (its manifest and
-    ``evaluate`` section) into ``out``; its evaluation entry. ``build``: choose and evaluate
-    it unless ``out`` holds the evaluation of these very members (their cards' hashes in
-    ``MEMBERS``); else only read it back. ``None`` when there is none of these members."""
+    ``evaluate`` section) into ``out``: its overall test metrics, the members' weights and
+    its validation log-loss. ``build``: choose and evaluate it unless ``out`` holds the
+    evaluation of these very members (their cards' hashes in ``MEMBERS``); else only read it
+    back. ``None`` when there is none of these members."""
     from medtl.ensemble import EnsembleConfig, choose_ensemble
     from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec
     from medtl.pipeline import EvaluateStage
@@ -153,7 +154,13 @@ def ensemble(
     if not current():  # never an ensemble of other members
         return None
     entries = EvaluationResults.load(evaluation).entries
-    return next(e for e in entries if e.model.startswith("ensemble(") and e.status == "ok")
+    chosen = next(e for e in entries if e.model.startswith("ensemble(") and e.status == "ok")
+    meta = chosen.model_meta or {}
+    return {
+        "arm": "ensemble", "seed": seed, "metrics": (chosen.metrics or {})["overall"],
+        "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
+        "val_log_loss": meta["val_log_loss"],
+    }  # fmt: skip
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:

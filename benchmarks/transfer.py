@@ -139,15 +139,13 @@ def ensemble_run(
     run = run.parent if run.name == "finetune" else run
     members = {arm: runs[arm]["model_dir"] for arm in ENSEMBLE}
     out = run_folder(args, dataset, "ensemble", seed)
-    root = data_root(args, dataset)
-    chosen = ensemble(members, run, root, dataset, out, seed, build=not args.report_only)
-    if chosen is None:
+    done = ensemble(
+        members, run, data_root(args, dataset), dataset, out, seed, not args.report_only
+    )
+    if done is None:
         return None
-    meta = chosen.model_meta or {}
     return {
-        "arm": "ensemble", "seed": seed, "metrics": (chosen.metrics or {})["overall"],
-        "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
-        "val_log_loss": meta["val_log_loss"],
+        **done,
         "pretrain_s": sum(runs[a]["pretrain_s"] for a in ENSEMBLE),
         "finetune_s": sum(runs[a]["finetune_s"] for a in ENSEMBLE),
     }  # fmt: skip
