@@ -385,9 +385,8 @@ def unit_table(
         for unit, arm in (("32 (default)", "imagenet_mae_entropy"), ("16", "imagenet_mae_unit16")):
             mine = per_arm(results, dataset, arm)
             aucs = [r.get("val_auroc") for r in mine]
-            means[unit] = (
-                statistics.fmean([a for a in aucs if a is not None]) if any(aucs) else None
-            )
+            measured = [a for a in aucs if a is not None]  # 0.0 is a measurement
+            means[unit] = statistics.fmean(measured) if measured else None
             lines.append(
                 f"| {dataset} | {unit} | {len(mine)} | {mean_sd(aucs, missing='not run')} | "
                 f"{mean_sd([r['val_bacc'] for r in mine], missing='not run')} |"
