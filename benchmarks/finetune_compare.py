@@ -33,15 +33,10 @@ folder under ``--work``); each writes the tables of its own slice, so finish wit
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import io
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +44,7 @@ from typing import Any
 
 import torch
 import yaml
+from recipe_runs import ROOT, command_line, evaluated, failed, machine, recipe_argv  # benchmarks/
 
 from medtl.artifacts import ModelCard
 from medtl.cli import main as medtl
@@ -57,7 +53,6 @@ from medtl.finetune.search import SearchRecord, read_search
 from medtl.io import atomic_write_bytes, write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- finetune_compare:start -->", "<!-- finetune_compare:end -->")
 COMPUTE = ("<!-- finetune_compare_perf:start -->", "<!-- finetune_compare_perf:end -->")
 FIGURE = "finetune_compare_schedules.png"
@@ -136,14 +131,11 @@ def overrides(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> li
 def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict[str, Any] | None:
     """Run (or resume) one arm and seed; its test metrics, validation score, search and compute
     (``None`` until its evaluation exists)."""
-    from medtl.pipeline import model_dir
-
     out = run_folder(args, dataset, arm, seed)
     if not args.report_only:
         root = args.data_root.get(dataset) or ROOT.parent / "shared/data" / DATA_ROOTS[dataset]
-        argv = ["-q", "run", str(ROOT / "recipes" / f"{dataset}.yaml"), "--out", str(out)]
-        argv += ["--data-root", str(root), "--device", args.device]
-        argv += [x for o in overrides(args, dataset, arm, seed) for x in ("--set", o)]
+        sets = overrides(args, dataset, arm, seed)
+        argv = recipe_argv("run", dataset, out, root, sets, args.device)
         try:
             code = medtl(argv)
         except Exception:  # one arm's failure (say, out of memory) must not stop the others
@@ -152,16 +144,10 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
         if code == 130:  # interrupted: stop the benchmark, not only this run
             raise KeyboardInterrupt
         if code != 0:
-            print(f"{dataset} {arm} seed {seed}: medtl run exited with {code}", file=sys.stderr)
-    evaluation = out / "evaluate" / "evaluation.json"
-    if not evaluation.is_file():
+            failed(f"{dataset} {arm} seed {seed}", "run", code)
+    if (done := evaluated(out)) is None:
         return None
-    folder = model_dir(out)
-    entry = next(
-        e for e in json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        if e["status"] == "ok" and Path(e["model_dir"]) == folder
-    )  # fmt: skip
-    card = ModelCard.load(folder / "meta.json")
+    _, metrics, card = done
     recipe = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
     search: SearchRecord | None = None
     if arm in SCHEDULES:
@@ -170,7 +156,7 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
                              section.get("storage", "sqlite:///{out}/trials.db"))  # fmt: skip
     train_ee = flop_epochs(card, manifest_of(out, recipe))
     return {
-        "dataset": dataset, "arm": arm, "seed": seed, "metrics": entry["metrics"]["overall"],
+        "dataset": dataset, "arm": arm, "seed": seed, "metrics": metrics,
         "val_bacc": card.val_bacc, "search": search, "train_ee": train_ee,
         "train_s": card.seconds, "search_ee": search.epoch_equivalents if search else 0.0,
         "search_s": search.seconds if search else 0.0,
@@ -446,14 +432,6 @@ def compute_section(args: argparse.Namespace, runs: list[dict[str, Any]], comman
     return "\n".join([*lines, "", f"- command: `{command}`", *machine(), COMPUTE[1]])
 
 
-def machine() -> list[str]:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return [
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs "
-        f"({platform.machine()}), {gpu}, torch {torch.__version__}"
-    ]
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     runs = [  # seed by seed, so that an interrupted benchmark has every arm of the first seeds
@@ -464,8 +442,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if i < len(seeds_of(args, arm))
         and (run := one_run(args, dataset, arm, seeds_of(args, arm)[i])) is not None
     ]
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python benchmarks/finetune_compare.py", *given])
+    command = command_line("finetune_compare", argv)
     text = results_section(args, runs, command)
     print(text)
     plot_schedules(args, runs, args.out_results.parent / "img" / FIGURE)

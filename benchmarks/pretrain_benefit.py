@@ -37,26 +37,33 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib.util
 import json
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+from recipe_runs import (  # benchmarks/, this script's folder
+    IMAGENET,
+    ROOT,
+    command_line,
+    ensemble,
+    evaluated,
+    given,
+    machine,
+    recipe_argv,
+    run_recipe,
+    val_auroc,
+)
+from recipe_runs import data_root as given_root
 from sklearn.metrics import roc_auc_score
 
-from medtl.artifacts import EncoderCard, ModelCard, file_sha256
-from medtl.cli import main as medtl
+from medtl.artifacts import EncoderCard, ModelCard
 from medtl.errors import DataError
-from medtl.io import atomic_write_text, write_json, write_marked_section
+from medtl.io import write_json, write_marked_section
 from medtl.report.tables import fmt_entry, fmt_p, mean_sd
-from medtl.runs import run_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- pretrain_imagenet:start -->", "<!-- pretrain_imagenet:end -->")
 METRICS = ("macro_auroc", "balanced_accuracy")
 BACKBONE = "efficientnet_lite0"
@@ -73,22 +80,8 @@ CORPUS_EXCLUDE = ["*_mask*", "*Testing/*", "*_Test_*"]
 SAME_ORIGIN = {"busi": ["*breastmnist*"], "breastmnist": ["busi*"]}
 
 
-def transfer() -> ModuleType:
-    """``benchmarks/transfer.py``: its ImageNet fine-tuning settings and helpers are shared, so
-    that both benchmarks' ImageNet figures come from the same fine-tuning."""
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_transfer", ROOT / "benchmarks/transfer.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-TRANSFER = transfer()
 FINETUNE = [
-    *[o for o in TRANSFER.IMAGENET if o != "pretrain="],
+    *[o for o in IMAGENET if o != "pretrain="],
     f"finetune.backbone={BACKBONE}",
 ]
 CONTINUED = [f"pretrain.backbone={BACKBONE}", f"pretrain.weights={SOURCE}", *FINETUNE]
@@ -138,12 +131,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def given(pairs: list[str], dataset: str) -> str | None:
-    return dict(text.partition("=")[::2] for text in pairs).get(dataset) or None
-
-
 def data_root(args: argparse.Namespace, dataset: str) -> Path:
-    return Path(given(args.data_root, dataset) or ROOT.parent / "shared/data" / DATA_ROOTS[dataset])
+    return given_root(args.data_root, dataset, DATA_ROOTS[dataset])
 
 
 def corpus_overrides(args: argparse.Namespace, dataset: str) -> list[str]:
@@ -183,32 +172,21 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
     result = out / "result.json"
     if not result.is_file() and not args.report_only:
         sets = [f"seed={seed}", *arm_overrides(args, dataset, arm)]
-        argv = ["-q", "run", str(ROOT / "recipes" / f"{dataset}.yaml"), "--out", str(out)]
-        argv += ["--data-root", str(data_root(args, dataset)), "--device", args.device]
-        code = medtl([*argv, *[x for o in sets for x in ("--set", o)]])
-        if code != 0:
-            print(f"{dataset} {arm} seed {seed}: medtl run exited with {code}", file=sys.stderr)
-        elif (summary := summarise(out, arm, seed)) is not None:
+        argv = recipe_argv("run", dataset, out, data_root(args, dataset), sets, args.device)
+        code = run_recipe(f"{dataset} {arm} seed {seed}", argv)
+        if code == 0 and (summary := summarise(out, arm, seed)) is not None:
             write_json(result, summary)
     return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 
 
 def summarise(out: Path, arm: str, seed: int) -> dict[str, Any] | None:
     """A finished run's figures, read from its evaluation, model card and encoder card."""
-    from medtl.pipeline import model_dir
-
-    evaluation = out / "evaluate" / "evaluation.json"
-    if not evaluation.is_file():
+    if (done := evaluated(out)) is None:
         return None
-    folder = model_dir(out)
-    entry = next(
-        e for e in json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-        if e["status"] == "ok" and Path(e["model_dir"]).resolve() == folder.resolve()
-    )  # fmt: skip
-    card = ModelCard.load(folder / "meta.json")
+    folder, metrics, card = done
     summary: dict[str, Any] = {
-        "arm": arm, "seed": seed, "metrics": entry["metrics"]["overall"],
-        "val_bacc": card.val_bacc, "val_auroc": TRANSFER.val_auroc(folder),
+        "arm": arm, "seed": seed, "metrics": metrics,
+        "val_bacc": card.val_bacc, "val_auroc": val_auroc(folder),
         "model_dir": str(folder), "best_epoch": card.best_epoch, "epochs_run": card.epochs_run,
     }  # fmt: skip
     meta = out / "pretrain" / "meta.json"
@@ -235,41 +213,15 @@ def ensemble_run(
     args: argparse.Namespace, dataset: str, seed: int, runs: dict[str, dict[str, Any]]
 ) -> dict[str, Any] | None:
     """``imagenet`` and the best MAE model of one seed, weighted on validation, on test."""
-    from medtl.ensemble import EnsembleConfig, choose_ensemble
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec, evaluate
-
     mae = best_mae(runs)
     if "imagenet" not in runs or mae is None:
         return None
-    pair = ("imagenet", mae)
+    members = {arm: Path(runs[arm]["model_dir"]) for arm in ("imagenet", mae)}
+    run = run_folder(args, dataset, "imagenet", seed)
     out = run_folder(args, dataset, "ensemble", seed)
-    members = [ModelSpec(Path(runs[arm]["model_dir"]), arm) for arm in pair]
-    stamp = out / "MEMBERS"  # the member cards the saved evaluation combined
-    key = " ".join(file_sha256(m.folder / "meta.json") for m in members)
-    evaluation = out / "evaluation.json"
-
-    def current() -> bool:
-        return evaluation.is_file() and stamp.is_file() and stamp.read_text().strip() == key
-
-    if not args.report_only and not current():
-        card = choose_ensemble(EnsembleConfig(members=list(pair)), members)
-        out.mkdir(parents=True, exist_ok=True)
-        card.save(out / "ensemble.json")
-        run = run_folder(args, dataset, "imagenet", seed)
-        manifest = run_manifest(run, ROOT)
-        data = DataSpec(manifest, data_root(args, dataset), dataset)
-        cfg = EvaluateConfig.model_validate(TRANSFER.evaluate_section(run))
-        evaluate(members, [data], out, cfg, seed=seed, progress=False, chosen=card)
-        atomic_write_text(stamp, key + "\n")
-    if not current():
-        return None
-    entries = json.loads(evaluation.read_text(encoding="utf-8"))["entries"]
-    chosen = next(e for e in entries if e["model"].startswith("ensemble(") and e["status"] == "ok")
-    meta = chosen["model_meta"]
-    return {
-        "arm": "ensemble", "seed": seed, "metrics": chosen["metrics"]["overall"],
-        "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
-    }  # fmt: skip
+    return ensemble(
+        members, run, data_root(args, dataset), dataset, out, seed, not args.report_only
+    )
 
 
 # -- the paired comparison ------------------------------------------------------------------
@@ -356,7 +308,7 @@ def results_section(
     lines += ["", *verdicts(args, results)]
     if missing:
         lines += ["", f"**Partial: {len(missing)} run(s) not run yet:** {'; '.join(missing)}."]
-    lines += ["", f"- command: `{command}`", *TRANSFER.machine(), RESULTS[1]]
+    lines += ["", f"- command: `{command}`", *machine(), RESULTS[1]]
     return "\n".join(lines)
 
 
@@ -433,9 +385,8 @@ def unit_table(
         for unit, arm in (("32 (default)", "imagenet_mae_entropy"), ("16", "imagenet_mae_unit16")):
             mine = per_arm(results, dataset, arm)
             aucs = [r.get("val_auroc") for r in mine]
-            means[unit] = (
-                statistics.fmean([a for a in aucs if a is not None]) if any(aucs) else None
-            )
+            measured = [a for a in aucs if a is not None]  # 0.0 is a measurement
+            means[unit] = statistics.fmean(measured) if measured else None
             lines.append(
                 f"| {dataset} | {unit} | {len(mine)} | {mean_sd(aucs, missing='not run')} | "
                 f"{mean_sd([r['val_bacc'] for r in mine], missing='not run')} |"
@@ -542,10 +493,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, dict[str, Any
         dataset: {seed: finished(report, dataset, seed, ensemble=True) for seed in report.seeds}
         for dataset in report.datasets
     }
-    command = "python benchmarks/pretrain_benefit.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    text = results_section(report, results, command.strip())
+    text = results_section(report, results, command_line("pretrain_benefit", argv))
     print(text)
     write_marked_section(args.out_results, text, *RESULTS, "Results")
     return results

@@ -27,24 +27,21 @@ tabulates what finished ("not run" for the rest).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from recipe_runs import ROOT, command_line, failed, given, machine, recipe_argv  # benchmarks/
+from recipe_runs import data_root as given_root
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medtl.cli import main as medtl
 from medtl.finetune.defaults import defaults_for
 from medtl.io import atomic_write_text, write_marked_section
 
-ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- pretrained_defaults:start -->", "<!-- pretrained_defaults:end -->")
 RESULT = "result.json"
 VAL_FILE = "predictions_val.csv"
@@ -94,13 +91,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _given(pairs: list[str], dataset: str) -> str | None:
-    return dict(text.partition("=")[::2] for text in pairs).get(dataset) or None
-
-
 def data_root(args: argparse.Namespace, dataset: str) -> Path:
-    given = _given(args.data_root, dataset)
-    return Path(given) if given else ROOT.parent / "shared/data" / DATASETS[dataset][1]
+    return given_root(args.data_root, dataset, DATASETS[dataset][1])
 
 
 def recipe_path(dataset: str) -> Path:
@@ -111,9 +103,9 @@ def source_manifest(args: argparse.Namespace, dataset: str) -> Path:
     """The manifest to select on: ``--manifest DATASET=CSV``, else the recipe's."""
     from medtl.recipe import load_recipe
 
-    given = _given(args.manifest, dataset)
-    if given:
-        return Path(given)
+    manifest = given(args.manifest, dataset)
+    if manifest:
+        return Path(manifest)
     path = Path(load_recipe(recipe_path(dataset)).section("data").manifest)
     return path if path.is_absolute() else ROOT / path
 
@@ -184,14 +176,11 @@ def one_run(
     manifest = without_test(source_manifest(args, dataset), args.work / dataset / "trainval.csv")
     sets = [f"seed={seed}", f"data.manifest={manifest}", *START, *config_overrides(config)]
     sets += args.overrides
-    argv = ["-q", "finetune", str(recipe_path(dataset)), "--out", str(out)]
-    argv += ["--data-root", str(data_root(args, dataset)), *[x for o in sets for x in ("--set", o)]]
-    if args.device:
-        argv += ["--device", args.device]
-    code = medtl(argv)
+    root = data_root(args, dataset)
+    code = medtl(recipe_argv("finetune", DATASETS[dataset][0], out, root, sets, args.device))
     folder = out / "finetune"
     if code != 0 or not (folder / VAL_FILE).is_file():
-        print(f"{dataset} {config} seed {seed}: medtl finetune exited with {code}", file=sys.stderr)
+        failed(f"{dataset} {config} seed {seed}", "finetune", code)
         return None
     card = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     record = {
@@ -316,17 +305,9 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         verdict = "- the chosen levels match medtl's pretrained defaults (where measured)"
     given = sorted({" ".join(f"--set {o}" for o in r.get("overrides", [])) for r in results})
     runs = [f"- the runs' own overrides: {', '.join(f'`{g}`' if g else 'none' for g in given)}"]
-    lines += ["", verdict, *(runs if results else []), f"- command: `{command}`", *machine()]
-    lines.append(MARKERS[1])
+    lines += ["", verdict, *(runs if results else []), f"- command: `{command}`"]
+    lines += [*machine(device_first=True), MARKERS[1]]
     return "\n".join(lines)
-
-
-def machine() -> list[str]:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return [
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {device}, "
-        f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}"
-    ]
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -338,10 +319,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for config in args.configs
         if (record := one_run(args, dataset, config, seed)) is not None
     ]
-    command = "python benchmarks/pretrained_defaults.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    text = report(args, results, command.strip())
+    text = report(args, results, command_line("pretrained_defaults", argv))
     print(text)
     write_marked_section(args.out, text, *MARKERS, "Fine-tuning")
     return results

@@ -25,39 +25,31 @@ and validation macro AUROC (calibrated) are reported beside them. Tables go into
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from sklearn.metrics import roc_auc_score
+from recipe_runs import (  # benchmarks/, this script's folder
+    IMAGENET,
+    ROOT,
+    command_line,
+    ensemble,
+    evaluated,
+    machine,
+    recipe_argv,
+    run_recipe,
+    val_auroc,
+)
+from recipe_runs import data_root as given_root
 
-from medtl.artifacts import ModelCard, file_sha256
-from medtl.cli import main as medtl
-from medtl.io import atomic_write_text, write_marked_section
+from medtl.io import write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
-from medtl.results import EvaluationResults
-from medtl.runs import run_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("<!-- transfer:start -->", "<!-- transfer:end -->")
 COMPUTE = ("<!-- transfer_compute:start -->", "<!-- transfer_compute:end -->")
 METRICS = ("macro_auroc", "balanced_accuracy", "accuracy")
-IMAGENET = [
-    "pretrain=",
-    "finetune.strategy=full",
-    "finetune.epochs=20",
-    "finetune.lr=0.001",
-    "finetune.warmup_epochs=3",
-    "finetune.label_smoothing=0.1",
-    "finetune.backbone_lr_scale=1.0",  # pinned: the figures do not move with the start's defaults
-]
 ARMS: dict[str, list[str]] = {
     "scratch": ["pretrain=", "finetune.weights="],
     "mae_entropy": ["pretrain.masking=entropy"],
@@ -98,8 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def data_root(args: argparse.Namespace, dataset: str) -> Path:
-    given = dict(text.partition("=")[::2] for text in args.data_root)
-    return Path(given.get(dataset) or ROOT.parent / "shared/data" / DATA_ROOTS[dataset])
+    return given_root(args.data_root, dataset, DATA_ROOTS[dataset])
 
 
 def arm_overrides(arm: str, given: list[str]) -> list[str]:
@@ -114,53 +105,23 @@ def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> P
     return args.work / dataset / arm / f"seed{seed}"
 
 
-def val_auroc(folder: Path) -> float | None:
-    """Macro AUROC (one-vs-rest) of a model's calibrated validation probabilities."""
-    from medtl.predictions import Predictions
-
-    card = ModelCard.load(folder / "meta.json")
-    val = Predictions.load(folder / "predictions_val.csv")
-    probs, labels = val.probs(card.calibrator), val.labels
-    try:
-        if probs.shape[1] == 2:
-            return float(roc_auc_score(labels, probs[:, 1]))
-        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
-    except ValueError:  # a class absent from validation
-        return None
-
-
 def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict[str, Any] | None:
     """Run (or resume) one arm and seed; its test metrics, validation figures and compute."""
-    from medtl.pipeline import model_dir
-
     out = run_folder(args, dataset, arm, seed)
     if not args.report_only:
         sets = [f"seed={seed}", *arm_overrides(arm, args.overrides)]
-        argv = ["-q", "run", str(ROOT / "recipes" / f"{dataset}.yaml"), "--out", str(out)]
-        argv += [
-            "--data-root",
-            str(data_root(args, dataset)),
-            *[x for o in sets for x in ("--set", o)],
-        ]
-        code = medtl(argv)
-        if code != 0:
-            print(f"{dataset} {arm} seed {seed}: medtl run exited with {code}", file=sys.stderr)
-    evaluation = out / "evaluate" / "evaluation.json"
-    if not evaluation.is_file():
+        argv = recipe_argv("run", dataset, out, data_root(args, dataset), sets)
+        run_recipe(f"{dataset} {arm} seed {seed}", argv)
+    if (done := evaluated(out)) is None:
         return None
-    folder = model_dir(out)
-    entry = next(
-        e for e in EvaluationResults.load(evaluation).entries
-        if e.status == "ok" and Path(e.model_dir or "") == folder
-    )  # fmt: skip
+    folder, metrics, card = done
     stages = {
         stage: json.loads((out / stage / "DONE").read_text(encoding="utf-8"))
         for stage in ("pretrain", "finetune")
         if (out / stage / "DONE").is_file()
     }
-    card = ModelCard.load(folder / "meta.json")
     return {
-        "arm": arm, "seed": seed, "metrics": (entry.metrics or {})["overall"],
+        "arm": arm, "seed": seed, "metrics": metrics,
         "val_bacc": card.val_bacc, "val_auroc": val_auroc(folder), "model_dir": folder,
         "best_epoch": card.best_epoch, "epochs_run": card.epochs_run,
         "pretrain_s": float(stages.get("pretrain", {}).get("seconds") or 0),
@@ -172,52 +133,22 @@ def ensemble_run(
     args: argparse.Namespace, dataset: str, seed: int, runs: dict[str, dict[str, Any]]
 ) -> dict[str, Any] | None:
     """The ImageNet and MAE models of one seed, weighted on validation, evaluated on test."""
-    from medtl.ensemble import EnsembleConfig, choose_ensemble
-    from medtl.evaluate import DataSpec, EvaluateConfig, ModelSpec
-    from medtl.pipeline import EvaluateStage
-
     if any(arm not in runs for arm in ENSEMBLE):
         return None
+    run = runs[ENSEMBLE[0]]["model_dir"].parent
+    run = run.parent if run.name == "finetune" else run
+    members = {arm: runs[arm]["model_dir"] for arm in ENSEMBLE}
     out = run_folder(args, dataset, "ensemble", seed)
-    members = [ModelSpec(runs[arm]["model_dir"], arm) for arm in ENSEMBLE]
-    stamp = out / "MEMBERS"  # the member cards the saved evaluation combined
-    key = " ".join(file_sha256(m.folder / "meta.json") for m in members)
-    evaluation = out / "evaluation.json"
-
-    def current() -> bool:
-        return evaluation.is_file() and stamp.is_file() and stamp.read_text().strip() == key
-
-    if not args.report_only and not current():
-        card = choose_ensemble(EnsembleConfig(members=list(ENSEMBLE)), members)
-        out.mkdir(parents=True, exist_ok=True)
-        card.save(out / "ensemble.json")
-        run = runs[ENSEMBLE[0]]["model_dir"].parent
-        run = run.parent if run.name == "finetune" else run
-        data = DataSpec(run_manifest(run, ROOT), data_root(args, dataset), dataset)
-        cfg = EvaluateConfig.model_validate(evaluate_section(run))
-        EvaluateStage(cfg).evaluate(members, [data], out, seed=seed, progress=False, chosen=card)
-        atomic_write_text(stamp, key + "\n")
-    if not current():  # never an ensemble of other members
+    done = ensemble(
+        members, run, data_root(args, dataset), dataset, out, seed, not args.report_only
+    )
+    if done is None:
         return None
-    entries = EvaluationResults.load(evaluation).entries
-    chosen = next(e for e in entries if e.model.startswith("ensemble(") and e.status == "ok")
-    meta = chosen.model_meta or {}
     return {
-        "arm": "ensemble", "seed": seed, "metrics": (chosen.metrics or {})["overall"],
-        "weights": dict(zip(meta["members"], meta["weights"], strict=True)),
-        "val_log_loss": meta["val_log_loss"],
+        **done,
         "pretrain_s": sum(runs[a]["pretrain_s"] for a in ENSEMBLE),
         "finetune_s": sum(runs[a]["finetune_s"] for a in ENSEMBLE),
     }  # fmt: skip
-
-
-def evaluate_section(run: Path) -> dict[str, Any]:
-    """The run's resolved ``evaluate`` section without external sets (the ensemble is
-    measured on the run's own test split)."""
-    import yaml
-
-    resolved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
-    return {**(resolved.get("evaluate") or {}), "external": [], "ensemble": False}
 
 
 def results_section(results: dict[str, list[dict[str, Any]]], command: str, note: str = "") -> str:
@@ -289,15 +220,6 @@ def compute_section(results: dict[str, list[dict[str, Any]]], command: str, note
     return "\n".join([*lines, "", f"- command: `{command}`", *machine(note), COMPUTE[1]])
 
 
-def machine(note: str = "") -> list[str]:
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return [
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPUs "
-        f"({platform.machine()}){gpu}, torch {torch.__version__}",
-        *([f"- {note}"] if note else []),
-    ]
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     args = parse_args(argv)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -311,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                     results[dataset].append(run)
             if "ensemble" in args.arms and (ens := ensemble_run(args, dataset, seed, runs)):
                 results[dataset].append(ens)
-    command = "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = results_section(results, command.strip(), args.note)
+    command = command_line("transfer", argv)
+    text = results_section(results, command, args.note)
     print(text)
     write_marked_section(args.out_results, text, *RESULTS, "Results")
     write_marked_section(

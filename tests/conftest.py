@@ -86,3 +86,46 @@ def train_tiny(
     )
     finetune(ft, manifest, root, cfg, model, progress=False)
     return root
+
+
+def tiny_pretrain(**options: Any) -> Any:
+    """A masked pretraining of ``test_resnet`` small enough for a test: 2 epochs of batches of
+    4, a checkpoint at epoch 2, a 16-wide decoder, no pictures; ``options`` change any key."""
+    from medtl.pretrain.loop import PretrainConfig
+
+    base: dict[str, Any] = dict(
+        backbone="test_resnet",
+        epochs=2,
+        batch_size=4,
+        warmup_epochs=0,
+        checkpoint_every=2,
+        picture_every=0,
+        decoder_dim=16,
+    )
+    return PretrainConfig(**{**base, **options})
+
+
+def pretrain_killed_and_resumed(
+    cfg: Any, manifest: Any, root: Path, data_cfg: Any, out: Path, stop_after_steps: int
+) -> tuple[Any, Any]:
+    """``cfg`` pretrained whole into ``out/a``, and into ``out/b`` killed after
+    ``stop_after_steps`` steps then resumed (seed 3 both times); checks that the killed run left
+    no encoder and that the resumed one is bit-equal (losses and encoder weights). Both
+    results, uninterrupted first."""
+    from medtl.models import read_state_dict
+    from medtl.pretrain.loop import pretrain
+
+    def run(folder: str, stop: int | None = None) -> Any:
+        return pretrain(
+            cfg, manifest, root, data_cfg, out / folder, seed=3, progress=False,
+            stop_after_steps=stop,
+        )  # fmt: skip
+
+    full = run("a")
+    run("b", stop_after_steps)
+    assert not (out / "b" / "encoder.safetensors").exists()  # killed: nothing looks complete
+    resumed = run("b")
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    a, b = read_state_dict(full.encoder), read_state_dict(resumed.encoder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return full, resumed

@@ -39,6 +39,17 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def rerun_report_only(script: ModuleType, argv: list[str], finished: Path, marker: str) -> Any:
+    """``script.main`` again with ``--report-only``: the finished file is not rewritten and the
+    Markdown file holds the section once (``marker``: its start); what ``main`` returned."""
+    before = finished.stat().st_mtime_ns
+    again = script.main([*argv, "--report-only"])
+    assert finished.stat().st_mtime_ns == before
+    out = Path(argv[argv.index("--out-results") + 1])
+    assert out.read_text(encoding="utf-8").count(marker) == 1
+    return again
+
+
 def phantom(tmp: Path) -> tuple[Path, Path]:
     """24 synthetic ultrasound phantoms (benign / malignant) and their manifest."""
     root = make_phantom(tmp / "phantom", n=24, size=32, seed=0, duplicates=0)
@@ -280,10 +291,7 @@ def test_pretrain_benefit_tiny(tmp_path: Path) -> None:
     assert "**Partial:" in text and "busi imagenet seed 0" in text  # BUSI never ran
     assert re.search(r"imagenet_mae_entropy >= imagenet \+ 0\.01 .*\*\*(met|not met)\*\*", text)
     result = tmp_path / "work/breastmnist/imagenet_mae_entropy/seed0/result.json"
-    before = result.stat().st_mtime_ns
-    script.main([*argv, "--report-only"])
-    assert result.stat().st_mtime_ns == before
-    assert out.read_text(encoding="utf-8").count(script.RESULTS[0]) == 1
+    rerun_report_only(script, argv, result, script.RESULTS[0])
 
 
 @pytest.mark.slow
@@ -309,10 +317,7 @@ def test_breastmnist_recipes_tiny(tmp_path: Path) -> None:
         assert re.search(rf"^\| `breastmnist_resnet18` \| {seed} \| \d\.\d+ \[", text, re.M), seed
     assert re.search(r"\*\*Target \(best recipe beats .*\): (met|not met)\*\*", text)
     evaluation = tmp_path / "work/breastmnist_resnet18/ensemble/evaluation.json"
-    before = evaluation.stat().st_mtime_ns
-    script.main([*argv, "--report-only"])
-    assert evaluation.stat().st_mtime_ns == before
-    assert out.read_text(encoding="utf-8").count(script.MARKERS[0]) == 1
+    rerun_report_only(script, argv, evaluation, script.MARKERS[0])
 
 
 def test_duplicate_pairs_draws_the_pairs_the_dct_hash_adds(tmp_path: Path) -> None:
@@ -386,9 +391,7 @@ def test_transfer_tiny(tmp_path: Path) -> None:
     card = json.loads((tmp_path / "work/breastmnist/ensemble/seed0/ensemble.json").read_text())
     assert card["chosen_on"] == "val"
     evaluation = tmp_path / "work/breastmnist/ensemble/seed0/evaluation.json"
-    before = evaluation.stat().st_mtime_ns
-    again = script.main([*argv, "--report-only"])
-    assert evaluation.stat().st_mtime_ns == before
+    again = rerun_report_only(script, argv, evaluation, script.RESULTS[0])
     assert [r["metrics"] for r in again["breastmnist"]] == [
         r["metrics"] for r in first["breastmnist"]
     ]
@@ -429,3 +432,21 @@ def test_code_size_counts_functions_with_their_decorators_and_modules(tmp_path: 
     assert sizes["functions"] == [(4, f"{pkg / 'a.py'}:5 f"), (2, f"{pkg / 'sub' / 'b.py'}:2 m")]
     assert sizes["modules"] == [(7, str(pkg / "a.py")), (3, str(pkg / "sub" / "b.py"))]
     assert json.loads((tmp_path / "s.json").read_text())["modules"][0] == [7, str(pkg / "a.py")]
+
+
+def test_pretrain_benefit_mask_unit_choice_counts_a_zero_validation_auroc() -> None:
+    """A validation AUROC of 0.0 is a measurement, not a missing one: the 16 px unit's 0.5
+    beats the default's 0.0 and the table says which validation prefers."""
+    import argparse
+
+    script = load_script("pretrain_benefit")
+    args = argparse.Namespace(datasets=["breastmnist"])
+    runs = {
+        arm: {"val_auroc": auc, "val_bacc": 0.5}
+        for arm, auc in (("imagenet_mae_entropy", 0.0), ("imagenet_mae_unit16", 0.5))
+    }
+    lines = script.unit_table(args, {"breastmnist": {0: runs}})
+    assert "| breastmnist | validation prefers | | **16** | |" in lines
+    runs["imagenet_mae_unit16"]["val_auroc"] = None  # no AUROC: a class absent from validation
+    lines = script.unit_table(args, {"breastmnist": {0: runs}})
+    assert not any("validation prefers" in line for line in lines)

@@ -18,6 +18,7 @@ from medtl.data.prepare import prepare
 from medtl.demo import make_phantom, run_demo
 from medtl.models import read_state_dict
 from medtl.pretrain.loop import PretrainConfig, pretrain
+from tests.conftest import pretrain_killed_and_resumed
 
 TINY = [
     "pretrain.backbone=medtl_tiny_convnext",
@@ -95,17 +96,7 @@ def test_pretrain_resume_equals_uninterrupted(tmp_path: Path) -> None:
         picture_every=0,
     )
     data_cfg = DataConfig(image_size=32, channels=1)
-    full = pretrain(cfg, manifest, root, data_cfg, tmp_path / "a", seed=3, progress=False)
-    pretrain(
-        cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False, stop_after_steps=5
-    )
-    assert not (
-        tmp_path / "b" / "encoder.safetensors"
-    ).exists()  # killed: nothing that looks complete
-    resumed = pretrain(cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False)
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
-    a, b = read_state_dict(full.encoder), read_state_dict(resumed.encoder)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    pretrain_killed_and_resumed(cfg, manifest, root, data_cfg, tmp_path, 5)
     assert (tmp_path / "a" / "loss.png").is_file() and (
         tmp_path / "a" / "masks_epoch003.png"
     ).is_file()

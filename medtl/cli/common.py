@@ -64,14 +64,30 @@ def progress_bar(desc: str, quiet: bool) -> Any:
     return wrap
 
 
+def pairs_arg(p: argparse.ArgumentParser, *flags: str, metavar: str, help: str) -> None:
+    """A repeatable option collecting ``metavar``-shaped strings (``--set KEY=VALUE``) in a
+    list, empty when not given."""
+    p.add_argument(*flags, action="append", default=[], metavar=metavar, help=help)
+
+
+def recipe_command(
+    sub: Subparsers, name: str, help: str, func: Any, run: bool = True
+) -> argparse.ArgumentParser:
+    """The subcommand ``name`` taking a recipe (:func:`recipe_args`), calling ``func``; its
+    parser, for the command's own arguments."""
+    p = sub.add_parser(name, help=help)
+    recipe_args(p, run)
+    p.set_defaults(func=func)
+    return p
+
+
 def recipe_args(p: argparse.ArgumentParser, run: bool = True) -> None:
     """The arguments of a command that takes a recipe; ``run``: also the run folder's."""
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--data-root", default=None, help="data root (overrides data.root)")
-    p.add_argument(
+    pairs_arg(
+        p,
         "--set",
-        action="append",
-        default=[],
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. --set pretrain.epochs=5 (repeatable)",
     )

@@ -10,10 +10,11 @@ from typing import Any
 
 from medtl.cli.common import (
     Subparsers,
+    pairs_arg,
     parse_options,
     parse_ratios,
     progress_bar,
-    recipe_args,
+    recipe_command,
     recipe_of,
     show_progress,
 )
@@ -147,11 +148,10 @@ def prepare_parser(sub: Subparsers) -> None:
     p.add_argument(
         "-o", "--output", required=True, help="manifest CSV path, e.g. data_manifests/busi.csv"
     )
-    p.add_argument(
+    pairs_arg(
+        p,
         "-O",
         "--option",
-        action="append",
-        default=[],
         metavar="KEY=VALUE",
         help="adapter option, e.g. -O axis=0 for nifti (repeatable)",
     )
@@ -211,6 +211,6 @@ def load_parser(sub: Subparsers) -> None:
 
 
 def check_parser(sub: Subparsers) -> None:
-    p = sub.add_parser("check", help="validate a recipe, its data root and its manifest")
-    recipe_args(p, run=False)
-    p.set_defaults(func=cmd_check)
+    recipe_command(
+        sub, "check", "validate a recipe, its data root and its manifest", cmd_check, run=False
+    )

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medtl.cli.common import Subparsers, batch_exit, parse_options, show_progress
+from medtl.cli.common import Subparsers, batch_exit, pairs_arg, parse_options, show_progress
 from medtl.errors import ConfigError, MedtlError, one_line
 
 if TYPE_CHECKING:
@@ -273,10 +273,9 @@ def report_parser(sub: Subparsers) -> None:
     )
     p.add_argument("evaluation", help="evaluation folder (from medtl evaluate)")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument(
+    pairs_arg(
+        p,
         "--data-root",
-        action="append",
-        default=[],
         metavar="DATASET=ROOT",
         help="data root per dataset name, for the thumbnails of confident errors",
     )

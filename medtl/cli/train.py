@@ -7,7 +7,14 @@ import argparse
 import json
 from pathlib import Path
 
-from medtl.cli.common import Subparsers, batch_exit, recipe_args, run_context, show_progress
+from medtl.cli.common import (
+    Subparsers,
+    batch_exit,
+    pairs_arg,
+    recipe_command,
+    run_context,
+    show_progress,
+)
 from medtl.errors import ConfigError
 
 
@@ -93,34 +100,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def pretrain_parser(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "pretrain", help="masked-autoencoder pretraining from a recipe's pretrain section"
-    )
-    recipe_args(p)
-    p.set_defaults(func=cmd_pretrain)
+    what = "masked-autoencoder pretraining from a recipe's pretrain section"
+    recipe_command(sub, "pretrain", what, cmd_pretrain)
 
 
 def finetune_parser(sub: Subparsers) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a classifier from a recipe's finetune section")
-    recipe_args(p)
-    p.set_defaults(func=cmd_finetune)
+    what = "fine-tune a classifier from a recipe's finetune section"
+    recipe_command(sub, "finetune", what, cmd_finetune)
 
 
 def run_parser(sub: Subparsers) -> None:
-    p = sub.add_parser("run", help="every stage of a recipe into one run folder (resumable)")
-    recipe_args(p)
+    what = "every stage of a recipe into one run folder (resumable)"
+    p = recipe_command(sub, "run", what, cmd_run)
     p.add_argument(
         "--force",
         default=None,
         metavar="STAGE",
         help="rerun from this stage on: pretrain, finetune, calibrate, evaluate, report",
     )
-    p.set_defaults(func=cmd_run)
 
 
 def search_parser(sub: Subparsers) -> None:
-    p = sub.add_parser("search", help="the BioTune search of a recipe (finetune.strategy: biotune)")
-    recipe_args(p)
+    what = "the BioTune search of a recipe (finetune.strategy: biotune)"
+    p = recipe_command(sub, "search", what, cmd_search)
     p.add_argument(
         "--worker",
         action="store_true",
@@ -131,7 +133,6 @@ def search_parser(sub: Subparsers) -> None:
         help="the search's Optuna storage URL (search.storage), e.g. "
         "postgresql://user:password@host/db to share it with workers on other machines",
     )
-    p.set_defaults(func=cmd_search)
 
 
 def demo_parser(sub: Subparsers) -> None:
@@ -145,10 +146,9 @@ def demo_parser(sub: Subparsers) -> None:
         help="phantom image size in pixels, a multiple of 32 (default 64)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+    pairs_arg(
+        p,
         "--set",
-        action="append",
-        default=[],
         metavar="KEY=VALUE",
         help="override a key of the demo recipe, e.g. --set pretrain.epochs=2",
     )

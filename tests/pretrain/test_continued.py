@@ -16,6 +16,7 @@ from medtl.errors import ConfigError
 from medtl.models import create_backbone, head_keys, read_state_dict
 from medtl.pretrain.loop import META_FILE, PretrainConfig, build_model, pretrain
 from medtl.sources import SOURCES, load_source
+from tests.conftest import pretrain_killed_and_resumed, tiny_pretrain
 
 SOURCE = "imagenet:efficientnet_lite0"
 
@@ -81,26 +82,10 @@ def test_a_killed_masked_cnn_pretraining_resumes_to_the_same_encoder(tmp_path: P
     """BatchNorm's running statistics live in the checkpoint: resume is bit-equal."""
     root = make_phantom(tmp_path / "phantom", n=16, size=64, seed=1)
     manifest = prepare("folder", root, tmp_path / "m.csv").manifest
-    cfg = PretrainConfig(
-        backbone="test_resnet",
-        epochs=2,
-        batch_size=4,
-        warmup_epochs=0,
-        checkpoint_every=2,
-        picture_every=0,
-        decoder_dim=16,
-        mask_unit=16,
-    )
+    cfg = tiny_pretrain(mask_unit=16)
     data_cfg = DataConfig(image_size=64, channels=1)
-    full = pretrain(cfg, manifest, root, data_cfg, tmp_path / "a", seed=3, progress=False)
-    pretrain(
-        cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False, stop_after_steps=3
-    )
-    resumed = pretrain(cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False)
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
-    a, b = read_state_dict(full.encoder), read_state_dict(resumed.encoder)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any("running_mean" in k for k in a)
+    full, _ = pretrain_killed_and_resumed(cfg, manifest, root, data_cfg, tmp_path, 3)
+    assert any("running_mean" in k for k in read_state_dict(full.encoder))
 
 
 @pytest.mark.slow

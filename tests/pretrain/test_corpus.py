@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -21,9 +20,8 @@ from medtl.data.manifest import Manifest, resolve
 from medtl.data.prepare import prepare
 from medtl.demo import make_phantom
 from medtl.errors import DataError
-from medtl.models import read_state_dict
 from medtl.pretrain.loop import CORPUS_EXCLUDED, META_FILE, PretrainConfig, pretrain
-from tests.conftest import write_png
+from tests.conftest import pretrain_killed_and_resumed, tiny_pretrain, write_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,14 +163,8 @@ def test_a_killed_corpus_pretraining_resumes_bit_equal_and_its_card_lists_the_so
 ) -> None:
     manifest, root = labelled
     folder = corpus_folder(tmp_path, manifest, root)
-    cfg = PretrainConfig(
-        backbone="test_resnet",
-        epochs=2,
-        batch_size=4,
-        warmup_epochs=0,
-        checkpoint_every=2,
+    cfg = tiny_pretrain(
         picture_every=1,
-        decoder_dim=16,
         data=[
             {"folder": str(folder), "exclude": ["*_mask*"]},
             {"npz": str(write_npz(tmp_path / "extra.npz")), "weight": 0.5},
@@ -180,14 +172,7 @@ def test_a_killed_corpus_pretraining_resumes_bit_equal_and_its_card_lists_the_so
         ],
     )
     data_cfg = DataConfig(image_size=64, channels=1)
-    full = pretrain(cfg, manifest, root, data_cfg, tmp_path / "a", seed=3, progress=False)
-    pretrain(
-        cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False, stop_after_steps=3
-    )
-    resumed = pretrain(cfg, manifest, root, data_cfg, tmp_path / "b", seed=3, progress=False)
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
-    a, b = read_state_dict(full.encoder), read_state_dict(resumed.encoder)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, _ = pretrain_killed_and_resumed(cfg, manifest, root, data_cfg, tmp_path, 3)
     card = EncoderCard.load(tmp_path / "a" / META_FILE)
     assert card == full.card and card.schema_version == ENCODER_CARD_VERSION
     assert card.corpus is not None
