@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,11 @@ from medtl.finetune.defaults import STRATEGY_KNOBS, Start, defaults_for, start_o
 from medtl.io import atomic_open
 from medtl.models import Classifier, build_classifier, check_backbone, create_backbone
 from medtl.predictions import Predictions
-from medtl.train import OptimConfig, Schedule, fit, supervised_step
+from medtl.train import FitResult, OptimConfig, Schedule, fit, supervised_step
+
+if TYPE_CHECKING:
+    from medtl.finetune.strategies import Plan
+    from medtl.sources import SourceInfo
 
 log = logging.getLogger(__name__)
 
@@ -261,78 +265,143 @@ def finetune(
     recipe: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Train, select on validation, write ``model.safetensors``, ``meta.json`` and predictions."""
-    from medtl.finetune.blocks import blocks_of
-    from medtl.finetune.strategies import plan as make_plan
-    from medtl.sources import load_source
-
     out.mkdir(parents=True, exist_ok=True)
     if not manifest.classes:
         raise ConfigError("fine-tuning needs a labelled manifest; this one has no classes")
     cfg = cfg.for_start(start_of(weights))  # the start actually loaded decides the defaults
-    torch.manual_seed(seed)
-    mean, std = input_stats(manifest, root, data_cfg)
-    backbone = create_backbone(cfg.backbone, len(manifest.classes), data_cfg.channels)
-    source = load_source(backbone, weights) if weights else None
+    run = _Run(cfg, manifest, root, data_cfg, out, seed, weights, device)
+    built = _build(run)
+    start = time.perf_counter()
+    result = _fit(run, built, resume, progress)
+    val, test = _predictions(run, built.model, built.val_ds)
+    export_model(built.model, built.plan, out / MODEL_FILE)
+    card = _model_card(run, built, result, time.perf_counter() - start, recipe or {})
+    val.save(out / "predictions_val.csv")
+    if test is not None:
+        test.save(out / "predictions_test.csv")
+    card.save(out / META_FILE)
+    return FinetuneResult(out / MODEL_FILE, card, val, test)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one :func:`finetune` call was given, its section resolved for the start."""
+
+    cfg: FinetuneConfig
+    manifest: Manifest
+    root: Path
+    data_cfg: DataConfig
+    out: Path
+    seed: int
+    weights: str | Path | None
+    device: str
+
+    def dataset(self, split: str) -> Any:
+        """The un-augmented dataset of ``split`` (validation and test)."""
+        plain = self.data_cfg.model_copy(update={"augment": "none"})
+        return build_dataset(self.manifest, split, self.root, plain)
+
+
+@dataclass
+class _Built:
+    """The classifier, where its weights came from, its strategy's plan and its data."""
+
+    model: Classifier
+    source: SourceInfo | None
+    plan: Plan
+    train_ds: Any
+    val_ds: Any
+
+
+def _build(run: _Run) -> _Built:
+    """Seed, create the classifier from its starting weights, and apply the strategy."""
+    from medtl.finetune.blocks import blocks_of
+    from medtl.finetune.strategies import plan as make_plan
+    from medtl.sources import load_source
+
+    cfg, data_cfg = run.cfg, run.data_cfg
+    torch.manual_seed(run.seed)
+    mean, std = input_stats(run.manifest, run.root, data_cfg)
+    backbone = create_backbone(cfg.backbone, len(run.manifest.classes), data_cfg.channels)
+    source = load_source(backbone, run.weights) if run.weights else None
     model = Classifier(backbone, data_cfg.channels, mean, std)  # the source's mean / std by default
     train_ds = build_dataset(
-        manifest,
+        run.manifest,
         "train",
-        root,
+        run.root,
         data_cfg.model_copy(update={"augment": cfg.augment}),
         train=True,
-        seed=seed,
+        seed=run.seed,
     )
     the_plan = make_plan(
         cfg.strategy,
         model,
         blocks_of(model),
         weight_decay=cfg.weight_decay,
-        data=calibration_batches(train_ds, cfg.batch_size, seed),  # autorgn; others ignore it
+        data=calibration_batches(train_ds, cfg.batch_size, run.seed),  # autorgn; others ignore it
         **cfg.strategy_options,
     )
-    val_ds = build_dataset(manifest, "val", root, data_cfg.model_copy(update={"augment": "none"}))
+    return _Built(model, source, the_plan, train_ds, run.dataset("val"))
+
+
+def _fit(run: _Run, built: _Built, resume: bool, progress: bool) -> FitResult:
+    """Train with the plan's parameter groups, keeping the epoch of best validation balanced
+    accuracy."""
+    cfg = run.cfg
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        _, y, z = predict(m, val_ds, cfg.batch_size, device)
+        _, y, z = predict(m, built.val_ds, cfg.batch_size, run.device)
         loss = float(nn.functional.cross_entropy(torch.from_numpy(z), torch.from_numpy(y)))
         return {"val_loss": loss, "val_bacc": balanced_accuracy(y, z)}
 
     schedule = cfg.schedule(patience=cfg.patience, min_epochs=cfg.min_epochs)
-    weights_t = class_weight_tensor(manifest) if cfg.class_weights == "balanced" else None
-    start = time.perf_counter()
-    result = fit(
-        model,
+    weights_t = class_weight_tensor(run.manifest) if cfg.class_weights == "balanced" else None
+    return fit(
+        built.model,
         make_step(weights_t, cfg.label_smoothing or 0.0),
-        the_plan.param_groups,
-        train_ds,
+        built.plan.param_groups,
+        built.train_ds,
         schedule,
-        out,
-        seed=seed,
-        device=device,
+        run.out,
+        seed=run.seed,
+        device=run.device,
         evaluate=evaluate,
         monitor="val_bacc",
-        on_epoch_start=the_plan.on_epoch_start,
-        train_mode=the_plan.train_mode,
+        on_epoch_start=built.plan.on_epoch_start,
+        train_mode=built.plan.train_mode,
         resume=resume,
         progress=progress,
     )
-    name = f"{cfg.backbone}/{cfg.strategy}/seed{seed}"
-    val = as_predictions(manifest, "val", *predict(model, val_ds, cfg.batch_size, device), name)
-    test = None
-    if any(r.split == "test" for r in manifest.rows):
-        test_ds = build_dataset(
-            manifest, "test", root, data_cfg.model_copy(update={"augment": "none"})
-        )
-        test = as_predictions(
-            manifest, "test", *predict(model, test_ds, cfg.batch_size, device), name
-        )
-    export_model(model, the_plan, out / MODEL_FILE)
-    card = ModelCard(
+
+
+def _predictions(
+    run: _Run, model: nn.Module, val_ds: Any
+) -> tuple[Predictions, Predictions | None]:
+    """The trained model's validation predictions, and its test predictions when the manifest
+    has a test split (read here once, after training)."""
+    cfg, manifest = run.cfg, run.manifest
+    name = f"{cfg.backbone}/{cfg.strategy}/seed{run.seed}"
+    val = as_predictions(manifest, "val", *predict(model, val_ds, cfg.batch_size, run.device), name)
+    if not any(r.split == "test" for r in manifest.rows):
+        return val, None
+    test_ds = run.dataset("test")
+    test = as_predictions(
+        manifest, "test", *predict(model, test_ds, cfg.batch_size, run.device), name
+    )
+    return val, test
+
+
+def _model_card(
+    run: _Run, built: _Built, result: FitResult, seconds: float, recipe: dict[str, Any]
+) -> ModelCard:
+    """The ``meta.json`` of the run: what a report and a later ``predict`` need."""
+    cfg, data_cfg, manifest, model = run.cfg, run.data_cfg, run.manifest, built.model
+    return ModelCard(
         medtl_version=__version__,
         backbone=cfg.backbone,
-        weights=WeightsProvenance.of_file(weights),
-        init_weights=str(weights) if weights else None,
-        source=source.model_dump(mode="json") if source else None,
+        weights=WeightsProvenance.of_file(run.weights),
+        init_weights=str(run.weights) if run.weights else None,
+        source=built.source.model_dump(mode="json") if built.source else None,
         classes=list(manifest.classes),
         in_chans=data_cfg.channels,
         image_size=data_cfg.image_size,
@@ -344,24 +413,19 @@ def finetune(
         ),
         strategy=cfg.strategy,
         genome=_genome(cfg),
-        plan=the_plan.describe(),
-        seed=seed,
+        plan=built.plan.describe(),
+        seed=run.seed,
         manifest_sha256=manifest.sha256,
         best_epoch=result.best_epoch,
         val_bacc=result.best_score,
         epochs_run=len(result.history),
         stopped_early=result.stopped_early,
         epoch_equivalents=result.samples_seen / max(1, len(manifest.split("train"))),
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         config=cfg.model_dump(mode="json"),
-        defaults_for=start_of(weights),
-        recipe=recipe or {},
+        defaults_for=start_of(run.weights),
+        recipe=recipe,
     )
-    val.save(out / "predictions_val.csv")
-    if test is not None:
-        test.save(out / "predictions_test.csv")
-    card.save(out / META_FILE)
-    return FinetuneResult(out / MODEL_FILE, card, val, test)
 
 
 def _genome(cfg: FinetuneConfig) -> list[float] | None:
