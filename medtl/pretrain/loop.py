@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from medtl import __version__
 from medtl.artifacts import EncoderCard, Normalisation, WeightsProvenance
-from medtl.data.corpus import CorpusSource, build_corpus, corpus_dataset
+from medtl.data.corpus import Corpus, CorpusSource, build_corpus, corpus_dataset
 from medtl.data.dataset import DataConfig, build_dataset, input_stats
 from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
@@ -37,7 +37,7 @@ from medtl.pretrain.masking import (
     build_masking,
     patch_entropy,
 )
-from medtl.train import OptimConfig, StepContext, dist_info, fit
+from medtl.train import FitResult, OptimConfig, StepContext, dist_info, fit
 
 log = logging.getLogger(__name__)
 
@@ -243,19 +243,8 @@ def pretrain(
     mean, std = input_stats(manifest, root, data_cfg)
     mae = build_model(cfg, data_cfg, mean, std)
     strategy = build_strategy(cfg, mae)
-    train_cfg = data_cfg.model_copy(update={"augment": cfg.augment})
-    plain_cfg = data_cfg.model_copy(update={"augment": "none", "cache": "none"})
-    corpus = None
-    if cfg.data:
-        corpus = build_corpus(
-            cfg.data, manifest, root, out / CORPUS_HASHES, workers=max(4, data_cfg.num_workers)
-        )
-        write_json(out / CORPUS_EXCLUDED, corpus.excluded)
-        data: Any = corpus_dataset(corpus, train_cfg, train=True, seed=seed)
-        shown: Any = corpus_dataset(corpus, plain_cfg)
-    else:
-        data = build_dataset(manifest, "train", root, train_cfg, train=True, seed=seed)
-        shown = build_dataset(manifest, "train", root, plain_cfg)
+    run = _Run(cfg, manifest, root, data_cfg, out, seed, recipe or {})
+    data, shown, corpus = _datasets(run)
     pictures = PictureWriter(
         shown, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
     )
@@ -276,7 +265,62 @@ def pretrain(
         progress=progress,
         stop_after_steps=stop_after_steps,
     )
-    card = EncoderCard(
+    card = _encoder_card(run, mae, strategy, result, corpus, time.perf_counter() - start)
+    if result.extra.get("interrupted"):
+        return PretrainResult(out / ENCODER_FILE, card, result.history)
+    rank, _ = dist_info()
+    if rank == 0:
+        export_encoder(mae, out / ENCODER_FILE)
+        card.save(out / META_FILE)
+        plot_loss(result.history, out / "loss.png")
+    return PretrainResult(out / ENCODER_FILE, card, result.history)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one :func:`pretrain` call was given."""
+
+    cfg: PretrainConfig
+    manifest: Manifest
+    root: Path
+    data_cfg: DataConfig
+    out: Path
+    seed: int
+    recipe: dict[str, Any]
+
+
+def _datasets(run: _Run) -> tuple[Any, Any, Corpus | None]:
+    """The training images (augmented), the same images plain for the mask pictures, and the
+    corpus they come from when ``pretrain.data`` names one (else the manifest's train split)."""
+    cfg, data_cfg, seed = run.cfg, run.data_cfg, run.seed
+    train_cfg = data_cfg.model_copy(update={"augment": cfg.augment})
+    plain_cfg = data_cfg.model_copy(update={"augment": "none", "cache": "none"})
+    if not cfg.data:
+        data = build_dataset(run.manifest, "train", run.root, train_cfg, train=True, seed=seed)
+        return data, build_dataset(run.manifest, "train", run.root, plain_cfg), None
+    corpus = build_corpus(
+        cfg.data,
+        run.manifest,
+        run.root,
+        run.out / CORPUS_HASHES,
+        workers=max(4, data_cfg.num_workers),
+    )
+    write_json(run.out / CORPUS_EXCLUDED, corpus.excluded)
+    data = corpus_dataset(corpus, train_cfg, train=True, seed=seed)
+    return data, corpus_dataset(corpus, plain_cfg), corpus
+
+
+def _encoder_card(
+    run: _Run,
+    mae: MaskedAutoencoder,
+    strategy: MaskingStrategy,
+    result: FitResult,
+    corpus: Corpus | None,
+    seconds: float,
+) -> EncoderCard:
+    """The ``meta.json`` of the encoder: its input, masking, training and provenance."""
+    cfg, data_cfg = run.cfg, run.data_cfg
+    return EncoderCard(
         medtl_version=__version__,
         backbone=cfg.backbone,
         in_chans=data_cfg.channels,
@@ -291,24 +335,16 @@ def pretrain(
         epochs=cfg.epochs,
         epochs_run=len(result.history),
         final_loss=result.history[-1]["train_loss"] if result.history else None,
-        train_images=len(corpus.items) if corpus else len(manifest.split("train")),
-        manifest_sha256=manifest.sha256,
-        seed=seed,
-        seconds=time.perf_counter() - start,
+        train_images=len(corpus.items) if corpus else len(run.manifest.split("train")),
+        manifest_sha256=run.manifest.sha256,
+        seed=run.seed,
+        seconds=seconds,
         init_weights=cfg.weights,
         weights=weights_provenance(mae, cfg.weights),
         config=cfg.model_dump(mode="json"),
-        recipe=recipe or {},
+        recipe=run.recipe,
         corpus=corpus.record if corpus else None,
     )
-    if result.extra.get("interrupted"):
-        return PretrainResult(out / ENCODER_FILE, card, result.history)
-    rank, _ = dist_info()
-    if rank == 0:
-        export_encoder(mae, out / ENCODER_FILE)
-        card.save(out / META_FILE)
-        plot_loss(result.history, out / "loss.png")
-    return PretrainResult(out / ENCODER_FILE, card, result.history)
 
 
 def weights_provenance(mae: MaskedAutoencoder, weights: str | None) -> WeightsProvenance | None:
