@@ -87,12 +87,7 @@ def prepare(
         raise DataError(f"data root {root} does not exist; pass the folder that holds the dataset")
     ratios = check_ratios(ratios or DEFAULT_RATIOS)
     check_writable(Path(out).parent)  # before the audit reads every image
-    options = dict(options or {})
-    if root.is_file():  # a single-file dataset (.npz, .csv): its folder is the data root
-        if "file" not in inspect.signature(ADAPTERS.get(adapter)).parameters:
-            check_root(root)  # this adapter reads a folder: the file is named as the mistake
-        options = {"file": root.name, **options}
-        root = root.parent
+    root, options = data_folder(adapter, root, dict(options or {}))
     found = run_adapter(adapter, root, options)
     samples, classes = found.samples, found.classes
     items = [
@@ -107,22 +102,7 @@ def prepare(
         )
     groups = merge_groups(samples, clusters)
     splits, source = assign_splits(samples, groups, keep, ratios, seed)
-    rows = [
-        Row(
-            id=row_id(samples[i].path, samples[i].locator),
-            path=samples[i].path,
-            locator=samples[i].locator,
-            label=samples[i].label or "",
-            split=splits[i],
-            group=groups[i],
-            sha256=inspections[i].sha256,
-            width=inspections[i].width,
-            height=inspections[i].height,
-            mask=samples[i].mask or "",
-            subgroups=samples[i].subgroups or "",
-        )
-        for i in keep
-    ]
+    rows = [manifest_row(samples[i], inspections[i], splits[i], groups[i]) for i in keep]
     meta = ManifestMeta(
         adapter=adapter,
         classes=list(classes),
@@ -137,15 +117,47 @@ def prepare(
     for item, split in zip(items, splits, strict=True):
         item.split = split
     report, _ = build_report(items, inspections, classes, near_bits, phash_bits)  # final splits
-    report.left_out = [asdict(e) for e in found.left_out]
-    report.problems += [
-        Problem("left-out", e.what, f"{e.count}: {e.reason}") for e in found.left_out
-    ]
+    add_left_out(report, found)
     out = Path(out)
     manifest.save(out)
     audit_file = audit_path_for(out)
     report.save(audit_file)
     return PrepareResult(manifest, report, out, audit_file)
+
+
+def data_folder(adapter: str, root: Path, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The folder the adapter reads and its options: a single-file dataset (.npz, .csv) is read
+    from its folder, the file named by the adapter's ``file`` option."""
+    if not root.is_file():
+        return root, options
+    if "file" not in inspect.signature(ADAPTERS.get(adapter)).parameters:
+        check_root(root)  # this adapter reads a folder: the file is named as the mistake
+    return root.parent, {"file": root.name, **options}
+
+
+def manifest_row(sample: Sample, inspection: Inspection, split: str, group: str) -> Row:
+    """The manifest row of a readable sample, in its split and group."""
+    return Row(
+        id=row_id(sample.path, sample.locator),
+        path=sample.path,
+        locator=sample.locator,
+        label=sample.label or "",
+        split=split,
+        group=group,
+        sha256=inspection.sha256,
+        width=inspection.width,
+        height=inspection.height,
+        mask=sample.mask or "",
+        subgroups=sample.subgroups or "",
+    )
+
+
+def add_left_out(report: AuditReport, found: AdapterResult) -> None:
+    """List in the audit what the adapter left out before any image was read."""
+    report.left_out = [asdict(e) for e in found.left_out]
+    report.problems += [
+        Problem("left-out", e.what, f"{e.count}: {e.reason}") for e in found.left_out
+    ]
 
 
 def sample_key(path: str, locator: str = "") -> str:
