@@ -390,18 +390,7 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
     ``root`` is the folder holding the ``.npz``; ``file`` names it when there are several.
     Labels may be stored ``(N, 1)`` or ``(N,)``; multi-label files (ChestMNIST) are refused.
     """
-    require_root(root)
-    if file is None:
-        found = sorted(root.glob("*.npz"))
-        if len(found) != 1:
-            raise DataError(
-                f"{root} holds {len(found)} .npz files; name one with -O file=<name>.npz"
-            )
-        npz = found[0]
-    else:
-        npz = root / check_relative_path(file, "file")
-    if not npz.is_file():
-        raise DataError(f"{npz} does not exist; name an existing .npz with -O file=...")
+    npz = _medmnist_file(root, file)
     try:
         with np.load(npz, allow_pickle=False) as data:
             labels = {s: data[f"{s}_labels"] for s in _MEDMNIST_SPLITS if f"{s}_labels" in data}
@@ -415,21 +404,7 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         raise DataError(f"{npz} is not a readable MedMNIST .npz ({exc})") from None
     if not labels:
         raise DataError(f"{npz} has no train_labels / val_labels / test_labels arrays")
-    flat = {}
-    for s, y in labels.items():
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1:
-            raise DataError(
-                f"{npz}: {s}_labels has shape {y.shape}; multi-label MedMNIST is not supported"
-            )
-        if y.size and y.min() < 0:
-            raise DataError(f"{npz}: {s}_labels holds negative labels; MedMNIST labels start at 0")
-        if len(y) != images[s]:
-            raise DataError(
-                f"{npz}: {s}_images has {images[s]} images but {s}_labels {len(y)} labels"
-            )
-        flat[s] = y.astype(int)
+    flat = {s: _medmnist_labels(npz, s, y, images[s]) for s, y in labels.items()}
     n_classes = int(max(y.max() for y in flat.values())) + 1
     stem = npz.stem.lower()
     known = next((v for k, v in MEDMNIST_CLASSES.items() if stem.startswith(k)), None)
@@ -449,6 +424,41 @@ def medmnist(root: Path, file: str | None = None) -> AdapterResult:
         for s, n in unlabelled.items()
     ]
     return AdapterResult(samples, classes, left_out)
+
+
+def _medmnist_file(root: Path, file: str | None) -> Path:
+    """The ``.npz`` under ``root``: the one named by ``file``, else the only one there."""
+    require_root(root)
+    if file is None:
+        found = sorted(root.glob("*.npz"))
+        if len(found) != 1:
+            raise DataError(
+                f"{root} holds {len(found)} .npz files; name one with -O file=<name>.npz"
+            )
+        npz = found[0]
+    else:
+        npz = root / check_relative_path(file, "file")
+    if not npz.is_file():
+        raise DataError(f"{npz} does not exist; name an existing .npz with -O file=...")
+    return npz
+
+
+def _medmnist_labels(npz: Path, split: str, y: np.ndarray, n_images: int) -> np.ndarray:
+    """The labels of ``split`` as integers ``[N]``, checked: one per image, single-label and
+    non-negative."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(
+            f"{npz}: {split}_labels has shape {y.shape}; multi-label MedMNIST is not supported"
+        )
+    if y.size and y.min() < 0:
+        raise DataError(f"{npz}: {split}_labels holds negative labels; MedMNIST labels start at 0")
+    if len(y) != n_images:
+        raise DataError(
+            f"{npz}: {split}_images has {n_images} images but {split}_labels {len(y)} labels"
+        )
+    return y.astype(int)
 
 
 # -- generic layouts ---------------------------------------------------------------------------
