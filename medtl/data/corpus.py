@@ -356,37 +356,67 @@ def build_corpus(
     records: list[dict[str, Any]] = []
     excluded: list[dict[str, str]] = []
     for index, source in enumerate(sources):
-        listed = list_source(index, source)
-        prints = cache.fingerprints(listed, workers)
-        counts = {"unreadable": 0, "exact": 0, "near": 0}
-        used = []
-        for item, fp in zip(listed, prints, strict=True):
-            hit = ("unreadable", "") if fp.error else guard.match(fp)
-            if hit is None:
-                used.append(item)
-                continue
-            counts[hit[0]] += 1
-            if hit[0] != "unreadable":
-                excluded.append(
-                    {"source": source.name, "path": item.path, "locator": item.locator,
-                     "reason": hit[0], "matches_row": hit[1]}
-                )  # fmt: skip
-        cache.save()
-        if not used:
-            raise DataError(_empty_message(index, source, len(listed), counts))
-        if counts["unreadable"]:
-            log.warning(
-                "pretrain.data[%d] (%s): %d of %d images cannot be read and are left out",
-                index, source.name, counts["unreadable"], len(listed),
-            )  # fmt: skip
+        used, counts = _screen_source(index, source, cache, guard, workers, excluded)
         items += used
         records.append(
             {"name": source.name, "kind": source.kind, "weight": source.weight,
-             "found": len(listed), "unreadable": counts["unreadable"],
+             "found": counts["found"], "unreadable": counts["unreadable"],
              "excluded_exact": counts["exact"], "excluded_near": counts["near"], "used": len(used)}
         )  # fmt: skip
+    record = _corpus_record(records, items, guard)
+    for r in record.sources:
+        log.info(
+            "corpus %s: %d found, %d used, %d exact and %d near copies of validation / test "
+            "images left out, %d unreadable",
+            r.name, r.found, r.used, r.excluded_exact, r.excluded_near, r.unreadable,
+        )  # fmt: skip
+    return Corpus(items, record, excluded)
+
+
+def _screen_source(
+    index: int,
+    source: CorpusSource,
+    cache: HashCache,
+    guard: Guard,
+    workers: int,
+    excluded: list[dict[str, str]],
+) -> tuple[list[CorpusItem], dict[str, int]]:
+    """The images of one source that are readable and no copy of a validation or test image,
+    how many it holds (``found``) and how many of each kind were left out; copies are appended
+    to ``excluded``."""
+    listed = list_source(index, source)
+    prints = cache.fingerprints(listed, workers)
+    counts = {"unreadable": 0, "exact": 0, "near": 0}
+    used = []
+    for item, fp in zip(listed, prints, strict=True):
+        hit = ("unreadable", "") if fp.error else guard.match(fp)
+        if hit is None:
+            used.append(item)
+            continue
+        counts[hit[0]] += 1
+        if hit[0] != "unreadable":
+            excluded.append(
+                {"source": source.name, "path": item.path, "locator": item.locator,
+                 "reason": hit[0], "matches_row": hit[1]}
+            )  # fmt: skip
+    cache.save()
+    if not used:
+        raise DataError(_empty_message(index, source, len(listed), counts))
+    if counts["unreadable"]:
+        log.warning(
+            "pretrain.data[%d] (%s): %d of %d images cannot be read and are left out",
+            index, source.name, counts["unreadable"], len(listed),
+        )  # fmt: skip
+    return used, {**counts, "found": len(listed)}
+
+
+def _corpus_record(
+    records: list[dict[str, Any]], items: list[CorpusItem], guard: Guard
+) -> CorpusRecord:
+    """What the encoder card records of the corpus: each source's counts and share of the
+    draws, the guard's size and settings, and a hash of the image list."""
     total = sum(r["weight"] * r["used"] for r in records)
-    record = CorpusRecord(
+    return CorpusRecord(
         sources=[CorpusSourceRecord(**r, share=r["weight"] * r["used"] / total) for r in records],
         guard_images=len(guard.rows),
         near_duplicate_bits=guard.near_bits,
@@ -395,13 +425,6 @@ def build_corpus(
             "\n".join(f"{i.source}\t{i.path}\t{i.locator}" for i in items).encode()
         ).hexdigest(),
     )
-    for r in record.sources:
-        log.info(
-            "corpus %s: %d found, %d used, %d exact and %d near copies of validation / test "
-            "images left out, %d unreadable",
-            r.name, r.found, r.used, r.excluded_exact, r.excluded_near, r.unreadable,
-        )  # fmt: skip
-    return Corpus(items, record, excluded)
 
 
 def _empty_message(index: int, source: CorpusSource, found: int, counts: dict[str, int]) -> str:
