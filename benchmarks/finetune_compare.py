@@ -44,7 +44,16 @@ from typing import Any
 
 import torch
 import yaml
-from recipe_runs import ROOT, command_line, evaluated, failed, machine, recipe_argv  # benchmarks/
+from recipe_runs import (  # benchmarks/
+    ROOT,
+    command_line,
+    evaluated,
+    failed,
+    machine,
+    recipe_argv,
+    section_head,
+    table_head,
+)
 
 from medtl.artifacts import ModelCard
 from medtl.cli import main as medtl
@@ -267,10 +276,9 @@ def auroc(runs: Sequence[dict[str, Any]], arm: str) -> list[float]:
 
 # -- tables ------------------------------------------------------------------------------------
 def results_section(args: argparse.Namespace, runs: list[dict[str, Any]], command: str) -> str:
-    lines = [
+    lines = section_head(
         RESULTS[0],
         "## Fine-tuning strategies from ImageNet, and BioTune's schedules (`benchmarks/finetune_compare.py`)",
-        "",
         "Every arm is the dataset's recipe run whole with `medtl run`: `efficientnet_lite0` from "
         "ImageNet weights, fine-tuned as `benchmarks/transfer.py`'s `imagenet_lite0` arm (20 "
         "epochs, lr 1e-3, 3 warm-up epochs, label smoothing 0.1, early stopping on validation "
@@ -281,10 +289,9 @@ def results_section(args: argparse.Namespace, runs: list[dict[str, Any]], comman
         "search per search seed, chosen on validation only; its row is the retrained genome. "
         "Epoch-equivalents: FLOP-weighted passes over the training split (for BioTune the "
         "search plus the retrain).",
-        "",
         "| dataset | arm | seed | test macro AUROC [95% CI] | test balanced accuracy [95% CI] | val bal. acc. | epoch-eq. | wall s |",
         "|---|---|---|---|---|---:|---:|---:|",
-    ]
+    )
     done = {(r["dataset"], r["arm"], r["seed"]): r for r in runs}
     for dataset in args.datasets:
         for arm in args.arms:
@@ -300,10 +307,11 @@ def results_section(args: argparse.Namespace, runs: list[dict[str, Any]], comman
                 )
     lines += [
         "",
-        "Over seeds (mean ± SD of the point estimates: the seed spread, not a CI):",
-        "",
-        "| dataset | arm | seeds | test macro AUROC | test balanced accuracy | val bal. acc. | epoch-eq. |",
-        "|---|---|---:|---|---|---|---|",
+        *table_head(
+            "Over seeds (mean ± SD of the point estimates: the seed spread, not a CI):",
+            "| dataset | arm | seeds | test macro AUROC | test balanced accuracy | val bal. acc. | epoch-eq. |",
+            "|---|---|---:|---|---|---|---|",
+        ),
     ]
     for dataset in args.datasets:
         for arm in args.arms:

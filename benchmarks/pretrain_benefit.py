@@ -54,6 +54,8 @@ from recipe_runs import (  # benchmarks/, this script's folder
     machine,
     recipe_argv,
     run_recipe,
+    section_head,
+    table_head,
     val_auroc,
 )
 from recipe_runs import data_root as given_root
@@ -266,10 +268,9 @@ def results_section(
     names = [a for a in args.arms if a != "ensemble"] + (
         ["ensemble"] if "ensemble" in args.arms else []
     )
-    lines = [
+    lines = section_head(
         RESULTS[0],
         "## Masked pretraining continued from ImageNet (`benchmarks/pretrain_benefit.py`)",
-        "",
         f"`{BACKBONE}` fine-tuned with `benchmarks/transfer.py`'s ImageNet settings from "
         f"`{SOURCE}` (arm `imagenet`) or from an encoder whose masked pretraining continued "
         "from it (the `imagenet_mae_*` arms; BUSI 128 px RGB, BreastMNIST 64 px grey, the "
@@ -277,10 +278,9 @@ def results_section(
         "group-bootstrap CIs; validation macro AUROC (calibrated) and balanced accuracy beside "
         "them. The ensemble weighs the same seed's `imagenet` model and its best-on-validation "
         "MAE model on validation log-loss.",
-        "",
         "| dataset | arm | seed | test macro AUROC [95% CI] | test balanced accuracy [95% CI] | val macro AUROC | val bal. acc. | pretrain s | pretrain img/s |",
         "|---|---|---|---|---|---:|---:|---:|---:|",
-    ]
+    )
     missing = []
     for dataset in args.datasets:
         for arm in names:
@@ -321,12 +321,11 @@ def per_arm(
 def mean_table(
     args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]], names: list[str]
 ) -> list[str]:
-    lines = [
+    lines = table_head(
         "Over seeds (mean ± SD of the point estimates: the seed spread, not a CI):",
-        "",
         "| dataset | arm | seeds | test macro AUROC | test balanced accuracy | val macro AUROC |",
         "|---|---|---:|---|---|---|",
-    ]
+    )
     for dataset in args.datasets:
         for arm in names:
             mine = per_arm(results, dataset, arm)
@@ -342,14 +341,13 @@ def mean_table(
 def paired_table(
     args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]
 ) -> list[str]:
-    lines = [
+    lines = table_head(
         "Entropy - random masking, paired on the same test images per seed (macro AUROC "
         "difference; DeLong's test of the malignant-vs-rest AUROC, the difference with its 95% CI "
         "and p-value):",
-        "",
         "| dataset | seed | macro AUROC entropy - random | malignant AUROC difference [95% CI] | p |",
         "|---|---|---:|---|---:|",
-    ]
+    )
     for dataset in args.datasets:
         diffs = []
         for seed in args.seeds:
@@ -373,13 +371,12 @@ def unit_table(
 ) -> list[str]:
     """Item 4: entropy masking at the default mask unit (the network stride, 32 px) against
     16 px, on VALIDATION only: the default is chosen from this table."""
-    lines = [
+    lines = table_head(
         "Mask unit, chosen on **validation** (mean over seeds): entropy masking at the network "
         "stride (32 px, the default) against a 16 px unit:",
-        "",
         "| dataset | unit | seeds | val macro AUROC | val balanced accuracy |",
         "|---|---|---:|---|---|",
-    ]
+    )
     for dataset in args.datasets:
         means = {}
         for unit, arm in (("32 (default)", "imagenet_mae_entropy"), ("16", "imagenet_mae_unit16")):
@@ -401,14 +398,13 @@ def corpus_table(
     args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]
 ) -> list[str]:
     """The mixed corpus of each dataset (seed 0's card): what the leakage guard left out."""
-    lines = [
+    lines = table_head(
         "Mixed corpus (`imagenet_mae_corpus`, from its encoder card): images per source and "
         "what the leakage guard left out as copies of the evaluated dataset's validation / test "
         "images:",
-        "",
         "| dataset | source | found | used | exact copies | near duplicates | unreadable |",
         "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    )
     for dataset in args.datasets:
         runs = per_arm(results, dataset, "imagenet_mae_corpus")
         corpus = (runs[0].get("pretrain") or {}).get("corpus") if runs else None

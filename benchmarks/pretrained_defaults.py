@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from recipe_runs import ROOT, command_line, failed, given, machine, recipe_argv  # benchmarks/
+from recipe_runs import (  # benchmarks/
+    ROOT,
+    command_line,
+    failed,
+    given,
+    machine,
+    recipe_argv,
+    section_head,
+    table_head,
+)
 from recipe_runs import data_root as given_root
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
@@ -242,10 +251,9 @@ def _fmt(value: float | None) -> str:
 
 
 def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str) -> str:
-    lines = [
+    lines = section_head(
         MARKERS[0],
         "#### Ranking on validation (`benchmarks/pretrained_defaults.py`)",
-        "",
         "`efficientnet_lite0` from `imagenet:efficientnet_lite0`, fully fine-tuned with each "
         "dataset's recipe (its MAE pretraining removed), up to 20 epochs unless the runs' overrides "
         "below say otherwise, lr 0.001. One knob "
@@ -253,12 +261,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         "**Validation only**: the runs' manifests hold no test rows; the score is the mean of "
         "validation macro AUROC and balanced accuracy, each averaged over seeds within a dataset, "
         "then over datasets (each dataset weighs the same).",
-        "",
         "| rank | configuration | val macro AUROC | val bal. acc. | score | "
         + " | ".join(f"{d} s{s}" for d in args.datasets for s in args.seeds)
         + " |",
         "|---:|---|---:|---:|---:|" + "---:|" * (len(args.datasets) * len(args.seeds)),
-    ]
+    )
     for rank, (config, s) in enumerate(ranking(results, args.configs), 1):
         cells = []
         for d in args.datasets:
@@ -283,11 +290,12 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         "",
         "Per-run cells: validation macro AUROC / balanced accuracy.",
         "",
-        f"Chosen per key: the base level unless another beats the base's score by more than "
-        f"{MARGIN} (then the best such level).",
-        "",
-        "| key | chosen here | medtl's pretrained default now |",
-        "|---|---|---|",
+        *table_head(
+            f"Chosen per key: the base level unless another beats the base's score by more than "
+            f"{MARGIN} (then the best such level).",
+            "| key | chosen here | medtl's pretrained default now |",
+            "|---|---|---|",
+        ),
     ]
     for knob in BASE:
         lines.append(

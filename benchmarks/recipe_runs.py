@@ -1,9 +1,9 @@
 """What the recipe benchmarks share: one arm run through ``medtl``, its finished figures read
-back, the ensemble of two finished runs, and the footer of their Markdown sections.
+back, the ensemble of two finished runs, and the opening and footer of their Markdown sections.
 
 ``benchmarks/transfer.py``, ``pretrain_benefit.py``, ``finetune_compare.py`` and
 ``pretrained_defaults.py`` import it from their own folder (``python benchmarks/<name>.py``
-puts that folder on the path), so that each runs its arms and writes its footer the same way.
+puts that folder on the path), so that each runs its arms and writes its sections the same way.
 """
 
 from __future__ import annotations
@@ -167,6 +167,18 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     """``python benchmarks/<script>.py ARGS``: how the tables were made (``argv``: the
     arguments ``main`` was given, ``None`` for the command line's)."""
     return " ".join([f"python benchmarks/{script}.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def table_head(caption: str, header: str, align: str) -> list[str]:
+    """The opening of a Markdown table: ``caption``, a blank line, the header row and the
+    alignment row."""
+    return [caption, "", header, align]
+
+
+def section_head(marker: str, heading: str, intro: str, header: str, align: str) -> list[str]:
+    """The opening of a benchmark's Markdown section: its start ``marker``, ``heading``, a blank
+    line, then its first table's head with the ``intro`` paragraph as caption."""
+    return [marker, heading, "", *table_head(intro, header, align)]
 
 
 def machine(note: str = "", device_first: bool = False) -> list[str]:
