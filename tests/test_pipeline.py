@@ -6,6 +6,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -85,16 +86,18 @@ def _phantom_manifest(tmp_path: Path) -> tuple[Path, object]:
     return root, prepare("folder", root, tmp_path / "m.csv").manifest
 
 
+def _tiny_convnext(**options: Any) -> PretrainConfig:
+    """Pretraining of ``medtl_tiny_convnext`` in batches of 8, 1 warm-up epoch, no pictures;
+    ``options`` add or change keys."""
+    base: dict[str, Any] = dict(
+        backbone="medtl_tiny_convnext", batch_size=8, warmup_epochs=1, picture_every=0
+    )
+    return PretrainConfig(**{**base, **options})
+
+
 def test_pretrain_resume_equals_uninterrupted(tmp_path: Path) -> None:
     root, manifest = _phantom_manifest(tmp_path)
-    cfg = PretrainConfig(
-        backbone="medtl_tiny_convnext",
-        epochs=3,
-        batch_size=8,
-        warmup_epochs=1,
-        checkpoint_every=2,
-        picture_every=0,
-    )
+    cfg = _tiny_convnext(epochs=3, checkpoint_every=2)
     data_cfg = DataConfig(image_size=32, channels=1)
     pretrain_killed_and_resumed(cfg, manifest, root, data_cfg, tmp_path, 5)
     assert (tmp_path / "a" / "loss.png").is_file() and (
@@ -104,14 +107,7 @@ def test_pretrain_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
 def test_pretrain_loss_falls_and_encoder_loads_into_timm(tmp_path: Path) -> None:
     root, manifest = _phantom_manifest(tmp_path)
-    cfg = PretrainConfig(
-        backbone="medtl_tiny_convnext",
-        epochs=6,
-        batch_size=8,
-        lr=3e-3,
-        warmup_epochs=1,
-        picture_every=0,
-    )
+    cfg = _tiny_convnext(epochs=6, lr=3e-3)
     result = pretrain(
         cfg, manifest, root, DataConfig(image_size=32, channels=1), tmp_path / "p", progress=False
     )
@@ -136,9 +132,7 @@ def _pretrain_worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     try:
         root, manifest = _phantom_manifest(Path(tmp) / f"data{rank}")
-        cfg = PretrainConfig(
-            backbone="medtl_tiny_convnext", epochs=2, batch_size=8, warmup_epochs=1, picture_every=0
-        )
+        cfg = _tiny_convnext(epochs=2)
         r = pretrain(
             cfg,
             manifest,
@@ -159,9 +153,7 @@ def _pretrain_worker(rank: int, world: int, port: int, tmp: str) -> None:
 def test_pretrain_ddp_two_processes_follow_one(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     root, manifest = _phantom_manifest(tmp_path / "data0")
-    cfg = PretrainConfig(
-        backbone="medtl_tiny_convnext", epochs=2, batch_size=8, warmup_epochs=1, picture_every=0
-    )
+    cfg = _tiny_convnext(epochs=2)
     single = pretrain(
         cfg, manifest, root, DataConfig(image_size=32, channels=1), tmp_path / "one", progress=False
     )

@@ -27,12 +27,10 @@ from medtl.data.dataset import LoaderConfig, deterministic_transforms
 from medtl.data.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = [
-    "brain_tumor_mri_sample",
-    "covid19_radiography_sample",
-    "isic2018_sample",
+SAMPLES = (
+    "brain_tumor_mri_sample", "covid19_radiography_sample", "isic2018_sample",
     "busi_original_subset",
-]
+)  # fmt: skip
 
 
 def busi(src: Path, dst: Path) -> float:

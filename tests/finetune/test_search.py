@@ -80,17 +80,9 @@ DATA = DataConfig(image_size=32, channels=1)
 
 def _cfg(**overrides: Any) -> bt.BioTuneConfig:
     """4 members, halving rungs (1 epoch x 4, 2 x 2, 3 x 1), two generations."""
-    base: dict[str, Any] = dict(
-        preset="cpu",
-        population=4,
-        elite=1,
-        exploit=1,
-        generations=2,
-        max_epochs=3,
-        min_epochs=1,
-        eta=2,
-        poll_seconds=0.01,
-    )
+    members = dict(population=4, elite=1, exploit=1, generations=2)
+    rungs = dict(max_epochs=3, min_epochs=1, eta=2)
+    base: dict[str, Any] = dict(preset="cpu", **members, **rungs, poll_seconds=0.01)
     return bt.BioTuneConfig(**{**base, **overrides})
 
 
