@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import yaml
+from recipe_runs import IMAGENET as RECIPE_IMAGENET  # benchmarks/
 from recipe_runs import (  # benchmarks/
     ROOT,
     command_line,
@@ -66,24 +67,22 @@ RESULTS = ("<!-- finetune_compare:start -->", "<!-- finetune_compare:end -->")
 COMPUTE = ("<!-- finetune_compare_perf:start -->", "<!-- finetune_compare_perf:end -->")
 FIGURE = "finetune_compare_schedules.png"
 METRICS = ("macro_auroc", "balanced_accuracy")
-IMAGENET = [  # benchmarks/transfer.py's imagenet_lite0 arm, so that its figures compare
-    "pretrain=",
+PER_ARM = ("finetune.strategy=", "finetune.backbone_lr_scale=")  # only full / lpft take the scale
+IMAGENET = [  # transfer.py's imagenet_lite0 settings (recipe_runs.IMAGENET) but what each arm sets
+    *[o for o in RECIPE_IMAGENET if not o.startswith(PER_ARM)],
     "finetune.backbone=efficientnet_lite0",
     "finetune.weights=imagenet:efficientnet_lite0",
-    "finetune.epochs=20",
-    "finetune.lr=0.001",
-    "finetune.warmup_epochs=3",
-    "finetune.label_smoothing=0.1",
 ]
+PINNED_SCALE = next(o for o in RECIPE_IMAGENET if o.startswith(PER_ARM[1]))
 SEARCH = ["finetune.strategy=biotune", "search.preset=cpu"]
 ARMS: dict[str, list[str]] = {
-    "full": ["finetune.strategy=full"],
+    "full": ["finetune.strategy=full", PINNED_SCALE],  # transfer.py's imagenet_lite0 arm
     "linear": ["finetune.strategy=linear"],
     "surgical_first": ["finetune.strategy=surgical", "finetune.strategy_options.first=2"],
     "surgical_last": ["finetune.strategy=surgical", "finetune.strategy_options.last=2"],
     "autorgn": ["finetune.strategy=autorgn"],
     "lora": ["finetune.strategy=lora", "finetune.strategy_options.rank=4"],
-    "lpft": ["finetune.strategy=lpft", "finetune.strategy_options.probe_epochs=5"],
+    "lpft": ["finetune.strategy=lpft", "finetune.strategy_options.probe_epochs=5", PINNED_SCALE],
     "biotune_reference": [*SEARCH, "search.schedule=reference"],
     "biotune_halving": [*SEARCH, "search.schedule=halving"],
 }
