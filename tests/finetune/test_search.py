@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -629,9 +630,17 @@ def test_two_workers_on_postgresql_finish_a_study_when_one_is_killed(
             if t.state == TrialState.RUNNING and t.user_attrs.get("curve")
             and t.system_attrs.get("worker", "").endswith(f":{victim.pid}")
         ]  # fmt: skip
-        if mine:
-            victim.kill()
-            break
+        if mine and study is not None:
+            # stop the worker, then make sure it still holds the candidate: killed straight away it
+            # could finish the candidate between the look and the kill, leaving nothing to take over
+            victim.send_signal(signal.SIGSTOP)
+            time.sleep(0.2)  # let a commit already sent settle on the server
+            held = [t for t in study.frozen() if t.number == mine[0].number]
+            if held and held[0].state == TrialState.RUNNING:
+                victim.kill()
+                break
+            victim.send_signal(signal.SIGCONT)
+            mine = []
         time.sleep(0.02)
     assert mine, "the first worker never held a candidate"
     victim.wait()
