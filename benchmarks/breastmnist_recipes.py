@@ -6,7 +6,7 @@ average of each recipe's seeds. Every figure is on BreastMNIST's official **test
 (n = 156) with 95% group-bootstrap CIs, after the temperature each run fitted on validation;
 which recipe is "best" is decided on mean validation balanced accuracy, never on test.
 
-    python benchmarks/breastmnist_recipes.py [--recipes breastmnist_resnet18 breastmnist]
+    python benchmarks/breastmnist_recipes.py [--recipes breastmnist_resnet18 breastmnist:mae_scratch]
         [--seeds 0 1 2] [--data-root ../shared/data/medmnist] [--report-only]
 """
 
@@ -42,7 +42,10 @@ METRICS = ("macro_auroc", "balanced_accuracy", "accuracy")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--recipes", nargs="+", default=["breastmnist_resnet18"], help="names in recipes/")
+    add(
+        "--recipes", nargs="+", default=["breastmnist_resnet18"],
+        help="names in recipes/, each NAME or NAME:PRESET (e.g. breastmnist:mae_scratch)",
+    )  # fmt: skip
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
     add("--data-root", type=Path, default=ROOT.parent / "shared/data/medmnist")
     add("--work", type=Path, default=ROOT / "benchmarks/out/breastmnist_recipes")
@@ -53,7 +56,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_folder(work: Path, recipe: str, seed: int) -> Path:
-    return work / recipe / f"seed{seed}"
+    return work / recipe.replace(":", "@") / f"seed{seed}"
+
+
+def recipe_sets(recipe: str, seed: int, overrides: Sequence[str]) -> tuple[Path, list[str]]:
+    """``NAME`` or ``NAME:PRESET`` -> the recipe file and its ``--set`` arguments."""
+    name, _, preset = recipe.partition(":")
+    sets = [f"seed={seed}", *([f"preset={preset}"] if preset else []), *overrides]
+    return ROOT / "recipes" / f"{name}.yaml", [x for o in sets for x in ("--set", o)]
 
 
 def entry_metrics(evaluation: Path) -> dict[str, Any]:
@@ -66,8 +76,8 @@ def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] 
     """Run (or resume) one recipe and seed; its test metrics, validation score and time."""
     out = run_folder(args.work, recipe, seed)
     if not args.report_only:
-        sets = [x for o in [f"seed={seed}", *args.overrides] for x in ("--set", o)]
-        argv = ["-q", "run", str(ROOT / "recipes" / f"{recipe}.yaml"), "--out", str(out)]
+        path, sets = recipe_sets(recipe, seed, args.overrides)
+        argv = ["-q", "run", str(path), "--out", str(out)]
         code = medtl([*argv, "--data-root", str(args.data_root), *sets])
         if code != 0:
             print(f"{recipe} seed {seed}: medtl run exited with {code}", file=sys.stderr)
@@ -90,7 +100,7 @@ def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] 
 
 def ensemble(args: argparse.Namespace, recipe: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The seeds' averaged probabilities (each with its own temperature), on test."""
-    out = args.work / recipe / "ensemble"
+    out = args.work / recipe.replace(":", "@") / "ensemble"
     evaluation = out / "evaluation.json"
     seeds = [r["seed"] for r in runs]
     stamp = out / "SEEDS"  # the seeds the saved evaluation averaged

