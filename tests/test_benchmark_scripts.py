@@ -450,3 +450,17 @@ def test_pretrain_benefit_mask_unit_choice_counts_a_zero_validation_auroc() -> N
     runs["imagenet_mae_unit16"]["val_auroc"] = None  # no AUROC: a class absent from validation
     lines = script.unit_table(args, {"breastmnist": {0: runs}})
     assert not any("validation prefers" in line for line in lines)
+
+
+def test_pretrain_benefit_calls_entropy_a_winner_only_with_a_significant_seed() -> None:
+    """Ahead on the mean with no seed DeLong-significant is "not shown", not "met"; one
+    significant seed in favour (none against) is met; a significant seed against is not met."""
+    script = load_script("pretrain_benefit")
+
+    def pair(diff: float, p: float) -> dict:
+        return {"macro_difference": diff, "delong": {"difference": diff, "p_value": p}}
+
+    assert "**not shown" in script.beats([pair(0.01, 0.7), pair(0.02, 0.6), pair(-0.01, 0.8)])
+    assert "**met**" in script.beats([pair(0.01, 0.7), pair(0.05, 0.01), pair(-0.01, 0.8)])
+    assert "**not met**" in script.beats([pair(0.03, 0.7), pair(0.05, 0.2), pair(-0.02, 0.01)])
+    assert "**not met**" in script.beats([pair(-0.01, 0.7), pair(-0.02, 0.6), pair(0.01, 0.8)])
