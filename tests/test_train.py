@@ -309,3 +309,37 @@ def test_a_batchnorm_network_trains_when_the_last_batch_would_hold_one_sample(
     sched = Schedule(epochs=1, lr=1e-3, batch_size=16)
     result = fit(model, supervised_step, _groups(model), Blobs(17), sched, tmp_path, progress=False)
     assert result.steps == 1 and result.samples_seen == 17
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, True), (False, False), (True, True)])
+def test_channels_last_on_cpu_by_default_and_weights_handed_back_contiguous(
+    tmp_path: Path, setting: bool | None, expected: bool
+) -> None:
+    """``channels_last=None`` trains in channels-last on CPU (measured faster there); whatever
+    the setting, the caller gets contiguous weights (safetensors refuses other strides)."""
+    model = _model()
+    stem = next(  # a weight whose two formats differ (not 1 input channel, not 1x1)
+        m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[2] > 1
+    )
+    seen: list[bool] = []
+
+    def look(net: torch.nn.Module, epoch: int, metrics: dict[str, float]) -> None:
+        seen.append(
+            stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+        )
+
+    sched = Schedule(epochs=1, lr=1e-3, batch_size=16, channels_last=setting)
+    fit(
+        model,
+        supervised_step,
+        _groups(model),
+        Blobs(),
+        sched,
+        tmp_path,
+        on_epoch_end=look,
+        progress=False,
+    )
+    assert seen == [expected]
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -248,7 +248,9 @@ def pretrain(
     pictures = PictureWriter(
         shown, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
     )
-    schedule = cfg.schedule(checkpoint_every=cfg.checkpoint_every)
+    schedule = cfg.schedule(
+        checkpoint_every=cfg.checkpoint_every, channels_last=bool(cfg.channels_last)
+    )
     groups = param_groups(mae, cfg.weight_decay)
     start = time.perf_counter()
     result = fit(

@@ -88,7 +88,8 @@ def _train(backbone: str, genes: list[float], cached: bool, epochs: int = 2) -> 
         supervised_step,
         the_plan.param_groups,
         data,
-        Schedule(epochs=epochs, lr=3e-3, batch_size=4, weight_decay=0.01),
+        # contiguous, as search candidates train (their cached features are computed so)
+        Schedule(epochs=epochs, lr=3e-3, batch_size=4, weight_decay=0.01, channels_last=False),
         seed=3,
         train_mode=train_mode,
         progress=False,

@@ -160,6 +160,8 @@ class Search:
         train, val = self.dataset("train"), self.dataset("val")
 
         def compute() -> dict[str, Any]:
+            if self.ft.channels_last:  # the format the candidates then train in
+                model.to(memory_format=torch.channels_last)
             cast = px.autocast(device, self.ft.amp)
             return {
                 "train": px.prefix_features(model, segments, k, train, batch, device, cast),
@@ -171,9 +173,16 @@ class Search:
     # -- one candidate ------------------------------------------------------------------------------
     def schedule(self, epochs: int) -> Schedule:
         """The recipe's optimisation for ``epochs``; early stopping only in ``reference``;
-        checkpoints at epoch ends only (enough to resume a killed candidate)."""
+        checkpoints at epoch ends only (enough to resume a killed candidate); contiguous
+        memory unless ``finetune.channels_last`` is set, as the cached prefix features are
+        computed (so that cached and uncached candidates train alike)."""
         patience = self.cfg.patience if self.cfg.schedule == "reference" else None
-        return self.ft.schedule(epochs=epochs, patience=patience, checkpoint_every=10**9)
+        return self.ft.schedule(
+            epochs=epochs,
+            patience=patience,
+            checkpoint_every=10**9,
+            channels_last=bool(self.ft.channels_last),
+        )
 
     def folder(self, number: int, seed: int) -> Path:
         """Candidate ``number``'s checkpoint folder for ``seed`` (kept only while it trains, to
