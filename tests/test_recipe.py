@@ -161,7 +161,7 @@ def test_one_optimisation_section_for_pretraining_and_fine_tuning(tmp_path: Path
 
     assert set(OptimConfig.model_fields) <= {f.name for f in fields(Schedule)}
     keys = "{epochs: 7, batch_size: 12, lr: 0.002, weight_decay: 0.1, warmup_epochs: 2, "
-    keys += "grad_clip: 1.5, num_workers: 1, amp: true}"
+    keys += "grad_clip: 1.5, num_workers: 1, amp: true, channels_last: false}"
     recipe = load_recipe(_write(tmp_path, f"pretrain: {keys}\nfinetune: {keys}"))
     for name in ("pretrain", "finetune"):
         section = recipe.section(name)
@@ -171,6 +171,7 @@ def test_one_optimisation_section_for_pretraining_and_fine_tuning(tmp_path: Path
         assert got == {
             "epochs": 7, "batch_size": 12, "lr": 0.002, "weight_decay": 0.1,
             "warmup_epochs": 2.0, "grad_clip": 1.5, "num_workers": 1, "amp": True,
+            "channels_last": False,
         }  # fmt: skip
     assert recipe.section("finetune").schedule(epochs=3, patience=2).epochs == 3
     # each stage keeps its own defaults
