@@ -94,9 +94,12 @@ def evaluated(out: Path) -> tuple[Path, dict[str, Any], ModelCard] | None:
         return None
     folder = model_dir(out)
     entry = next(
-        e for e in EvaluationResults.load(evaluation).entries
-        if e.status == "ok" and Path(e.model_dir or "").resolve() == folder.resolve()
+        (e for e in EvaluationResults.load(evaluation).entries
+         if e.status == "ok" and Path(e.model_dir or "").resolve() == folder.resolve()),
+        None,
     )  # fmt: skip
+    if entry is None:  # the evaluation failed (its error is in the run's log): not finished
+        return None
     return folder, (entry.metrics or {})["overall"], ModelCard.load(folder / "meta.json")
 
 
