@@ -52,6 +52,7 @@ from recipe_runs import (  # benchmarks/, this script's folder
     evaluated,
     given,
     machine,
+    publish,
     recipe_argv,
     run_recipe,
     section_head,
@@ -63,7 +64,7 @@ from sklearn.metrics import roc_auc_score
 
 from medtl.artifacts import EncoderCard, ModelCard
 from medtl.errors import DataError
-from medtl.io import write_json, write_marked_section
+from medtl.io import write_json
 from medtl.report.tables import fmt_entry, fmt_p, mean_sd
 
 RESULTS = ("<!-- pretrain_imagenet:start -->", "<!-- pretrain_imagenet:end -->")
@@ -539,8 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, dict[str, Any
         for dataset in report.datasets
     }
     text = results_section(report, results, command_line("pretrain_benefit", argv))
-    print(text)
-    write_marked_section(args.out_results, text, *RESULTS, "Results")
+    publish(args.out_results, text, RESULTS)
     return results
 
 

@@ -40,6 +40,7 @@ from recipe_runs import (  # benchmarks/
     failed,
     given,
     machine,
+    publish,
     recipe_argv,
     section_head,
     table_head,
@@ -49,7 +50,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from medtl.cli import main as medtl
 from medtl.finetune.defaults import defaults_for
-from medtl.io import atomic_write_text, write_marked_section
+from medtl.io import atomic_write_text
 
 MARKERS = ("<!-- pretrained_defaults:start -->", "<!-- pretrained_defaults:end -->")
 RESULT = "result.json"
@@ -328,8 +329,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         if (record := one_run(args, dataset, config, seed)) is not None
     ]
     text = report(args, results, command_line("pretrained_defaults", argv))
-    print(text)
-    write_marked_section(args.out, text, *MARKERS, "Fine-tuning")
+    publish(args.out, text, MARKERS, "Fine-tuning")
     return results
 
 

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from medtl.artifacts import ModelCard, file_sha256
 from medtl.cli import main as medtl
-from medtl.io import atomic_write_text
+from medtl.io import atomic_write_text, write_marked_section
 from medtl.results import EvaluationResults
 from medtl.runs import run_manifest
 
@@ -178,6 +178,12 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     """``python benchmarks/<script>.py ARGS``: how the tables were made (``argv``: the
     arguments ``main`` was given, ``None`` for the command line's)."""
     return " ".join([f"python benchmarks/{script}.py", *(sys.argv[1:] if argv is None else argv)])
+
+
+def publish(path: Path, text: str, markers: Sequence[str], title: str = "Results") -> None:
+    """Print a benchmark's Markdown section and put it between its ``markers`` in ``path``."""
+    print(text)
+    write_marked_section(path, text, markers[0], markers[1], title)
 
 
 def table_head(caption: str, header: str, align: str) -> list[str]:

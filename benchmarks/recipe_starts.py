@@ -25,6 +25,7 @@ from recipe_runs import (  # benchmarks/, this script's folder
     command_line,
     evaluated,
     machine,
+    publish,
     recipe_argv,
     run_recipe,
     section_head,
@@ -32,7 +33,6 @@ from recipe_runs import (  # benchmarks/, this script's folder
 )
 from recipe_runs import data_root as given_root
 
-from medtl.io import write_marked_section
 from medtl.report.tables import fmt_entry, mean_sd
 
 MARKERS = ("<!-- recipe_starts:start -->", "<!-- recipe_starts:end -->")
@@ -69,7 +69,7 @@ def one_run(
     out = args.work / dataset / preset / f"seed{seed}"
     if evaluated(out) is None and not args.report_only:
         root = given_root(args.data_root, dataset, DATASETS[dataset])
-        sets = [f"preset={preset}", f"seed={seed}", *args.overrides]
+        sets = [f"preset={preset}", f"seed={seed}", *own_overrides(args, dataset, preset)]
         run_recipe(
             f"{dataset} {preset} seed {seed}",
             recipe_argv("run", dataset, out, root, sets, args.device),
@@ -81,6 +81,16 @@ def one_run(
         "metrics": metrics, "val_auroc": val_auroc(folder), "val_bacc": card.val_bacc,
         "backbone": card.backbone, "minutes": _minutes(out),
     }  # fmt: skip
+
+
+def own_overrides(args: argparse.Namespace, dataset: str, preset: str) -> list[str]:
+    """``--set`` overrides less those into a pretraining section the preset does not have
+    (``pretrain.epochs=...`` would otherwise add a pretraining stage to the ImageNet start)."""
+    from medtl.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / f"{dataset}.yaml", [f"preset={preset}"])
+    keep = recipe.has("pretrain")
+    return [o for o in args.overrides if keep or not o.startswith("pretrain.")]
 
 
 def _minutes(out: Path) -> float:
@@ -156,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[dict[str
             runs = [r for s in args.seeds if (r := one_run(args, dataset, preset, s)) is not None]
             results.setdefault(dataset, {})[preset] = runs
     text = section(args, results, command_line("recipe_starts", argv))
-    print(text)
-    write_marked_section(args.out_results, text, *MARKERS, "Results")
+    publish(args.out_results, text, MARKERS)
     return results
 
 

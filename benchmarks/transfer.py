@@ -38,6 +38,7 @@ from recipe_runs import (  # benchmarks/, this script's folder
     ensemble,
     evaluated,
     machine,
+    publish,
     recipe_argv,
     run_recipe,
     val_auroc,
@@ -235,8 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 results[dataset].append(ens)
     command = command_line("transfer", argv)
     text = results_section(results, command, args.note)
-    print(text)
-    write_marked_section(args.out_results, text, *RESULTS, "Results")
+    publish(args.out_results, text, RESULTS)
     write_marked_section(
         args.out_compute, compute_section(results, command, args.note), *COMPUTE, "Performance"
     )

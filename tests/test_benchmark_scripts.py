@@ -464,3 +464,38 @@ def test_pretrain_benefit_calls_entropy_a_winner_only_with_a_significant_seed() 
     assert "**met**" in script.beats([pair(0.01, 0.7), pair(0.05, 0.01), pair(-0.01, 0.8)])
     assert "**not met**" in script.beats([pair(0.03, 0.7), pair(0.05, 0.2), pair(-0.02, 0.01)])
     assert "**not met**" in script.beats([pair(-0.01, 0.7), pair(-0.02, 0.6), pair(0.01, 0.8)])
+
+
+def test_recipe_starts_tiny(tmp_path: Path) -> None:
+    """The BreastMNIST recipe's two presets at toy scale: a row each with validation figures,
+    the ImageNet one without a pretraining stage, the choice made on validation."""
+    from medtl.sources import SOURCES
+
+    source = SOURCES.get("imagenet:efficientnet_lite0")()
+    if importlib.util.find_spec(source.package) is None:
+        pytest.skip(f"{source.pip} is not installed")
+    root, _ = fake_breastmnist(tmp_path)
+    out = tmp_path / "results.md"
+    tiny = [
+        "data.manifest=null", "pretrain.epochs=1", "pretrain.batch_size=8",
+        "pretrain.picture_every=0", "finetune.epochs=1", "finetune.batch_size=8",
+        "finetune.warmup_epochs=0", "evaluate.n_boot=100",
+    ]  # fmt: skip
+    argv = [
+        "--datasets", "breastmnist", "--data-root", f"breastmnist={root}", "--device", "cpu",
+        "--work", str(tmp_path / "work"), "--out-results", str(out),
+        *[x for o in tiny for x in ("--set", o)],
+    ]  # fmt: skip
+    script = load_script("recipe_starts")
+    results = script.main(argv)
+    text = out.read_text(encoding="utf-8")
+    for preset, backbone in (("cpu", "efficientnet_lite0"), ("mae_scratch", "convnext_atto")):
+        assert re.search(
+            rf"^\| `breastmnist` \(medmnist\) \| `{preset}` \| `{backbone}` \| 1 \| ", text, re.M
+        )
+    assert not (tmp_path / "work/breastmnist/cpu/seed0/pretrain").exists()
+    assert (tmp_path / "work/breastmnist/mae_scratch/seed0/pretrain/DONE").is_file()
+    assert text.count("**yes**") == 1
+    runs = results["breastmnist"]
+    best = max(runs, key=lambda p: (runs[p][0]["val_auroc"] or 0.0, runs[p][0]["val_bacc"]))
+    assert re.search(rf"`{best}` .*\*\*yes\*\* \|$", text, re.M)
