@@ -39,6 +39,24 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def skip_without_imagenet_wheel() -> None:
+    from medtl.sources import SOURCES
+
+    source = SOURCES.get("imagenet:efficientnet_lite0")()
+    if importlib.util.find_spec(source.package) is None:
+        pytest.skip(f"{source.pip} is not installed")
+
+
+def toy_sets(*extra: str) -> list[str]:
+    """``--set`` arguments for a toy-scale run of a recipe benchmark (``extra`` first)."""
+    tiny = [
+        *extra, "pretrain.epochs=1", "pretrain.batch_size=8", "pretrain.picture_every=0",
+        "finetune.epochs=1", "finetune.batch_size=8", "finetune.warmup_epochs=0",
+        "evaluate.n_boot=100",
+    ]  # fmt: skip
+    return [x for o in tiny for x in ("--set", o)]
+
+
 def rerun_report_only(script: ModuleType, argv: list[str], finished: Path, marker: str) -> Any:
     """``script.main`` again with ``--report-only``: the finished file is not rewritten and the
     Markdown file holds the section once (``marker``: its start); what ``main`` returned."""
@@ -246,11 +264,7 @@ def test_pretrain_benefit_tiny(tmp_path: Path) -> None:
     --report-only marks what never ran."""
     import shutil
 
-    from medtl.sources import SOURCES
-
-    source = SOURCES.get("imagenet:efficientnet_lite0")()
-    if importlib.util.find_spec(source.package) is None:
-        pytest.skip(f"{source.pip} is not installed")
+    skip_without_imagenet_wheel()
     root, manifest = fake_breastmnist(tmp_path)
     corpus = tmp_path / "corpus"
     (corpus / "medmnist").mkdir(parents=True)
@@ -258,16 +272,11 @@ def test_pretrain_benefit_tiny(tmp_path: Path) -> None:
     write_png(corpus / "other" / "scan.png", (40, 30), seed=1)
     write_png(corpus / "other" / "scan_mask.png", (40, 30), seed=2)  # never an image
     out = tmp_path / "results.md"
-    tiny = [
-        "pretrain.epochs=1", "pretrain.batch_size=8", "pretrain.picture_every=0",
-        "pretrain.decoder_dim=16", "finetune.epochs=1", "finetune.batch_size=8",
-        "finetune.warmup_epochs=0", "evaluate.n_boot=100",
-    ]  # fmt: skip
     argv = [
         "--datasets", "breastmnist", "--seeds", "0", "--data-root", f"breastmnist={root}",
         "--manifest", f"breastmnist={manifest}", "--corpus-root", str(corpus), "--device", "cpu",
         "--work", str(tmp_path / "work"), "--out-results", str(out),
-        *[x for o in tiny for x in ("--set", o)],
+        *toy_sets("pretrain.decoder_dim=16"),
     ]  # fmt: skip
     script = load_script("pretrain_benefit")
     script.main(argv)
@@ -469,22 +478,13 @@ def test_pretrain_benefit_calls_entropy_a_winner_only_with_a_significant_seed() 
 def test_recipe_starts_tiny(tmp_path: Path) -> None:
     """The BreastMNIST recipe's two presets at toy scale: a row each with validation figures,
     the ImageNet one without a pretraining stage, the choice made on validation."""
-    from medtl.sources import SOURCES
-
-    source = SOURCES.get("imagenet:efficientnet_lite0")()
-    if importlib.util.find_spec(source.package) is None:
-        pytest.skip(f"{source.pip} is not installed")
+    skip_without_imagenet_wheel()
     root, _ = fake_breastmnist(tmp_path)
     out = tmp_path / "results.md"
-    tiny = [
-        "data.manifest=null", "pretrain.epochs=1", "pretrain.batch_size=8",
-        "pretrain.picture_every=0", "finetune.epochs=1", "finetune.batch_size=8",
-        "finetune.warmup_epochs=0", "evaluate.n_boot=100",
-    ]  # fmt: skip
     argv = [
         "--datasets", "breastmnist", "--data-root", f"breastmnist={root}", "--device", "cpu",
         "--work", str(tmp_path / "work"), "--out-results", str(out),
-        *[x for o in tiny for x in ("--set", o)],
+        *toy_sets("data.manifest=null"),
     ]  # fmt: skip
     script = load_script("recipe_starts")
     results = script.main(argv)
