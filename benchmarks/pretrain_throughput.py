@@ -58,20 +58,26 @@ def load_images(data_root: Path, n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-def make_steps(backbone: str, size: int, mask_unit: int | None = None) -> dict[str, callable]:
+def make_steps(
+    backbone: str, size: int, mask_unit: int | None = None, channels_last: bool = False
+) -> dict[str, callable]:
+    """One training step per kind; with ``channels_last`` every model and batch is in
+    channels-last memory format (as ``finetune.channels_last`` / ``pretrain.channels_last``)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     data_cfg = DataConfig(image_size=size, channels=3)
     steps = {}
     kinds = [("random", None), ("entropy", None)] + ([("random", mask_unit)] if mask_unit else [])
     for masking, unit in kinds:
         cfg = PretrainConfig(backbone=backbone, masking=masking, mask_unit=unit)
         torch.manual_seed(0)
-        mae = build_model(cfg, data_cfg)
+        mae = build_model(cfg, data_cfg).to(memory_format=fmt)
         strategy = build_strategy(cfg, mae)
         opt = torch.optim.AdamW(param_groups(mae, 0.05), lr=1e-4)
 
         def step(
             x: torch.Tensor, y: torch.Tensor, seeds: list[int], mae=mae, strategy=strategy, opt=opt
         ) -> None:
+            x = x.contiguous(memory_format=fmt)
             out = mae(x, draw_masks(strategy, x, mae.patch_size, seeds))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -80,11 +86,11 @@ def make_steps(backbone: str, size: int, mask_unit: int | None = None) -> dict[s
         unit_label = f", mask unit {unit}" if unit else ""
         steps[f"MAE, {masking} masking{unit_label}"] = step
     torch.manual_seed(0)
-    clf = build_classifier(backbone, num_classes=3, in_chans=3)
+    clf = build_classifier(backbone, num_classes=3, in_chans=3).to(memory_format=fmt)
     opt_c = torch.optim.AdamW(clf.parameters(), lr=1e-4)
 
     def supervised(x: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> None:
-        loss = torch.nn.functional.cross_entropy(clf(x), y)
+        loss = torch.nn.functional.cross_entropy(clf(x.contiguous(memory_format=fmt)), y)
         opt_c.zero_grad(set_to_none=True)
         loss.backward()
         opt_c.step()
@@ -129,14 +135,17 @@ def report(times: dict[str, list[float]], args: argparse.Namespace) -> str:
     cmd = f"python benchmarks/pretrain_throughput.py --steps {args.steps} --batch-size {args.batch_size} --size {args.size} --backbone {args.backbone}"
     if args.mask_unit:
         cmd += f" --mask-unit {args.mask_unit}"
-    start, end = markers(args.backbone)
-    title = "" if args.backbone == DEFAULT_BACKBONE else f": {args.backbone}"
+    if args.channels_last:
+        cmd += " --channels-last"
+    start, end = markers(label(args))
+    title = "" if label(args) == DEFAULT_BACKBONE else f": {label(args).replace(':', ', ')}"
     return "\n".join(
         [
             start,
             f"## Pretraining throughput{title} (`benchmarks/pretrain_throughput.py`)",
             "",
             f"`{args.backbone}` at {args.size} px, batch {args.batch_size}, BUSI images held in memory, one process, "
+            f"{'channels-last' if args.channels_last else 'contiguous'} memory format, "
             f"{torch.get_num_threads()} torch threads; median of {args.steps} steps per kind after {args.warmup} warm-up "
             "rounds, the kinds interleaved step by step. A step = mask drawing (MAE) + forward + backward + AdamW update.",
             "",
@@ -154,6 +163,11 @@ def report(times: dict[str, list[float]], args: argparse.Namespace) -> str:
             end,
         ]
     )
+
+
+def label(args: argparse.Namespace) -> str:
+    """The backbone, with ``:channels_last`` when every step ran so (its own section)."""
+    return f"{args.backbone}:channels_last" if args.channels_last else args.backbone
 
 
 def masked_cnn(backbone: str) -> bool:
@@ -182,11 +196,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--channels-last", action="store_true", help="every step channels-last")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args()
     images = load_images(args.data_root, 256, args.size)
     times = measure(
-        make_steps(args.backbone, args.size, args.mask_unit),
+        make_steps(args.backbone, args.size, args.mask_unit, args.channels_last),
         images,
         args.batch_size,
         args.steps,
@@ -194,7 +209,7 @@ def main() -> None:
     )
     section = report(times, args)
     print(section)
-    write_marked_section(args.out, section, *markers(args.backbone), "Performance")
+    write_marked_section(args.out, section, *markers(label(args)), "Performance")
 
 
 if __name__ == "__main__":
