@@ -1,6 +1,7 @@
 """Wall time of one BioTune search run by one worker and by two, sharing a PostgreSQL study.
 
-The search: BreastMNIST's official split at ``--image-size`` px, ``--backbone`` from scratch,
+The search: BreastMNIST's official split at ``--image-size`` px, ``--backbone`` from scratch
+or from ``--weights`` (a pretrained source),
 the ``cpu`` preset cut to ``--population`` members, ``--generations`` generations and
 ``--max-epochs`` epochs (halving from ``--min-epochs``), one training seed. Each worker is a
 separate process on one intra-op thread (``medtl.finetune.search.run_worker``); each count of
@@ -34,6 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--manifest", type=Path, default=ROOT / "data_manifests/breastmnist.csv")
     add("--root", type=Path, default=SHARED / "medmnist")
     add("--backbone", default="medtl_tiny_convnext")
+    add("--weights", default="", help="a pretrained source, e.g. imagenet:efficientnet_lite0")
     add("--image-size", type=int, default=32)
     add("--population", type=int, default=6)
     add("--generations", type=int, default=2)
@@ -58,7 +60,10 @@ def worker(args: argparse.Namespace, study: str, out: Path) -> int:
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, storage=args.storage,
         study=study, poll_seconds=0.2,
     )  # fmt: skip
-    ft = FinetuneConfig(backbone=args.backbone, epochs=args.max_epochs, batch_size=32, lr=3e-3)
+    ft = FinetuneConfig(
+        backbone=args.backbone, weights=args.weights or None, epochs=args.max_epochs,
+        batch_size=32, lr=3e-3,
+    )  # fmt: skip
     data = DataConfig(image_size=args.image_size, channels=3, cache="memory", batch_size=32)
     manifest = Manifest.load(args.manifest)
     return run_worker(SearchTask(cfg, ft, manifest, args.root, data, out, progress=False))
@@ -73,8 +78,8 @@ def timed(args: argparse.Namespace, n: int, work: Path) -> dict[str, object]:
     command = [sys.executable, __file__, "--storage", args.storage, "--join", study]
     command += [
         f"--{k.replace('_', '-')}={getattr(args, k)}"
-        for k in ("manifest", "root", "backbone", "image_size", "population", "generations",
-                  "max_epochs", "min_epochs")
+        for k in ("manifest", "root", "backbone", "weights", "image_size", "population",
+                  "generations", "max_epochs", "min_epochs")
     ]  # fmt: skip
     start = time.perf_counter()
     jobs = [
