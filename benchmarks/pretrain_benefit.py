@@ -205,8 +205,13 @@ def summarise(out: Path, arm: str, seed: int) -> dict[str, Any] | None:
 
 
 def best_mae(runs: dict[str, dict[str, Any]]) -> str | None:
-    """The MAE arm with the best validation macro AUROC (then balanced accuracy)."""
-    candidates = [a for a in runs if a.startswith("imagenet_mae")]
+    """The MAE arm with the best validation macro AUROC (then balanced accuracy); the
+    ``--ablation`` arms are not candidates, so every seed chooses among the same arms."""
+    candidates = [
+        a
+        for a in runs
+        if a.startswith("imagenet_mae") and not a.startswith("imagenet_mae_entropy_T")
+    ]
     if not candidates:
         return None
     return max(candidates, key=lambda a: (runs[a]["val_auroc"] or 0.0, runs[a]["val_bacc"]))
