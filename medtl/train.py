@@ -114,8 +114,8 @@ class OptimConfig(BaseModel):
     amp: bool = Field(False, description="bfloat16 autocast on CUDA")
     channels_last: bool | None = Field(
         None,
-        description="channels-last memory format; null: the stage's default (fine-tuning: on "
-        "for CPU, off for CUDA; pretraining: off)",
+        description="channels-last memory format; null: the stage's default (fine-tuning and "
+        "masked BatchNorm-CNN pretraining: on for CPU, off for CUDA; other pretraining: off)",
     )
 
     def schedule(self, **stage: Any) -> Schedule:

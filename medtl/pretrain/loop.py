@@ -29,6 +29,7 @@ from medtl.data.manifest import Manifest
 from medtl.errors import ConfigError
 from medtl.io import atomic_open, write_json
 from medtl.models import check_backbone
+from medtl.pretrain.cnn import CNNMAE
 from medtl.pretrain.mae import MaskedAutoencoder, build_mae
 from medtl.pretrain.masking import (
     MASKING,
@@ -248,9 +249,11 @@ def pretrain(
     pictures = PictureWriter(
         shown, strategy, mae.patch_size, out, cfg.picture_every, cfg.epochs, seed
     )
-    schedule = cfg.schedule(
-        checkpoint_every=cfg.checkpoint_every, channels_last=bool(cfg.channels_last)
-    )
+    # channels-last by default (null: on for CPU) for the masked BatchNorm CNNs only, where
+    # it measured faster (docs/performance.md); ConvNeXt and ViT MAEs stay contiguous
+    auto = None if isinstance(mae, CNNMAE) else False
+    channels_last = auto if cfg.channels_last is None else cfg.channels_last
+    schedule = cfg.schedule(checkpoint_every=cfg.checkpoint_every, channels_last=channels_last)
     groups = param_groups(mae, cfg.weight_decay)
     start = time.perf_counter()
     result = fit(
