@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from recipe_runs import stage_seconds  # benchmarks/, this script's folder
 
 from medtl.artifacts import ModelCard
 from medtl.cli import main as medtl
@@ -85,11 +85,7 @@ def one_run(args: argparse.Namespace, recipe: str, seed: int) -> dict[str, Any] 
     if not evaluation.is_file():
         return None
     (metrics,) = entry_metrics(evaluation).values()
-    seconds = sum(
-        float(json.loads((out / stage / "DONE").read_text(encoding="utf-8")).get("seconds") or 0)
-        for stage in ("pretrain", "finetune")
-        if (out / stage / "DONE").is_file()
-    )
+    seconds = sum(stage_seconds(out).values())
     card = ModelCard.load(out / "finetune" / "meta.json")
     return {
         "recipe": recipe, "seed": seed, "metrics": metrics, "val_bacc": card.val_bacc,

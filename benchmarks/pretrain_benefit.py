@@ -51,6 +51,7 @@ from recipe_runs import (  # benchmarks/, this script's folder
     ensemble,
     evaluated,
     given,
+    kept_overrides,
     machine,
     publish,
     recipe_argv,
@@ -157,8 +158,7 @@ def arm_overrides(args: argparse.Namespace, dataset: str, arm: str) -> list[str]
     """The arm's overrides, then the user's (less those into a section the arm removes),
     then the dataset's manifest when one is given."""
     own = arms(args.ablation)[arm]
-    removed = [o.removesuffix("=") for o in own if o.endswith("=") and "." not in o]
-    kept = [o for o in args.overrides if not any(o.startswith(f"{r}.") for r in removed)]
+    kept = kept_overrides(own, args.overrides)
     manifest = given(args.manifest, dataset)
     extra = [f"data.manifest={Path(manifest).resolve()}"] if manifest else []
     corpus = corpus_overrides(args, dataset) if arm == "imagenet_mae_corpus" else []

@@ -9,6 +9,7 @@ puts that folder on the path), so that each runs its arms and writes its section
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -101,6 +102,24 @@ def evaluated(out: Path) -> tuple[Path, dict[str, Any], ModelCard] | None:
     if entry is None:  # the evaluation failed (its error is in the run's log): not finished
         return None
     return folder, (entry.metrics or {})["overall"], ModelCard.load(folder / "meta.json")
+
+
+def kept_overrides(own: Sequence[str], given: Sequence[str]) -> list[str]:
+    """``given`` less the overrides into a section that ``own`` removes (``pretrain=``): a
+    user's ``pretrain.epochs=1`` would bring back the pretraining an arm dropped."""
+    removed = [o.removesuffix("=") for o in own if o.endswith("=") and "." not in o]
+    return [o for o in given if not any(o.startswith(f"{r}.") for r in removed)]
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Wall seconds of the run's ``pretrain`` and ``finetune`` stages as their ``DONE`` files
+    recorded them (0 for a stage the run did not have)."""
+    seconds = {}
+    for stage in ("pretrain", "finetune"):
+        done = out / stage / "DONE"
+        record = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
+        seconds[stage] = float(record.get("seconds") or 0)
+    return seconds
 
 
 def val_auroc(folder: Path) -> float | None:

@@ -29,6 +29,7 @@ from recipe_runs import (  # benchmarks/, this script's folder
     recipe_argv,
     run_recipe,
     section_head,
+    stage_seconds,
     val_auroc,
 )
 from recipe_runs import data_root as given_root
@@ -79,7 +80,7 @@ def one_run(
     folder, metrics, card = done
     return {
         "metrics": metrics, "val_auroc": val_auroc(folder), "val_bacc": card.val_bacc,
-        "backbone": card.backbone, "minutes": _minutes(out),
+        "backbone": card.backbone, "minutes": sum(stage_seconds(out).values()) / 60,
     }  # fmt: skip
 
 
@@ -91,17 +92,6 @@ def own_overrides(args: argparse.Namespace, dataset: str, preset: str) -> list[s
     recipe = load_recipe(ROOT / "recipes" / f"{dataset}.yaml", [f"preset={preset}"])
     keep = recipe.has("pretrain")
     return [o for o in args.overrides if keep or not o.startswith("pretrain.")]
-
-
-def _minutes(out: Path) -> float:
-    import json
-
-    total = 0.0
-    for stage in ("pretrain", "finetune"):
-        done = out / stage / "DONE"
-        if done.is_file():
-            total += float(json.loads(done.read_text(encoding="utf-8")).get("seconds") or 0)
-    return total / 60
 
 
 def chosen(runs: dict[str, list[dict[str, Any]]]) -> str | None:

@@ -25,7 +25,6 @@ and validation macro AUROC (calibrated) are reported beside them. Tables go into
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,10 +36,12 @@ from recipe_runs import (  # benchmarks/, this script's folder
     command_line,
     ensemble,
     evaluated,
+    kept_overrides,
     machine,
     publish,
     recipe_argv,
     run_recipe,
+    stage_seconds,
     val_auroc,
 )
 from recipe_runs import data_root as given_root
@@ -97,9 +98,7 @@ def data_root(args: argparse.Namespace, dataset: str) -> Path:
 def arm_overrides(arm: str, given: list[str]) -> list[str]:
     """The arm's overrides, then the user's, less those into a section the arm removes (a
     ``pretrain.epochs=1`` would bring back the pretraining a scratch arm dropped)."""
-    removed = [o.removesuffix("=") for o in ARMS[arm] if o.endswith("=") and "." not in o]
-    kept = [o for o in given if not any(o.startswith(f"{r}.") for r in removed)]
-    return [*ARMS[arm], *kept]
+    return [*ARMS[arm], *kept_overrides(ARMS[arm], given)]
 
 
 def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> Path:
@@ -116,17 +115,12 @@ def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict
     if (done := evaluated(out)) is None:
         return None
     folder, metrics, card = done
-    stages = {
-        stage: json.loads((out / stage / "DONE").read_text(encoding="utf-8"))
-        for stage in ("pretrain", "finetune")
-        if (out / stage / "DONE").is_file()
-    }
+    seconds = stage_seconds(out)
     return {
         "arm": arm, "seed": seed, "metrics": metrics,
         "val_bacc": card.val_bacc, "val_auroc": val_auroc(folder), "model_dir": folder,
         "best_epoch": card.best_epoch, "epochs_run": card.epochs_run,
-        "pretrain_s": float(stages.get("pretrain", {}).get("seconds") or 0),
-        "finetune_s": float(stages.get("finetune", {}).get("seconds") or 0),
+        "pretrain_s": seconds["pretrain"], "finetune_s": seconds["finetune"],
     }  # fmt: skip
 
 
