@@ -23,7 +23,12 @@ Strategies by name; their options are plain JSON values, so a recipe can replay 
 - ``autorgn`` (Auto-RGN, Lee et al., ICLR 2023): every tensor trains, in its own group; at each
   epoch start its ``lr_scale`` becomes its relative gradient norm ``||g|| / ||w||``, averaged over
   the first ``n_batches`` calibration batches and divided by the largest. The batches come from
-  ``plan(..., data=..., loss=...)``; see :class:`AutoRGN`.
+  ``plan(..., data=..., loss=...)``; see :class:`AutoRGN`. The head is new (medtl replaces the
+  source's classifier and starts it small), so its relative norm dwarfs every pretrained tensor's
+  and, in the ranking, would scale the whole body to almost nothing (a linear probe: measured on
+  ImageNet ``efficientnet_lite0``, the median body weight was 0.0005). By default it trains at 1x
+  and the body's tensors are ranked among themselves; ``rank_head=True`` ranks it with them, as
+  the paper does for a head trained on the source.
 - ``lpft`` (linear probe then fine-tune, Kumar et al., ICLR 2022): for the first
   ``probe_epochs`` epochs only the head moves (every other block at ``lr_scale`` 0, its
   normalisation layers in eval mode), then every block trains as in ``full`` (with its
@@ -302,14 +307,19 @@ def autorgn(
     *,
     n_batches: int = 3,
     seed: int = 0,
+    rank_head: bool = False,
 ) -> Plan:
-    """Every tensor trains in its own group, weighted each epoch by :class:`AutoRGN`."""
+    """Every tensor trains in its own group, weighted each epoch by :class:`AutoRGN`; the head
+    at 1x outside the ranking unless ``rank_head``."""
     if ctx.data is None:
         raise ValueError(
             "strategy 'autorgn' needs calibration batches: plan('autorgn', model, data=loader)"
         )
     count = _integer("autorgn", "n_batches", n_batches, 1)
+    if not isinstance(rank_head, bool):
+        raise ConfigError(f"strategy 'autorgn': rank_head={rank_head!r} must be true or false")
     named = [pair for b in parts for pair in _named(model, b)]
+    fixed = set() if rank_head else {n for n, _ in _named(model, parts[-1])}
     no_wd = _no_weight_decay(model)
     groups = [
         {
@@ -321,7 +331,12 @@ def autorgn(
         for n, p in named
     ]
     hook = AutoRGN(
-        groups, ctx.data, ctx.loss or cross_entropy, count, _integer("autorgn", "seed", seed, 0)
+        groups,
+        ctx.data,
+        ctx.loss or cross_entropy,
+        count,
+        _integer("autorgn", "seed", seed, 0),
+        fixed=fixed,
     )
     return _finish(model, groups, [b.name for b in parts], EvalNorms([]), hook)
 
@@ -421,7 +436,8 @@ class AutoRGN:
     afresh each epoch; a callable is called for a fresh iterable) under a torch RNG seeded from
     ``(seed, e)`` and forked from the global one, so a shuffled DataLoader gives the same batches
     on every rank and resume. :meth:`calibrate` then sets each group's ``lr_scale`` in place.
-    Under DistributedDataParallel the norms are averaged over ranks.
+    Under DistributedDataParallel the norms are averaged over ranks. Groups named in ``fixed``
+    (the new head) keep weight 1 and take no part in the ranking.
     """
 
     def __init__(
@@ -431,11 +447,13 @@ class AutoRGN:
         loss: LossFn,
         n_batches: int = 3,
         seed: int = 0,
+        fixed: Iterable[str] = (),
     ) -> None:
         if n_batches < 1:
             raise ValueError(f"n_batches must be at least 1, got {n_batches}")
         self.groups, self.data, self.loss = groups, data, loss
         self.n_batches, self.seed = n_batches, seed
+        self.fixed = frozenset(fixed)
         self.weights: dict[str, float] = {}
 
     def __call__(self, model: nn.Module, epoch: int) -> None:
@@ -448,7 +466,8 @@ class AutoRGN:
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
         """``||g|| / ||w||`` per group tensor, averaged over ``batches`` and divided by the
-        largest, so the weights lie in [0, 1] with maximum 1.
+        largest among the ranked (not ``fixed``) ones, so the weights lie in [0, 1] with maximum
+        1; ``fixed`` groups get 1.
 
         Gradients come from ``torch.autograd.grad`` in train mode: ``.grad`` fields (hence the
         optimizer), buffers (BatchNorm statistics) and every module's train/eval mode are left as
@@ -469,9 +488,12 @@ class AutoRGN:
                 count += 1
         if count == 0:
             raise ValueError("autorgn: the calibration data gave no batch")
-        return dict(
-            zip(names, _normalised(_rank_mean(total / count, params[0].device)), strict=True)
-        )
+        ranked = [i for i, n in enumerate(names) if n not in self.fixed]
+        weights = dict.fromkeys(names, 1.0)
+        if ranked:
+            values = _rank_mean(total / count, params[0].device)[ranked]
+            weights.update(zip([names[i] for i in ranked], _normalised(values), strict=True))
+        return weights
 
 
 def cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:

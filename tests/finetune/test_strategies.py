@@ -281,6 +281,34 @@ def test_autorgn_weights_lie_in_0_1_with_max_1_and_follow_the_weights() -> None:
     assert second != first and max(second.values()) == 1.0
 
 
+def test_autorgn_ranks_the_body_apart_from_a_new_head() -> None:
+    model = _model()
+    head = set(blocks_of(model)[-1].param_names)
+    with torch.no_grad():  # a new head starts small (medtl.models.init_head): huge ||g|| / ||w||
+        for n, q in model.named_parameters():
+            if n in head:
+                q.mul_(1e-3)
+    scales: dict[bool, dict[str, float]] = {}
+    for rank_head in (False, True):
+        p = plan("autorgn", model, data=_loader(), rank_head=rank_head)
+        assert p.on_epoch_start is not None
+        p.on_epoch_start(model, 0)
+        scales[rank_head] = _scales(p)
+        assert head and max(scales[rank_head][n] for n in head) == 1.0
+        assert all(0.0 <= s <= 1.0 for s in scales[rank_head].values())
+    # by default the head trains at 1x outside the ranking, and so does the body's fastest tensor
+    assert all(scales[False][n] == 1.0 for n in head)
+    body = {k: sorted(s for n, s in v.items() if n not in head) for k, v in scales.items()}
+    assert max(body[False]) == 1.0
+    median = {k: v[len(v) // 2] for k, v in body.items()}
+    assert median[False] > 100 * median[True]  # ranked with the head, the body barely moves
+
+
+def test_autorgn_rank_head_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="rank_head='yes'"):
+        plan("autorgn", _model(), data=_loader(), rank_head="yes")
+
+
 def test_autorgn_calibration_leaves_optimizer_grads_and_batchnorm_alone() -> None:
     model = _model()  # BatchNorm
     p = plan("autorgn", model, data=_loader())
