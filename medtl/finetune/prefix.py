@@ -15,7 +15,10 @@ Supported timm families (others return ``None`` and train uncached):
 - ConvNeXt: ``stem``, ``stages.0`` .. ``stages.{n-1}``, then ``norm_pre`` + ``forward_head``;
 - ResNet: ``conv1 bn1 act1 maxpool``, ``layer1`` .. ``layer4``, then ``forward_head``;
 - VisionTransformer: ``patch_embed`` + tokens + position embedding (+ ``patch_drop``,
-  ``norm_pre``), ``blocks.0`` .. ``blocks.{n-1}``, then ``norm`` + ``forward_head``.
+  ``norm_pre``), ``blocks.0`` .. ``blocks.{n-1}``, then ``norm`` + ``forward_head``;
+- EfficientNet (``efficientnet_lite0`` .. ``_lite4``, ``efficientnet_b*``): ``conv_stem bn1``,
+  ``blocks.0`` .. ``blocks.{n-2}``, ``blocks.{n-1}`` with ``conv_head bn2`` (timm groups the
+  head convolution with the last stage), then ``forward_head``.
 
 The first segment also holds the :class:`~medtl.models.Classifier`'s input normalisation. The
 last segment may use tensors of the block before it (ConvNeXt's ``head.norm`` and a ViT's final
@@ -37,6 +40,7 @@ from typing import Any
 
 import torch
 from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -107,10 +111,24 @@ def _vit(bb: Any) -> list[Segment]:
     return [Segment((*names, "norm_pre"), stem), *blocks, tail]
 
 
+def _efficientnet(bb: Any) -> list[Segment]:
+    *stages, last = bb.blocks
+
+    def final(x: torch.Tensor) -> torch.Tensor:
+        return bb.bn2(bb.conv_head(last(x)))
+
+    n = len(bb.blocks) - 1
+    blocks = [Segment((f"blocks.{i}",), stage) for i, stage in enumerate(stages)]
+    tail = Segment(("global_pool", "classifier"), bb.forward_head)
+    stem = Segment(("conv_stem", "bn1"), lambda x: bb.bn1(bb.conv_stem(x)))
+    return [stem, *blocks, Segment((f"blocks.{n}", "conv_head", "bn2"), final), tail]
+
+
 _FAMILIES: tuple[tuple[type, Callable[[Any], list[Segment]]], ...] = (
     (ConvNeXt, _convnext),
     (ResNet, _resnet),
     (VisionTransformer, _vit),
+    (EfficientNet, _efficientnet),
 )
 
 

@@ -16,7 +16,7 @@ from medtl.train import Schedule, fit, supervised_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BACKBONES = ["medtl_tiny_convnext", "test_resnet", "medtl_tiny_vit"]
+BACKBONES = ["medtl_tiny_convnext", "test_resnet", "medtl_tiny_vit", "test_efficientnet"]
 
 
 class Blobs(Dataset):
@@ -56,7 +56,7 @@ def test_segments_cut_the_model_at_its_blocks_and_reproduce_its_forward(backbone
 
 
 def test_unsupported_family_and_misaligned_segments_are_refused() -> None:
-    model = build_classifier("test_efficientnet", num_classes=3, in_chans=1)
+    model = build_classifier("test_byobnet", num_classes=3, in_chans=1)
     assert px.segments_of(model) is None
     tiny = _model("medtl_tiny_convnext")
     segments = px.segments_of(tiny)
@@ -103,6 +103,7 @@ def _train(backbone: str, genes: list[float], cached: bool, epochs: int = 2) -> 
         ("medtl_tiny_convnext", [0.1, 0.2, 0.9, 0.3, 0.8, 0.6]),  # stem, stage1 frozen; stage3 too
         ("test_resnet", [0.4, 0.1, 0.3, 0.7, 0.9, 0.8]),  # BatchNorm in the frozen prefix
         ("medtl_tiny_vit", [0.2, 0.1, 0.9, 0.7]),
+        ("test_efficientnet", [0.3, 0.2, 0.1, 0.8, 0.4, 0.9, 0.7]),  # BatchNorm, SE, head conv
     ],
 )
 def test_cached_prefix_training_equals_uncached(backbone: str, genes: list[float]) -> None:
