@@ -117,11 +117,10 @@ def _efficientnet(bb: Any) -> list[Segment]:
     def final(x: torch.Tensor) -> torch.Tensor:
         return bb.bn2(bb.conv_head(last(x)))
 
-    n = len(bb.blocks) - 1
     blocks = [Segment((f"blocks.{i}",), stage) for i, stage in enumerate(stages)]
     tail = Segment(("global_pool", "classifier"), bb.forward_head)
     stem = Segment(("conv_stem", "bn1"), lambda x: bb.bn1(bb.conv_stem(x)))
-    return [stem, *blocks, Segment((f"blocks.{n}", "conv_head", "bn2"), final), tail]
+    return [stem, *blocks, Segment((f"blocks.{len(stages)}", "conv_head", "bn2"), final), tail]
 
 
 _FAMILIES: tuple[tuple[type, Callable[[Any], list[Segment]]], ...] = (
