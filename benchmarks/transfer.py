@@ -5,7 +5,11 @@ whole with ``medtl run --set seed=S`` (a finished stage is skipped, an interrupt
 
 - ``scratch``: no pretraining, random initialisation;
 - ``mae_entropy`` / ``mae_random``: the recipe's in-domain MAE pretraining (``convnext_atto``)
-  with entropy-guided or random masking, then full fine-tuning;
+  with entropy-guided or random masking, then full fine-tuning. Each masking pretrains ONE
+  encoder per dataset (``medtl pretrain`` at seed 0, into ``<work>/<dataset>/<arm>/encoder``),
+  and every seed fine-tunes that encoder (``finetune.weights=<its file>``), as every ImageNet
+  seed fine-tunes the one ImageNet checkpoint: the seeds vary the fine-tuning alike in every
+  arm, and the pretraining is paid once;
 - ``imagenet_lite0`` / ``imagenet_lite2``: ``efficientnet_lite0`` / ``_lite2`` from ImageNet
   weights (``recipes/busi_imagenet.yaml``'s fine-tuning: 20 epochs, 3 warm-up epochs, label
   smoothing 0.1, the backbone at the head's learning rate: pinned, so that the figures do not
@@ -67,6 +71,8 @@ ARMS: dict[str, list[str]] = {
         "finetune.weights=imagenet:efficientnet_lite2",
     ],
 }
+MAE_ARMS = ("mae_entropy", "mae_random")  # pretrain once per dataset, then fine-tune per seed
+PRETRAIN_SEED = 0
 ENSEMBLE = ("imagenet_lite0", "mae_entropy")  # the paper's ImageNet + in-domain MAE pair
 DATA_ROOTS = {"busi": "busi", "breastmnist": "medmnist"}
 TARGETS = {  # dataset -> (metric, threshold) the issue sets for the mean over seeds
@@ -105,17 +111,47 @@ def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> P
     return args.work / dataset / arm / f"seed{seed}"
 
 
+def encoder_run(args: argparse.Namespace, dataset: str, arm: str) -> Path:
+    """The ``medtl pretrain`` run whose encoder every seed of an MAE arm fine-tunes."""
+    return args.work / dataset / arm / "encoder"
+
+
+def pretrained_encoder(args: argparse.Namespace, dataset: str, arm: str) -> Path | None:
+    """Pretrain (or resume, or find finished) an MAE arm's one encoder; its file, or ``None``
+    when the pretraining failed (its error is on stderr and in the run's log)."""
+    out = encoder_run(args, dataset, arm)
+    encoder = out / "pretrain" / "encoder.safetensors"
+    if not args.report_only:
+        sets = [f"seed={PRETRAIN_SEED}", *arm_overrides(arm, args.overrides)]
+        argv = recipe_argv("pretrain", dataset, out, data_root(args, dataset), sets)
+        run_recipe(f"{dataset} {arm} pretraining", argv)
+    return encoder if (out / "pretrain" / "DONE").is_file() else None
+
+
+def run_overrides(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> list[str] | None:
+    """The ``--set`` list of one arm and seed: an MAE arm drops its pretraining section and
+    fine-tunes the arm's one encoder (``None`` while that encoder is missing)."""
+    sets = [f"seed={seed}", *arm_overrides(arm, args.overrides)]
+    if arm not in MAE_ARMS:
+        return sets
+    if (encoder := pretrained_encoder(args, dataset, arm)) is None:
+        return None
+    drop = ["pretrain="]
+    return [*drop, *kept_overrides(drop, sets), f"finetune.weights={encoder}"]
+
+
 def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict[str, Any] | None:
     """Run (or resume) one arm and seed; its test metrics, validation figures and compute."""
     out = run_folder(args, dataset, arm, seed)
-    if not args.report_only:
-        sets = [f"seed={seed}", *arm_overrides(arm, args.overrides)]
+    if not args.report_only and (sets := run_overrides(args, dataset, arm, seed)) is not None:
         argv = recipe_argv("run", dataset, out, data_root(args, dataset), sets)
         run_recipe(f"{dataset} {arm} seed {seed}", argv)
     if (done := evaluated(out)) is None:
         return None
     folder, metrics, card = done
     seconds = stage_seconds(out)
+    if arm in MAE_ARMS:  # the one shared pretraining, counted in every seed's row
+        seconds["pretrain"] = stage_seconds(encoder_run(args, dataset, arm))["pretrain"]
     return {
         "arm": arm, "seed": seed, "metrics": metrics,
         "val_bacc": card.val_bacc, "val_auroc": val_auroc(folder), "model_dir": folder,
@@ -153,6 +189,8 @@ def results_section(results: dict[str, list[dict[str, Any]]], command: str, note
         "",
         "Each arm run whole with `medtl run` per seed (temperature fitted on validation; **test "
         "split**, 95% CIs from group-bootstrap resamples; accuracy with a Wilson interval). "
+        "Each MAE arm pretrains one encoder per dataset (seed 0) and every seed fine-tunes it, "
+        "as every ImageNet seed fine-tunes the one ImageNet checkpoint. "
         "The ensemble weighs the same seed's ImageNet `efficientnet_lite0` and entropy-MAE "
         "models on validation log-loss (greedy selection); its weights are listed.",
         "",
@@ -199,7 +237,8 @@ def compute_section(results: dict[str, list[dict[str, Any]]], command: str, note
         "## Transfer benchmark compute (`benchmarks/transfer.py`)",
         "",
         "Wall seconds of each run's stages as the run recorded them (the ensemble: the sum of "
-        "its members'; choosing its weights and evaluating take seconds). The machine was "
+        "its members'; choosing its weights and evaluating take seconds); an MAE arm's one "
+        "pretraining is repeated in each of its seeds' rows. The machine was "
         "shared with other processes.",
         "",
         "| dataset | arm | seed | pretrain s | fine-tune s | best / run epochs |",

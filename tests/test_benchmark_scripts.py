@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from medtl.artifacts import ModelCard, file_sha256
 from medtl.data.prepare import prepare
 from medtl.demo import make_phantom
+from medtl.pipeline import model_dir
 from tests.conftest import write_png
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -409,6 +411,13 @@ def test_transfer_tiny(tmp_path: Path) -> None:
     for arm in ("scratch", "imagenet_lite0", "imagenet_lite2"):
         assert f"| breastmnist | {arm} | 0 | 0 |" in compute, arm
     assert not (tmp_path / "work/breastmnist/scratch/seed0/pretrain").exists()
+    # an MAE arm pretrains one encoder, which its seeds' runs fine-tune from that file
+    for arm in script.MAE_ARMS:
+        encoder = tmp_path / f"work/breastmnist/{arm}/encoder/pretrain/encoder.safetensors"
+        assert not (tmp_path / f"work/breastmnist/{arm}/seed0/pretrain").exists(), arm
+        card = ModelCard.load(model_dir(tmp_path / f"work/breastmnist/{arm}/seed0") / "meta.json")
+        assert card.weights is not None and card.weights.sha256 == file_sha256(encoder), arm
+        assert re.search(rf"^\| breastmnist \| {arm} \| 0 \| [1-9]\d* \| ", compute, re.M), arm
 
 
 def test_cpu_speed_tiny(tmp_path: Path) -> None:
