@@ -16,7 +16,8 @@ whole with ``medtl run --set seed=S`` (a finished stage is skipped, an interrupt
   move when the pretrained start's defaults change), no pretraining;
 - ``ensemble``: the ``imagenet_lite0`` and ``mae_entropy`` models of the same seed, their
   calibrated probabilities weighted on VALIDATION only (greedy selection, ``medtl.ensemble``),
-  then evaluated on test like any model.
+  then evaluated on test like any model. ``--arms ensemble`` alone (or with one member) combines
+  the members' finished runs without running them again.
 
 Every figure is on the test split with 95% group-bootstrap CIs; validation balanced accuracy
 and validation macro AUROC (calibrated) are reported beside them. Tables go into
@@ -140,10 +141,17 @@ def run_overrides(args: argparse.Namespace, dataset: str, arm: str, seed: int) -
     return [*drop, *kept_overrides(drop, sets), f"finetune.weights={encoder}"]
 
 
-def one_run(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> dict[str, Any] | None:
-    """Run (or resume) one arm and seed; its test metrics, validation figures and compute."""
+def one_run(
+    args: argparse.Namespace, dataset: str, arm: str, seed: int, build: bool = True
+) -> dict[str, Any] | None:
+    """Run (or resume) one arm and seed; its test metrics, validation figures and compute.
+    ``build=False`` (or ``--report-only``): only read a finished run back."""
     out = run_folder(args, dataset, arm, seed)
-    if not args.report_only and (sets := run_overrides(args, dataset, arm, seed)) is not None:
+    if (
+        build
+        and not args.report_only
+        and (sets := run_overrides(args, dataset, arm, seed)) is not None
+    ):
         argv = recipe_argv("run", dataset, out, data_root(args, dataset), sets)
         run_recipe(f"{dataset} {arm} seed {seed}", argv)
     if (done := evaluated(out)) is None:
@@ -265,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 if (run := one_run(args, dataset, arm, seed)) is not None:
                     runs[arm] = run
                     results[dataset].append(run)
+            if "ensemble" in args.arms:  # a member not among --arms: its finished run, as it is
+                for arm in (a for a in ENSEMBLE if a not in runs and a not in args.arms):
+                    if (run := one_run(args, dataset, arm, seed, build=False)) is not None:
+                        runs[arm] = run
             if "ensemble" in args.arms and (ens := ensemble_run(args, dataset, seed, runs)):
                 results[dataset].append(ens)
     command = command_line("transfer", argv)

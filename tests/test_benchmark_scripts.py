@@ -406,6 +406,14 @@ def test_transfer_tiny(tmp_path: Path) -> None:
     assert [r["metrics"] for r in again["breastmnist"]] == [
         r["metrics"] for r in first["breastmnist"]
     ]
+    # --arms ensemble alone combines its members' finished runs and runs none of them again
+    log = tmp_path / "work/breastmnist/mae_entropy/seed0/log.jsonl"
+    before = log.read_text(encoding="utf-8")
+    only = script.main([*argv, "--arms", "ensemble"])
+    assert [r["arm"] for r in only["breastmnist"]] == ["ensemble"]
+    assert only["breastmnist"][0]["metrics"] == first["breastmnist"][-1]["metrics"]
+    assert log.read_text(encoding="utf-8") == before
+    script.main([*argv, "--report-only"])  # the compute table of every arm again
     # the scratch and ImageNet arms pretrain nothing, though --set pretrain.epochs=1 is given
     compute = perf.read_text(encoding="utf-8")
     for arm in ("scratch", "imagenet_lite0", "imagenet_lite2"):
