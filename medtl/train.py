@@ -69,7 +69,7 @@ class Schedule:
     grad_clip: float | None = None
     batch_size: int = 32  # global batch (split across processes under DDP)
     num_workers: int = 0
-    amp: bool = False  # bfloat16 autocast on CUDA (where supported); ignored on CPU
+    amp: bool = False  # bfloat16 autocast (CUDA where bf16 is supported, and CPU)
     # channels-last memory format for weights and images; None: on for CPU, off for CUDA
     # (measured: 1.55x for efficientnet_lite0 fine-tuning on CPU, docs/performance.md)
     channels_last: bool | None = None
@@ -111,7 +111,11 @@ class OptimConfig(BaseModel):
     warmup_epochs: float = Field(1.0, ge=0)
     grad_clip: float | None = Field(None, gt=0, description="gradient-norm clip (null: none)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(
+        False,
+        description="bfloat16 autocast (CUDA where bf16 is supported, and CPU; on CPU it pays "
+        "with AVX-512 BF16 or AMX, docs/performance.md)",
+    )
     channels_last: bool | None = Field(
         None,
         description="channels-last memory format; null: the stage's default (fine-tuning and "
@@ -715,10 +719,18 @@ def _global_mean(total: float, count: int, device: torch.device, ddp: bool) -> f
     return float(t[0]) / max(float(t[1]), 1.0)
 
 
+def bf16_autocast(device: str | torch.device, amp: bool) -> Any:
+    """The bfloat16 autocast context training runs under with ``amp`` (bf16 needs no loss
+    scaling): on CUDA where the GPU supports bf16, and on CPU (fast with AVX-512 BF16 or AMX);
+    ``None`` without ``amp`` or elsewhere."""
+    kind = torch.device(device).type
+    if amp and (kind == "cpu" or (kind == "cuda" and torch.cuda.is_bf16_supported())):
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return None
+
+
 def _autocast(device: torch.device, amp: bool) -> Any:
-    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)  # bf16 needs no loss scaling
-    return torch.autocast(device.type, enabled=False)
+    return bf16_autocast(device, amp) or torch.autocast(device.type, enabled=False)
 
 
 class _Quiet:

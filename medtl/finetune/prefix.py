@@ -385,7 +385,7 @@ def _tail_shares(values: Sequence[float]) -> list[float]:
 
 
 def autocast(device: str | torch.device, amp: bool) -> Any:
-    """The autocast context ``fit`` trains under (bfloat16 on CUDA with ``amp``), or ``None``."""
-    if amp and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return None
+    """The autocast context ``fit`` trains under (bfloat16 with ``amp``), or ``None``."""
+    from medtl.train import bf16_autocast
+
+    return bf16_autocast(device, amp)
