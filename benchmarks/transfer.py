@@ -52,6 +52,7 @@ from recipe_runs import (  # benchmarks/, this script's folder
 from recipe_runs import data_root as given_root
 
 from medtl.io import write_marked_section
+from medtl.pretrain.loop import ENCODER_FILE
 from medtl.report.tables import fmt_entry, mean_sd
 
 RESULTS = ("<!-- transfer:start -->", "<!-- transfer:end -->")
@@ -121,7 +122,7 @@ def pretrained_encoder(args: argparse.Namespace, dataset: str, arm: str) -> Path
     """Pretrain (or resume, or find finished) an MAE arm's one encoder; its file, or ``None``
     when the pretraining failed (its error is on stderr and in the run's log)."""
     out = encoder_run(args, dataset, arm)
-    encoder = out / "pretrain" / "encoder.safetensors"
+    encoder = out / "pretrain" / ENCODER_FILE
     if not args.report_only:
         sets = [f"seed={PRETRAIN_SEED}", *arm_overrides(arm, args.overrides)]
         argv = recipe_argv("pretrain", dataset, out, data_root(args, dataset), sets)
@@ -273,11 +274,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
                 if (run := one_run(args, dataset, arm, seed)) is not None:
                     runs[arm] = run
                     results[dataset].append(run)
-            if "ensemble" in args.arms:  # a member not among --arms: its finished run, as it is
-                for arm in (a for a in ENSEMBLE if a not in runs and a not in args.arms):
-                    if (run := one_run(args, dataset, arm, seed, build=False)) is not None:
-                        runs[arm] = run
-            if "ensemble" in args.arms and (ens := ensemble_run(args, dataset, seed, runs)):
+            if "ensemble" not in args.arms:
+                continue
+            for arm in (a for a in ENSEMBLE if a not in args.arms):  # its finished run, as it is
+                if (run := one_run(args, dataset, arm, seed, build=False)) is not None:
+                    runs[arm] = run
+            if ens := ensemble_run(args, dataset, seed, runs):
                 results[dataset].append(ens)
     command = command_line("transfer", argv)
     text = results_section(results, command, args.note)

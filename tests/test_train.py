@@ -348,7 +348,7 @@ def test_channels_last_on_cpu_by_default_and_weights_handed_back_contiguous(
 @pytest.mark.parametrize("amp", [False, True])
 def test_amp_trains_under_bfloat16_autocast_on_cpu(tmp_path: Path, amp: bool) -> None:
     """``amp`` runs the step under bfloat16 autocast on CPU too (measured faster for ConvNeXt
-    there); the weights and the optimiser state stay float32 and the run learns."""
+    there); the weights stay float32 and the run learns."""
     dtypes: list[torch.dtype] = []
 
     def step(

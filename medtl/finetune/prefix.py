@@ -382,10 +382,3 @@ def _tail_shares(values: Sequence[float]) -> list[float]:
     """``sum(values[k:]) / sum(values)`` for each ``k`` (1 everywhere when all are 0)."""
     total = float(sum(values))
     return [float(sum(values[k:])) / total if total > 0 else 1.0 for k in range(len(values))]
-
-
-def autocast(device: str | torch.device, amp: bool) -> Any:
-    """The autocast context ``fit`` trains under (bfloat16 with ``amp``), or ``None``."""
-    from medtl.train import bf16_autocast
-
-    return bf16_autocast(device, amp)

@@ -33,7 +33,7 @@ from medtl.finetune.search.sampler import BioTuneSampler, gene_names
 from medtl.finetune.strategies import Plan, plan
 from medtl.models import Classifier, build_classifier
 from medtl.sources import resolve as resolve_weights
-from medtl.train import FitResult, Schedule, fit
+from medtl.train import FitResult, Schedule, bf16_autocast, fit
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -162,7 +162,7 @@ class Search:
         def compute() -> dict[str, Any]:
             if self.ft.channels_last:  # the format the candidates then train in
                 model.to(memory_format=torch.channels_last)
-            cast = px.autocast(device, self.ft.amp)
+            cast = bf16_autocast(device, self.ft.amp)
             return {
                 "train": px.prefix_features(model, segments, k, train, batch, device, cast),
                 "val": px.prefix_features(model, segments, k, val, batch, device),
