@@ -14,6 +14,9 @@ whole with ``medtl run --set seed=S`` (a finished stage is skipped, an interrupt
   weights (``recipes/busi_imagenet.yaml``'s fine-tuning: 20 epochs, 3 warm-up epochs, label
   smoothing 0.1, the backbone at the head's learning rate: pinned, so that the figures do not
   move when the pretrained start's defaults change), no pretraining;
+- ``imagenet_lite0_hires``: ``imagenet_lite0`` at a raised input size (``HIRES``: BUSI at 224
+  px, the network's ImageNet size; BreastMNIST's 28 px images upsampled to 128 px, the size of
+  MedMNIST+'s best result), to measure what resolution a recipe should choose;
 - ``ensemble``: the ``imagenet_lite0`` and ``mae_entropy`` models of the same seed, their
   calibrated probabilities weighted on VALIDATION only (greedy selection, ``medtl.ensemble``),
   then evaluated on test like any model. ``--arms ensemble`` alone (or with one member) combines
@@ -73,6 +76,8 @@ ARMS: dict[str, list[str]] = {
         "finetune.weights=imagenet:efficientnet_lite2",
     ],
 }
+ARMS["imagenet_lite0_hires"] = ARMS["imagenet_lite0"]  # plus data.loader.image_size=HIRES[dataset]
+HIRES = {"busi": 224, "breastmnist": 128}
 MAE_ARMS = ("mae_entropy", "mae_random")  # pretrain once per dataset, then fine-tune per seed
 PRETRAIN_SEED = 0
 ENSEMBLE = ("imagenet_lite0", "mae_entropy")  # the paper's ImageNet + in-domain MAE pair
@@ -103,10 +108,13 @@ def data_root(args: argparse.Namespace, dataset: str) -> Path:
     return given_root(args.data_root, dataset, DATA_ROOTS[dataset])
 
 
-def arm_overrides(arm: str, given: list[str]) -> list[str]:
+def arm_overrides(arm: str, dataset: str, given: list[str]) -> list[str]:
     """The arm's overrides, then the user's, less those into a section the arm removes (a
     ``pretrain.epochs=1`` would bring back the pretraining a scratch arm dropped)."""
-    return [*ARMS[arm], *kept_overrides(ARMS[arm], given)]
+    own = ARMS[arm]
+    if arm == "imagenet_lite0_hires":
+        own = [*own, f"data.loader.image_size={HIRES[dataset]}"]
+    return [*own, *kept_overrides(own, given)]
 
 
 def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> Path:
@@ -124,7 +132,7 @@ def pretrained_encoder(args: argparse.Namespace, dataset: str, arm: str) -> Path
     out = encoder_run(args, dataset, arm)
     encoder = out / "pretrain" / ENCODER_FILE
     if not args.report_only:
-        sets = [f"seed={PRETRAIN_SEED}", *arm_overrides(arm, args.overrides)]
+        sets = [f"seed={PRETRAIN_SEED}", *arm_overrides(arm, dataset, args.overrides)]
         argv = recipe_argv("pretrain", dataset, out, data_root(args, dataset), sets)
         run_recipe(f"{dataset} {arm} pretraining", argv)
     return encoder if (out / "pretrain" / "DONE").is_file() else None
@@ -133,7 +141,7 @@ def pretrained_encoder(args: argparse.Namespace, dataset: str, arm: str) -> Path
 def run_overrides(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> list[str] | None:
     """The ``--set`` list of one arm and seed: an MAE arm drops its pretraining section and
     fine-tunes the arm's one encoder (``None`` while that encoder is missing)."""
-    sets = [f"seed={seed}", *arm_overrides(arm, args.overrides)]
+    sets = [f"seed={seed}", *arm_overrides(arm, dataset, args.overrides)]
     if arm not in MAE_ARMS:
         return sets
     if (encoder := pretrained_encoder(args, dataset, arm)) is None:
@@ -200,6 +208,8 @@ def results_section(results: dict[str, list[dict[str, Any]]], command: str, note
         "split**, 95% CIs from group-bootstrap resamples; accuracy with a Wilson interval). "
         "Each MAE arm pretrains one encoder per dataset (seed 0) and every seed fine-tunes it, "
         "as every ImageNet seed fine-tunes the one ImageNet checkpoint. "
+        "`imagenet_lite0_hires` is `imagenet_lite0` at a raised input size (BUSI 224 px, "
+        "BreastMNIST's 28 px images upsampled to 128 px). "
         "The ensemble weighs the same seed's ImageNet `efficientnet_lite0` and entropy-MAE "
         "models on validation log-loss (greedy selection); its weights are listed.",
         "",

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from medtl.artifacts import ModelCard, file_sha256
 from medtl.data.prepare import prepare
@@ -416,8 +417,12 @@ def test_transfer_tiny(tmp_path: Path) -> None:
     script.main([*argv, "--report-only"])  # the compute table of every arm again
     # the scratch and ImageNet arms pretrain nothing, though --set pretrain.epochs=1 is given
     compute = perf.read_text(encoding="utf-8")
-    for arm in ("scratch", "imagenet_lite0", "imagenet_lite2"):
+    for arm in ("scratch", "imagenet_lite0", "imagenet_lite2", "imagenet_lite0_hires"):
         assert f"| breastmnist | {arm} | 0 | 0 |" in compute, arm
+    # the raised-resolution arm trains at its size; the others at the recipe's
+    recipes = {a: tmp_path / f"work/breastmnist/{a}/seed0/recipe.yaml" for a in ("imagenet_lite0", "imagenet_lite0_hires")}  # fmt: skip
+    sizes = {a: yaml.safe_load(p.read_text())["data"]["loader"]["image_size"] for a, p in recipes.items()}  # fmt: skip
+    assert sizes == {"imagenet_lite0": 64, "imagenet_lite0_hires": script.HIRES["breastmnist"]}
     assert not (tmp_path / "work/breastmnist/scratch/seed0/pretrain").exists()
     # an MAE arm pretrains one encoder, which its seeds' runs fine-tune from that file
     for arm in script.MAE_ARMS:
