@@ -13,7 +13,10 @@ figures of ``predictions_val.csv`` alone: macro AUROC (one-vs-rest, of the softm
 accuracy, each averaged over seeds within a dataset and then over datasets (each dataset weighs
 the same); the score is their mean. For each knob the base level stays unless another beats
 its score by more than ``MARGIN`` (0.01; then the best of those), and the chosen set is
-compared with the pretrained column of ``medtl.finetune.defaults``. The ranking goes into ``docs/finetune.md`` between markers.
+compared with the pretrained column of ``medtl.finetune.defaults``. Wins found one factor at a
+time need not add up, so once every knob is compared, the chosen levels run together (the
+``combined_...`` configuration, the same datasets and seeds) and are adopted together only if
+they beat the base by more than the margin; otherwise only the best single change that does. The ranking goes into ``docs/finetune.md`` between markers.
 
 Each finished run leaves ``result.json`` in its folder (``<work>/<dataset>/<config>/seed<S>``); a
 rerun skips it, an interrupted one resumes its checkpoint. ``--report-only`` runs nothing and
@@ -70,6 +73,7 @@ START = [
 # a level replaces the base's only if it beats the base's score by more than this: below it,
 # one validation image more or less (BreastMNIST's val has 21 malignant and 57 other images)
 MARGIN = 0.01
+COMBINED = "combined"  # the chosen levels of every knob run together, to confirm the choice
 BASE: dict[str, Any] = defaults_for("scratch")  # the values medtl uses from scratch
 # one factor at a time: the configuration's knob and its level (the base keeps every knob)
 CONFIGS: dict[str, tuple[str, Any] | None] = {
@@ -135,13 +139,27 @@ def without_test(source: Path, out: Path) -> Path:
     return manifest.with_rows(rows).save(out)
 
 
-def config_overrides(config: str) -> list[str]:
-    """Every start-dependent knob set explicitly: the base's, with this configuration's one."""
+def config_knobs(config: str) -> dict[str, Any]:
+    """The base's knobs with this configuration's one change."""
     knobs = dict(BASE)
     change = CONFIGS[config]
     if change is not None:
         knobs[change[0]] = change[1]
+    return knobs
+
+
+def config_overrides(config: str, knobs: dict[str, Any] | None = None) -> list[str]:
+    """Every start-dependent knob set explicitly: the base's with this configuration's one, or
+    ``knobs`` (the combined configuration's)."""
+    knobs = config_knobs(config) if knobs is None else knobs
     return [f"finetune.{k}={v}" for k, v in knobs.items()]
+
+
+def combined_name(knobs: dict[str, Any]) -> str:
+    """The folder and row name of the chosen levels run together: ``combined_`` and the knobs
+    that differ from the base (another choice is another folder, never a stale result)."""
+    changed = [f"{k}={v}" for k, v in knobs.items() if v != BASE[k]]
+    return f"{COMBINED}_{','.join(changed)}"
 
 
 def run_folder(args: argparse.Namespace, dataset: str, config: str, seed: int) -> Path:
@@ -174,9 +192,14 @@ def val_scores(folder: Path) -> dict[str, float | None]:
 
 
 def one_run(
-    args: argparse.Namespace, dataset: str, config: str, seed: int
+    args: argparse.Namespace,
+    dataset: str,
+    config: str,
+    seed: int,
+    knobs: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Fine-tune one configuration and seed (``medtl finetune``, no test rows); its record."""
+    """Fine-tune one configuration and seed (``medtl finetune``, no test rows); its record.
+    ``knobs``: every knob's level (the combined configuration), else the configuration's."""
     out = run_folder(args, dataset, config, seed)
     done = out / RESULT
     if done.is_file():
@@ -184,7 +207,7 @@ def one_run(
     if args.report_only:
         return None
     manifest = without_test(source_manifest(args, dataset), args.work / dataset / "trainval.csv")
-    sets = [f"seed={seed}", f"data.manifest={manifest}", *START, *config_overrides(config)]
+    sets = [f"seed={seed}", f"data.manifest={manifest}", *START, *config_overrides(config, knobs)]
     sets += args.overrides
     root = data_root(args, dataset)
     code = medtl(recipe_argv("finetune", DATASETS[dataset][0], out, root, sets, args.device))
@@ -247,11 +270,58 @@ def chosen(results: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
     return pick
 
 
+def adopted(
+    results: list[dict[str, Any]], together: list[dict[str, Any]], configs: list[str]
+) -> dict[str, Any] | None:
+    """What the pretrained column should hold. One-factor wins need not add up, so the chosen
+    levels are adopted together only if, run together (``together``), they beat the base's score
+    by more than ``MARGIN``; otherwise only the best single change that does, otherwise the base.
+    ``None`` while a knob is not compared or the combination (when it differs from the base) has
+    not run."""
+    pick = chosen(results, configs)
+    if any(v is None for v in pick.values()):
+        return None
+    if pick == BASE:
+        return dict(BASE)
+    scored = dict(ranking(results, configs))
+    base = scored["base"]["score"]
+    combined = score(together)["score"]
+    if combined is None:
+        return None
+    if combined > base + MARGIN:
+        return pick
+    singles = [
+        (value, c)
+        for c, row in scored.items()
+        if (value := row["score"]) is not None and CONFIGS.get(c) and value > base + MARGIN
+    ]
+    return config_knobs(max(singles)[1]) if singles else dict(BASE)
+
+
 def _fmt(value: float | None) -> str:
     return "not run" if value is None else f"{value:.3f}"
 
 
-def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str) -> str:
+def run_cells(args: argparse.Namespace, results: list[dict[str, Any]], config: str) -> list[str]:
+    """One cell per dataset and seed: validation macro AUROC / balanced accuracy, or not run."""
+    cells = []
+    for d in args.datasets:
+        for seed in args.seeds:
+            hit = [
+                r for r in results if (r["dataset"], r["config"], r["seed"]) == (d, config, seed)
+            ]
+            cells.append(
+                "not run" if not hit else f"{_fmt(hit[0]['val_auroc'])} / {hit[0]['val_bacc']:.3f}"
+            )
+    return cells
+
+
+def report(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    command: str,
+    together: list[dict[str, Any]] | None = None,
+) -> str:
     lines = section_head(
         MARKERS[0],
         "#### Ranking on validation (`benchmarks/pretrained_defaults.py`)",
@@ -268,24 +338,19 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         "|---:|---|---:|---:|---:|" + "---:|" * (len(args.datasets) * len(args.seeds)),
     )
     for rank, (config, s) in enumerate(ranking(results, args.configs), 1):
-        cells = []
-        for d in args.datasets:
-            for seed in args.seeds:
-                hit = [
-                    r
-                    for r in results
-                    if (r["dataset"], r["config"], r["seed"]) == (d, config, seed)
-                ]
-                cells.append(
-                    "not run"
-                    if not hit
-                    else f"{_fmt(hit[0]['val_auroc'])} / {hit[0]['val_bacc']:.3f}"
-                )
         lines.append(
             f"| {rank} | {config} | {_fmt(s['val_auroc'])} | {_fmt(s['val_bacc'])} | "
-            f"{_fmt(s['score'])} | {' | '.join(cells)} |"
+            f"{_fmt(s['score'])} | {' | '.join(run_cells(args, results, config))} |"
         )
     pick = chosen(results, args.configs)
+    together = together or []
+    if together:  # the chosen levels run together: a row of its own, below the ranking
+        s = score(together)
+        name = together[0]["config"]
+        lines.append(
+            f"| together | {name} | {_fmt(s['val_auroc'])} | {_fmt(s['val_bacc'])} | "
+            f"{_fmt(s['score'])} | {' | '.join(run_cells(args, together, name))} |"
+        )
     current = defaults_for("pretrained")
     lines += [
         "",
@@ -302,16 +367,32 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], command: str
         lines.append(
             f"| `finetune.{knob}` | {pick[knob] if pick[knob] is not None else 'not compared'} | {current[knob]} |"
         )
-    differs = [k for k in BASE if pick[k] is not None and pick[k] != current[k]]
+    adopt = adopted(results, together, args.configs)
     if not results:
         verdict = "- nothing measured yet"
-    elif differs:
+    elif adopt is None:
         verdict = (
-            f"- differs from the defaults for {', '.join(differs)}: update the pretrained "
-            "column of `medtl/finetune/defaults.py` (and its table) if these runs are the full grid"
+            "- not decided: every knob needs a measured alternative, and chosen levels that "
+            "differ from the base need their run together (`together`), which runs after the grid"
         )
     else:
-        verdict = "- the chosen levels match medtl's pretrained defaults (where measured)"
+        base = dict(ranking(results, args.configs))["base"]["score"]
+        how = (
+            "the base: no level beat it by more than the margin"
+            if pick == BASE
+            else f"the chosen levels together scored {_fmt(score(together)['score'])} against "
+            f"the base's {_fmt(base)}: "
+            + ("adopted together" if adopt == pick else "not adopted together")
+        )
+        change = ", ".join(f"{k} {adopt[k]}" for k in BASE if adopt[k] != BASE[k]) or "none"
+        differs = [k for k in BASE if adopt[k] != current[k]]
+        verdict = f"- to adopt ({how}): changes from the base: {change}; " + (
+            f"differs from medtl's pretrained defaults for {', '.join(differs)}: update the "
+            "pretrained column of `medtl/finetune/defaults.py` (and its table) if these runs "
+            "are the full grid"
+            if differs
+            else "medtl's pretrained defaults hold it"
+        )
     given = sorted({" ".join(f"--set {o}" for o in r.get("overrides", [])) for r in results})
     runs = [f"- the runs' own overrides: {', '.join(f'`{g}`' if g else 'none' for g in given)}"]
     lines += ["", verdict, *(runs if results else []), f"- command: `{command}`"]
@@ -328,7 +409,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for config in args.configs
         if (record := one_run(args, dataset, config, seed)) is not None
     ]
-    text = report(args, results, command_line("pretrained_defaults", argv))
+    pick = chosen(results, args.configs)
+    together: list[dict[str, Any]] = []
+    if all(v is not None for v in pick.values()) and pick != BASE:
+        name = combined_name(pick)
+        together = [
+            record
+            for dataset in args.datasets
+            for seed in args.seeds
+            if (record := one_run(args, dataset, name, seed, knobs=pick)) is not None
+        ]
+    text = report(args, results, command_line("pretrained_defaults", argv), together)
     publish(args.out, text, MARKERS, "Fine-tuning")
     return results
 

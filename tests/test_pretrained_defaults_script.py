@@ -119,3 +119,55 @@ def test_each_dataset_weighs_the_same_whatever_its_seeds() -> None:
         {**_record("base", 1.0, 1.0), "dataset": "b"}
     ]
     assert script.score(records)["score"] == pytest.approx(0.8)  # not (3 * 0.6 + 1.0) / 4
+
+
+def _grid(scores: dict[str, float]) -> list[dict[str, Any]]:
+    """One record per configuration with auroc = bacc = its score (unlisted ones at 0.5)."""
+    return [_record(c, scores.get(c, 0.5), scores.get(c, 0.5)) for c in _CONFIGS]
+
+
+_CONFIGS = list(load_script("pretrained_defaults").CONFIGS)
+
+
+def test_chosen_levels_are_adopted_together_only_if_they_beat_the_base_together() -> None:
+    script = load_script("pretrained_defaults")
+    grid = _grid({"base": 0.80, "warmup_3": 0.85, "augment_medium": 0.83})
+    pick = script.chosen(grid, _CONFIGS)
+    assert (pick["warmup_epochs"], pick["augment"]) == (3.0, "medium")
+    name = script.combined_name(pick)
+    assert name == "combined_warmup_epochs=3.0,augment=medium"
+    assert script.adopted(grid, [], _CONFIGS) is None  # the combination has not run
+    together = [_record(name, 0.86, 0.86)]
+    assert script.adopted(grid, together, _CONFIGS) == pick
+    # together they lose what each won alone: only the best single change is adopted
+    worse = [_record(name, 0.79, 0.79)]
+    assert script.adopted(grid, worse, _CONFIGS) == {**script.BASE, "warmup_epochs": 3.0}
+    # nothing beats the base: the base, and no combination is needed
+    flat = _grid({"base": 0.80})
+    assert script.chosen(flat, _CONFIGS) == script.BASE
+    assert script.adopted(flat, [], _CONFIGS) == script.BASE
+
+
+def test_the_grid_runs_the_chosen_levels_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every knob is compared, ``main`` runs the combination for every dataset and seed
+    with the chosen knobs, and the report gives its row and what to adopt."""
+    script = load_script("pretrained_defaults")
+    scores = {"base": 0.80, "smoothing_0.1": 0.84, "augment_none": 0.82}
+    calls: list[tuple[str, str, int, Any]] = []
+
+    def fake_run(args: Any, dataset: str, config: str, seed: int, knobs: Any = None) -> Any:
+        calls.append((dataset, config, seed, knobs))
+        value = 0.83 if config.startswith("combined") else scores.get(config, 0.5)
+        return {**_record(config, value, value, seed), "dataset": dataset}
+
+    monkeypatch.setattr(script, "one_run", fake_run)
+    out = tmp_path / "finetune.md"
+    script.main(["--datasets", "busi", "--seeds", "0", "1", "--out", str(out)])
+    combined = [c for c in calls if c[1].startswith("combined")]
+    knobs = {**script.BASE, "label_smoothing": 0.1, "augment": "none"}
+    assert combined == [("busi", script.combined_name(knobs), s, knobs) for s in (0, 1)]
+    text = out.read_text(encoding="utf-8")
+    assert "| together | combined_label_smoothing=0.1,augment=none | 0.830 |" in text
+    assert "scored 0.830 against the base's 0.800: adopted together" in text
