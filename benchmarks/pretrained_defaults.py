@@ -358,16 +358,18 @@ def report(
         "",
         *table_head(
             f"Chosen per key: the base level unless another beats the base's score by more than "
-            f"{MARGIN} (then the best such level).",
-            "| key | chosen here | medtl's pretrained default now |",
-            "|---|---|---|",
+            f"{MARGIN} (then the best such level). Adopted: the chosen levels together if, run "
+            "together, they beat the base by more than the margin; else the best single change "
+            "that does.",
+            "| key | chosen alone | adopted | medtl's pretrained default now |",
+            "|---|---|---|---|",
         ),
     ]
-    for knob in BASE:
-        lines.append(
-            f"| `finetune.{knob}` | {pick[knob] if pick[knob] is not None else 'not compared'} | {current[knob]} |"
-        )
     adopt = adopted(results, together, args.configs)
+    for knob in BASE:
+        alone = pick[knob] if pick[knob] is not None else "not compared"
+        final = adopt[knob] if adopt is not None else "not decided"
+        lines.append(f"| `finetune.{knob}` | {alone} | {final} | {current[knob]} |")
     if not results:
         verdict = "- nothing measured yet"
     elif adopt is None:

@@ -12,8 +12,8 @@ whole with ``medtl run --set seed=S`` (a finished stage is skipped, an interrupt
   arm, and the pretraining is paid once;
 - ``imagenet_lite0`` / ``imagenet_lite2``: ``efficientnet_lite0`` / ``_lite2`` from ImageNet
   weights (``recipes/busi_imagenet.yaml``'s fine-tuning: 20 epochs, 3 warm-up epochs, label
-  smoothing 0.1, the backbone at the head's learning rate: pinned, so that the figures do not
-  move when the pretrained start's defaults change), no pretraining;
+  smoothing 0.1, the backbone at the head's learning rate, light augmentation: pinned, so that
+  the figures do not move when the pretrained start's defaults change), no pretraining;
 - ``imagenet_lite0_hires``: ``imagenet_lite0`` at a raised input size (``HIRES``: BUSI at 224
   px, the network's ImageNet size; BreastMNIST's 28 px images upsampled to 128 px, the size of
   MedMNIST+'s best result), to measure what resolution a recipe should choose;
@@ -63,8 +63,9 @@ COMPUTE = ("<!-- transfer_compute:start -->", "<!-- transfer_compute:end -->")
 METRICS = ("macro_auroc", "balanced_accuracy", "accuracy")
 ARMS: dict[str, list[str]] = {
     "scratch": ["pretrain=", "finetune.weights="],
-    "mae_entropy": ["pretrain.masking=entropy"],
-    "mae_random": ["pretrain.masking=random"],
+    # the fine-tuning of an MAE encoder pinned to the pretrained defaults it was measured with
+    "mae_entropy": ["pretrain.masking=entropy", "finetune.augment=light"],
+    "mae_random": ["pretrain.masking=random", "finetune.augment=light"],
     "imagenet_lite0": [
         *IMAGENET,
         "finetune.backbone=efficientnet_lite0",
