@@ -17,6 +17,9 @@ whole with ``medtl run --set seed=S`` (a finished stage is skipped, an interrupt
 - ``imagenet_lite0_hires``: ``imagenet_lite0`` at a raised input size (``HIRES``: BUSI at 224
   px, the network's ImageNet size; BreastMNIST's 28 px images upsampled to 128 px, the size of
   MedMNIST+'s best result), to measure what resolution a recipe should choose;
+- ``recipe``: the dataset recipe's ``cpu`` preset as shipped, nothing pinned (today
+  ``imagenet_lite0`` with the pretrained start's defaults): what ``medtl run
+  recipes/<dataset>.yaml`` gives; its figures move when the recipe or the defaults do;
 - ``ensemble``: the ``imagenet_lite0`` and ``mae_entropy`` models of the same seed, their
   calibrated probabilities weighted on VALIDATION only (greedy selection, ``medtl.ensemble``),
   then evaluated on test like any model. ``--arms ensemble`` alone (or with one member) combines
@@ -78,6 +81,7 @@ ARMS: dict[str, list[str]] = {
     ],
 }
 ARMS["imagenet_lite0_hires"] = ARMS["imagenet_lite0"]  # plus data.loader.image_size=HIRES[dataset]
+ARMS["recipe"] = ["preset=cpu"]  # the cpu preset as shipped, nothing pinned (no pretraining)
 HIRES = {"busi": 224, "breastmnist": 128}
 MAE_ARMS = ("mae_entropy", "mae_random")  # pretrain once per dataset, then fine-tune per seed
 PRETRAIN_SEED = 0
@@ -115,7 +119,8 @@ def arm_overrides(arm: str, dataset: str, given: list[str]) -> list[str]:
     own = ARMS[arm]
     if arm == "imagenet_lite0_hires":
         own = [*own, f"data.loader.image_size={HIRES[dataset]}"]
-    return [*own, *kept_overrides(own, given)]
+    removes = ["pretrain="] if arm == "recipe" else own  # the cpu preset has no pretraining
+    return [*own, *kept_overrides(removes, given)]
 
 
 def run_folder(args: argparse.Namespace, dataset: str, arm: str, seed: int) -> Path:
@@ -210,7 +215,8 @@ def results_section(results: dict[str, list[dict[str, Any]]], command: str, note
         "Each MAE arm pretrains one encoder per dataset (seed 0) and every seed fine-tunes it, "
         "as every ImageNet seed fine-tunes the one ImageNet checkpoint. "
         "`imagenet_lite0_hires` is `imagenet_lite0` at a raised input size (BUSI 224 px, "
-        "BreastMNIST's 28 px images upsampled to 128 px). "
+        "BreastMNIST's 28 px images upsampled to 128 px). `recipe` is the recipe's `cpu` preset "
+        "as shipped, nothing pinned. "
         "The ensemble weighs the same seed's ImageNet `efficientnet_lite0` and entropy-MAE "
         "models on validation log-loss (greedy selection); its weights are listed.",
         "",

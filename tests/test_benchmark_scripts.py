@@ -21,6 +21,7 @@ import yaml
 from medtl.artifacts import ModelCard, file_sha256
 from medtl.data.prepare import prepare
 from medtl.demo import make_phantom
+from medtl.finetune.defaults import defaults_for
 from medtl.pipeline import model_dir
 from tests.conftest import write_png
 
@@ -417,8 +418,15 @@ def test_transfer_tiny(tmp_path: Path) -> None:
     script.main([*argv, "--report-only"])  # the compute table of every arm again
     # the scratch and ImageNet arms pretrain nothing, though --set pretrain.epochs=1 is given
     compute = perf.read_text(encoding="utf-8")
-    for arm in ("scratch", "imagenet_lite0", "imagenet_lite2", "imagenet_lite0_hires"):
+    for arm in ("scratch", "imagenet_lite0", "imagenet_lite2", "imagenet_lite0_hires", "recipe"):
         assert f"| breastmnist | {arm} | 0 | 0 |" in compute, arm
+    # the recipe arm pins nothing: it fine-tunes with the pretrained start's defaults
+    card = ModelCard.load(model_dir(tmp_path / "work/breastmnist/recipe/seed0") / "meta.json")
+    assert card.config["augment"] == defaults_for("pretrained")["augment"]
+    pinned = ModelCard.load(
+        model_dir(tmp_path / "work/breastmnist/imagenet_lite0/seed0") / "meta.json"
+    )
+    assert pinned.config["augment"] == "light"
     # the raised-resolution arm trains at its size; the others at the recipe's
     recipes = {a: tmp_path / f"work/breastmnist/{a}/seed0/recipe.yaml" for a in ("imagenet_lite0", "imagenet_lite0_hires")}  # fmt: skip
     sizes = {a: yaml.safe_load(p.read_text())["data"]["loader"]["image_size"] for a, p in recipes.items()}  # fmt: skip
