@@ -16,7 +16,8 @@ its score by more than ``MARGIN`` (0.01; then the best of those), and the chosen
 compared with the pretrained column of ``medtl.finetune.defaults``. Wins found one factor at a
 time need not add up, so once every knob is compared, the chosen levels run together (the
 ``combined_...`` configuration, the same datasets and seeds) and are adopted together only if
-they beat the base by more than the margin; otherwise only the best single change that does. The ranking goes into ``docs/finetune.md`` between markers.
+they beat the base by more than the margin; otherwise only the best single change that does.
+The ranking goes into ``docs/finetune.md`` between markers.
 
 Each finished run leaves ``result.json`` in its folder (``<work>/<dataset>/<config>/seed<S>``); a
 rerun skips it, an interrupted one resumes its checkpoint. ``--report-only`` runs nothing and
@@ -277,7 +278,7 @@ def adopted(
     levels are adopted together only if, run together (``together``), they beat the base's score
     by more than ``MARGIN``; otherwise only the best single change that does, otherwise the base.
     ``None`` while a knob is not compared or the combination (when it differs from the base) has
-    not run."""
+    not run on every dataset and seed the base ran on."""
     pick = chosen(results, configs)
     if any(v is None for v in pick.values()):
         return None
@@ -285,8 +286,9 @@ def adopted(
         return dict(BASE)
     scored = dict(ranking(results, configs))
     base = scored["base"]["score"]
+    runs = {(r["dataset"], r["seed"]) for r in results if r["config"] == "base"}
     combined = score(together)["score"]
-    if combined is None:
+    if combined is None or {(r["dataset"], r["seed"]) for r in together} != runs:
         return None
     if combined > base + MARGIN:
         return pick

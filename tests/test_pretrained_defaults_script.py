@@ -139,6 +139,9 @@ def test_chosen_levels_are_adopted_together_only_if_they_beat_the_base_together(
     assert script.adopted(grid, [], _CONFIGS) is None  # the combination has not run
     together = [_record(name, 0.86, 0.86)]
     assert script.adopted(grid, together, _CONFIGS) == pick
+    # a combination that has not run on every dataset and seed the base ran on decides nothing
+    partial = [*grid, _record("base", 0.80, 0.80, seed=1)]
+    assert script.adopted(partial, together, _CONFIGS) is None
     # together they lose what each won alone: only the best single change is adopted
     worse = [_record(name, 0.79, 0.79)]
     assert script.adopted(grid, worse, _CONFIGS) == {**script.BASE, "warmup_epochs": 3.0}
