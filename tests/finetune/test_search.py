@@ -553,11 +553,13 @@ from medtl.finetune.loop import FinetuneConfig
 a = json.loads(sys.argv[1])
 cfg, ft, data = bt.BioTuneConfig(**a["cfg"]), FinetuneConfig(**a["ft"]), DataConfig(**a["data"])
 manifest = Manifest.load(a["manifest"])
-Path(a["ready"]).touch()
-while not all(Path(p).exists() for p in a["everyone"]):  # start together
-    time.sleep(0.01)
 task = bt.SearchTask(cfg, ft, manifest, Path(a["root"]), data, Path(a["out"]), progress=False)
-print(bt.run_worker(task))
+search = bt.Search(task)  # run_worker's set-up (data, blocks, FLOPs), done before the start:
+study = bt.open_study(search)  # a worker still setting up could find every candidate taken
+Path(a["ready"]).touch()
+while not all(Path(p).exists() for p in a["everyone"]):  # start claiming together
+    time.sleep(0.01)
+print(bt.work(search, study, bt.worker_id()))
 """
 
 
