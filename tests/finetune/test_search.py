@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -701,3 +702,20 @@ def test_reference_schedule_retrains_everyone_and_reports_a_pareto_front(
     assert record.schedule == "reference" and record.finished and record.pruned == 0
     assert record.best_fitness == pytest.approx(result.best_fitness)
     assert record.epoch_equivalents == pytest.approx(result.epoch_equivalents)
+
+
+def test_a_first_rung_inside_the_warm_up_is_warned_about(
+    dataset: tuple[Manifest, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """halving's first rung judges candidates; inside the warm-up it judges how fast they warm
+    up (on BUSI it pruned the reference schedule's best genome)."""
+    cfg = _cfg()  # rungs of 1, 2 and 3 epochs
+    note = bt.warmup_note(cfg, 3.0)
+    assert note is not None and "search.min_epochs=3 or more" in note
+    assert bt.warmup_note(cfg, 1.0) is None  # the rung ends with the warm-up
+    assert bt.warmup_note(_cfg(schedule="reference"), 3.0) is None  # no rungs to judge at
+    manifest, root = dataset
+    warm = FT.model_copy(update={"warmup_epochs": 2.0})
+    with caplog.at_level(logging.WARNING, logger="medtl.finetune.search.candidate"):
+        bt.Search(bt.SearchTask(cfg, warm, manifest, root, DATA, tmp_path, progress=False))
+    assert "inside their 2-epoch warm-up" in caplog.text

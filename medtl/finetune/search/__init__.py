@@ -59,6 +59,7 @@ from medtl.finetune.search.config import (
     generation_epochs,
     genome_key,
     rungs,
+    warmup_note,
 )
 from medtl.finetune.search.driver import (
     Candidate,
@@ -151,6 +152,7 @@ __all__ = [
     "storage_url",
     "summarise",
     "trial_rows",
+    "warmup_note",
     "work",
     "worker_id",
     "write_trials_csv",

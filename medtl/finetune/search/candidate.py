@@ -4,6 +4,7 @@ trains and scores one trial, on the train and val splits only."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,12 +29,14 @@ from medtl.finetune.loop import (
     make_step,
     predict,
 )
-from medtl.finetune.search.config import RETRAIN_ONLY, BioTuneConfig, rungs
+from medtl.finetune.search.config import RETRAIN_ONLY, BioTuneConfig, rungs, warmup_note
 from medtl.finetune.search.sampler import BioTuneSampler, gene_names
 from medtl.finetune.strategies import Plan, plan
 from medtl.models import Classifier, build_classifier
 from medtl.sources import resolve as resolve_weights
 from medtl.train import FitResult, Schedule, bf16_autocast, fit
+
+log = logging.getLogger(__name__)
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -92,6 +95,8 @@ class Search:
         self.weights, self.device, self.progress = task.weights, task.device, task.progress
         self.seeds = [self.cfg.seed + i for i in range(self.cfg.seeds)]
         self.rungs = rungs(self.cfg)
+        if note := warmup_note(self.cfg, self.ft.warmup_epochs or 0.0):
+            log.warning("%s", note)
         self.n_train = len(self.manifest.split("train"))
         self.n_val = len(self.manifest.split("val"))
         self.mean, self.std = input_stats(self.manifest, self.root, self.data_cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -132,6 +133,24 @@ def rungs(cfg: BioTuneConfig) -> list[Rung]:
         out.append(Rung(epochs, size, 1))
         epochs, size = epochs * cfg.eta, max(1, size // cfg.eta)
     return [*out, Rung(cfg.max_epochs, size, cfg.seeds)]
+
+
+def warmup_note(cfg: BioTuneConfig, warmup_epochs: float) -> str | None:
+    """A warning when ``halving``'s first rung judges candidates inside their learning-rate
+    warm-up (``None`` otherwise). Scores taken before the rate peaks rank candidates by how fast
+    they warm up: on BUSI a 2-epoch first rung inside a 3-epoch warm-up pruned the genome that
+    the ``reference`` schedule found best (docs/results.md)."""
+    first = rungs(cfg)[0]
+    if cfg.schedule != "halving" or first.epochs == cfg.max_epochs:
+        return None
+    if first.epochs >= warmup_epochs:
+        return None
+    need = math.ceil(warmup_epochs)
+    return (
+        f"search.min_epochs={cfg.min_epochs}: the first rung judges candidates after "
+        f"{first.epochs} epoch(s), inside their {warmup_epochs:g}-epoch warm-up; set "
+        f"search.min_epochs={need} or more (or a shorter finetune.warmup_epochs)"
+    )
 
 
 def generation_epochs(cfg: BioTuneConfig) -> int:
