@@ -121,34 +121,32 @@ def test_each_dataset_weighs_the_same_whatever_its_seeds() -> None:
     assert script.score(records)["score"] == pytest.approx(0.8)  # not (3 * 0.6 + 1.0) / 4
 
 
-def _grid(scores: dict[str, float]) -> list[dict[str, Any]]:
+def _grid(configs: list[str], scores: dict[str, float]) -> list[dict[str, Any]]:
     """One record per configuration with auroc = bacc = its score (unlisted ones at 0.5)."""
-    return [_record(c, scores.get(c, 0.5), scores.get(c, 0.5)) for c in _CONFIGS]
-
-
-_CONFIGS = list(load_script("pretrained_defaults").CONFIGS)
+    return [_record(c, scores.get(c, 0.5), scores.get(c, 0.5)) for c in configs]
 
 
 def test_chosen_levels_are_adopted_together_only_if_they_beat_the_base_together() -> None:
     script = load_script("pretrained_defaults")
-    grid = _grid({"base": 0.80, "warmup_3": 0.85, "augment_medium": 0.83})
-    pick = script.chosen(grid, _CONFIGS)
+    configs = list(script.CONFIGS)
+    grid = _grid(configs, {"base": 0.80, "warmup_3": 0.85, "augment_medium": 0.83})
+    pick = script.chosen(grid, configs)
     assert (pick["warmup_epochs"], pick["augment"]) == (3.0, "medium")
     name = script.combined_name(pick)
     assert name == "combined_warmup_epochs=3.0,augment=medium"
-    assert script.adopted(grid, [], _CONFIGS) is None  # the combination has not run
+    assert script.adopted(grid, [], configs) is None  # the combination has not run
     together = [_record(name, 0.86, 0.86)]
-    assert script.adopted(grid, together, _CONFIGS) == pick
+    assert script.adopted(grid, together, configs) == pick
     # a combination that has not run on every dataset and seed the base ran on decides nothing
     partial = [*grid, _record("base", 0.80, 0.80, seed=1)]
-    assert script.adopted(partial, together, _CONFIGS) is None
+    assert script.adopted(partial, together, configs) is None
     # together they lose what each won alone: only the best single change is adopted
     worse = [_record(name, 0.79, 0.79)]
-    assert script.adopted(grid, worse, _CONFIGS) == {**script.BASE, "warmup_epochs": 3.0}
+    assert script.adopted(grid, worse, configs) == {**script.BASE, "warmup_epochs": 3.0}
     # nothing beats the base: the base, and no combination is needed
-    flat = _grid({"base": 0.80})
-    assert script.chosen(flat, _CONFIGS) == script.BASE
-    assert script.adopted(flat, [], _CONFIGS) == script.BASE
+    flat = _grid(configs, {"base": 0.80})
+    assert script.chosen(flat, configs) == script.BASE
+    assert script.adopted(flat, [], configs) == script.BASE
 
 
 def test_the_grid_runs_the_chosen_levels_together(
